@@ -1,0 +1,1 @@
+"""What the host holds: images, layers, unpacked layer devices, snapshots, orphans."""

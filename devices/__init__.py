@@ -1,0 +1,1 @@
+"""Thin-pool backends behind one interface (devices.base.ThinPool)."""
