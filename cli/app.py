@@ -1,0 +1,81 @@
+"""What every command shares: the state directory, logging, the database, the lock."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from fsm.database import open_engine
+from fsm.runner import Runner
+from fsm.store import JobStore
+from migrations import upgrade_database
+from safeguards.manager_lock import ManagerLock
+from support.log import configure_logging
+from support.paths import database_path, lock_path, resolve_state_dir
+
+
+@dataclass
+class AppOptions:
+    state_dir: Path
+    log_format: str = "text"
+    quiet: bool = False
+    verbose: bool = False
+
+
+_last_options: AppOptions | None = None
+
+
+def last_options() -> AppOptions:
+    """The options of the command being run, for error messages raised after click returns."""
+    return _last_options or AppOptions(state_dir=resolve_state_dir(None))
+
+
+def configure(ctx: click.Context, state_dir: str | None, log_format: str, quiet: bool, verbose: bool) -> AppOptions:
+    """Store the global options on the click context and set up logging once."""
+    options = AppOptions(state_dir=resolve_state_dir(state_dir), log_format=log_format, quiet=quiet, verbose=verbose)
+    ctx.obj = options
+    global _last_options
+    _last_options = options
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    configure_logging(log_format=log_format, level=level)
+    return options
+
+
+def options_of(ctx: click.Context) -> AppOptions:
+    root = ctx.find_root()
+    if not isinstance(root.obj, AppOptions):
+        root.obj = AppOptions(state_dir=resolve_state_dir(None))
+    return root.obj
+
+
+def state_dir_of(ctx: click.Context) -> Path:
+    return options_of(ctx).state_dir
+
+
+def open_store(state_dir: Path) -> JobStore:
+    """The job store on `<state-dir>/images.db`, migrated to the newest schema first."""
+    db_path = database_path(state_dir)
+    upgrade_database(db_path)
+    return JobStore(open_engine(db_path))
+
+
+@contextmanager
+def exclusive(state_dir: Path, command: str) -> Iterator[ManagerLock]:
+    """Hold the manager lock for `command` (the guide's "Manager Lock")."""
+    lock = ManagerLock(lock_path(state_dir), command)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def open_runner(state_dir: Path) -> Runner:
+    from states.registry import all_workflows
+
+    return Runner(open_store(state_dir), all_workflows())

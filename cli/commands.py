@@ -1,0 +1,1 @@
+"""The product's top-level commands are attached here as they land."""

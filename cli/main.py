@@ -1,0 +1,105 @@
+"""Entry points: `flyio-image-manager` (every command) and `fsm` (the job group alone)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import click
+from sqlalchemy.exc import DBAPIError
+
+from cli.app import configure, exclusive, last_options, open_runner, state_dir_of
+from fsm.cli import FsmApp, make_fsm_group
+from fsm.database import describe_database_error
+from support.errors import ManagerError
+from support.paths import database_path
+
+GLOBAL_OPTIONS = [
+    click.option("--state-dir", envvar="FLYIO_STATE_DIR", default=None, type=click.Path(file_okay=False),
+                 help="State directory (default /var/lib/flyio; env FLYIO_STATE_DIR). The database is <state-dir>/images.db."),
+    click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                 help="Log lines as logrus-style text or JSON."),
+    click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bars."),
+    click.option("--verbose", "-v", is_flag=True, help="Debug logging."),
+]
+
+
+def with_global_options(fn: Callable[..., object]) -> Callable[..., object]:
+    for option in reversed(GLOBAL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _workflows() -> dict:
+    from states.registry import all_workflows
+
+    return all_workflows()
+
+
+FSM_APP = FsmApp(workflows=_workflows, open_runner=open_runner, exclusive=exclusive, state_dir=state_dir_of)
+fsm_group = make_fsm_group(FSM_APP)
+
+
+@click.group(help="Turns container images into ready-to-boot filesystems on thin devices.")
+@with_global_options
+@click.pass_context
+def app(ctx: click.Context, state_dir: str | None, log_format: str, quiet: bool, verbose: bool) -> None:
+    configure(ctx, state_dir, log_format, quiet, verbose)
+
+
+app.add_command(fsm_group)
+
+
+@click.group(name="fsm", help="Inspect and steer durable jobs (same as `flyio-image-manager fsm`).")
+@with_global_options
+@click.pass_context
+def fsm_app(ctx: click.Context, state_dir: str | None, log_format: str, quiet: bool, verbose: bool) -> None:
+    configure(ctx, state_dir, log_format, quiet, verbose)
+
+
+for _name, _command in fsm_group.commands.items():
+    fsm_app.add_command(_command, _name)
+
+
+def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
+    """Run a click group; every expected failure is one line on stderr and exit code 1."""
+    try:
+        result = group.main(args=argv, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    except ManagerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except DBAPIError as exc:
+        click.echo(f"error: {describe_database_error(_db_path_for_error(), exc)}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+
+
+def _db_path_for_error() -> object:
+    return database_path(last_options().state_dir)
+
+
+def main() -> None:
+    sys.exit(run_cli(app))
+
+
+def fsm_main() -> None:
+    sys.exit(run_cli(fsm_app))
+
+
+def register(command: click.Command) -> None:
+    """Attach a top-level command (used by the command modules below)."""
+    app.add_command(command)
+
+
+from cli import commands  # noqa: E402,F401  (registers the product's commands)

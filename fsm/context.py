@@ -1,0 +1,68 @@
+"""What a step sees: its job's id, state, attempt and context data, and a way to persist."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from fsm.ownership import Owner
+from fsm.store import JobStore
+from support.errors import ManagerError
+from support.log import StructLogger, get_logger
+
+
+class StopRequested(ManagerError):
+    """The process is shutting down; the job stops at a safe point and resumes later."""
+
+
+@dataclass
+class StepContext:
+    """Passed to every step, condition, guard and abort hook.
+
+    `data` is the job's JSON context. It is saved with every transition; a step that
+    creates something outside the database saves its intent first with `transaction()`.
+    """
+
+    job_id: int
+    workflow: str
+    state: str
+    attempt: int
+    data: dict[str, Any]
+    store: JobStore
+    owner: Owner | None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    log: StructLogger = field(default_factory=lambda: get_logger("fsm.job"))
+    _session: Session | None = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A transaction that also saves `data`; joins the abort's transaction when inside one."""
+        if self._session is not None:
+            yield self._session
+            return
+        with self.store.transaction() as session:
+            self._session = session
+            try:
+                yield session
+                if self.owner is not None:
+                    self.store.save_context(session, self.job_id, self.owner, self.data)
+            finally:
+                self._session = None
+
+    def save(self) -> None:
+        """Persist `data` now (intent first, before creating a kernel object)."""
+        with self.transaction():
+            pass
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
+
+    def check_stop(self) -> None:
+        """Raise StopRequested at a safe point of a long step when shutdown was asked for."""
+        if self.stop_event.is_set():
+            raise StopRequested("shutdown requested")

@@ -1,0 +1,133 @@
+"""A workflow is data: states with a step, a resume point and a retry policy, and
+transitions between them with conditions. Nothing here runs anything.
+
+    Workflow(
+        name="image",
+        initial="pending",
+        states=[StateSpec("pending", step=start), StateSpec("unpacking", step=unpack,
+                 resume_point="making_fs"), ...],
+        transitions=[TransitionSpec("start", "pending", "downloading"), ...],
+    )
+
+`complete` and `aborted` are the final states of every workflow and are added for you,
+together with an `abort` transition from every other state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from support.errors import TransientError
+
+if TYPE_CHECKING:
+    from fsm.context import StepContext
+
+COMPLETE = "complete"
+ABORTED = "aborted"
+FINAL_STATES = (COMPLETE, ABORTED)
+ABORT_EVENT = "abort"
+
+Step = Callable[["StepContext"], str]
+"""Does the state's work and returns the event to fire next."""
+
+Condition = Callable[["StepContext"], bool]
+"""Chooses between transitions of one event (e.g. base layer or not)."""
+
+Guard = Callable[["StepContext"], "str | None"]
+"""Returns None when the transition may happen, else the reason to wait (health checks)."""
+
+AbortHook = Callable[["StepContext", str], None]
+"""Called inside the abort's transaction: records what the job leaves behind, cleans nothing."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a state's step is retried: exponential backoff with jitter, bounded."""
+
+    max_attempts: int = 5
+    initial_wait: float = 0.5
+    max_wait: float = 30.0
+    jitter: float = 0.5
+    transient: tuple[type[BaseException], ...] = (TransientError,)
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """How long a job waits on failing guards before it is left waiting for `fsm resume`."""
+
+    initial_wait: float = 1.0
+    max_wait: float = 30.0
+    give_up_after: float = 600.0
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state: its step, where an interrupted step restarts, and its retry policy."""
+
+    name: str
+    step: Step | None = None
+    resume_point: str | None = None  # None: the state itself
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TransitionSpec:
+    """`trigger` moves `source` to `dest` when every condition holds and every guard passes."""
+
+    trigger: str
+    source: str
+    dest: str
+    conditions: tuple[Condition, ...] = ()
+    guards: tuple[Guard, ...] = ()
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A named, versionless description of a job's life (the engine stores only its name)."""
+
+    name: str
+    initial: str
+    states: tuple[StateSpec, ...]
+    transitions: tuple[TransitionSpec, ...]
+    on_abort: AbortHook | None = None
+    guard_policy: GuardPolicy = field(default_factory=GuardPolicy)
+    describe_job: Callable[[dict[str, Any]], str] | None = None
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.states]
+        if len(set(names)) != len(names):
+            raise ValueError(f"workflow {self.name}: duplicate state names")
+        known = set(names) | set(FINAL_STATES)
+        if self.initial not in known:
+            raise ValueError(f"workflow {self.name}: unknown initial state {self.initial}")
+        for spec in self.states:
+            if spec.name in FINAL_STATES:
+                raise ValueError(f"workflow {self.name}: {spec.name} is a final state, added for you")
+            if spec.step is None:
+                raise ValueError(f"workflow {self.name}: state {spec.name} has no step")
+            if spec.resume_point is not None and spec.resume_point not in known:
+                raise ValueError(f"workflow {self.name}: {spec.name} resumes at unknown {spec.resume_point}")
+        for t in self.transitions:
+            if t.source not in known or t.dest not in known:
+                raise ValueError(f"workflow {self.name}: transition {t.trigger} {t.source}->{t.dest} names an unknown state")
+            if t.source in FINAL_STATES:
+                raise ValueError(f"workflow {self.name}: no transition may leave final state {t.source}")
+
+    @property
+    def state_names(self) -> list[str]:
+        return [s.name for s in self.states] + list(FINAL_STATES)
+
+    def state(self, name: str) -> StateSpec:
+        for spec in self.states:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"workflow {self.name} has no state {name}")
+
+    def resume_point(self, name: str) -> str:
+        """Where a job interrupted inside `name` restarts."""
+        if name in FINAL_STATES:
+            return name
+        return self.state(name).resume_point or name

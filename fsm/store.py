@@ -1,0 +1,192 @@
+"""Durable jobs and their history. Every write is one BEGIN IMMEDIATE transaction; a
+transition and its history row commit together, guarded by the expected state and owner
+(compare-and-set), so two processes can never both move the same job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from fsm.models import Job, JobEvent
+from fsm.ownership import Owner, owner_alive
+from support.errors import ManagerError
+
+
+class JobNotFound(ManagerError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} not found")
+
+
+class JobBusy(ManagerError):
+    """The job is owned by a live process; it is not touched."""
+
+
+class LostOwnership(ManagerError):
+    """Another process took the job over (our lease expired); stop without writing."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def load_context(job: Job) -> dict[str, Any]:
+    return json.loads(job.context or "{}")
+
+
+class JobStore:
+    """Reads and writes jobs and job_events. Holds no state besides the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One BEGIN IMMEDIATE transaction: commits on success, rolls back on any error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return job
+
+    def list_jobs(self, state: str | None = None) -> list[Job]:
+        with self._sessions() as session:
+            query = select(Job).order_by(Job.id)
+            if state:
+                query = query.where(Job.state == state)
+            return list(session.scalars(query))
+
+    def history(self, job_id: int) -> list[JobEvent]:
+        self.get(job_id)
+        with self._sessions() as session:
+            return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+
+    def find(self, workflow: str, key: str) -> Job | None:
+        with self._sessions() as session:
+            return session.scalars(select(Job).where(Job.workflow == workflow, Job.idempotency_key == key)).first()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def create_or_get(self, workflow: str, key: str, initial: str, context: dict[str, Any]) -> tuple[Job, bool]:
+        """The job for (workflow, key), created in `initial` if there is none yet."""
+        with self.transaction() as session:
+            job = session.scalars(select(Job).where(Job.workflow == workflow, Job.idempotency_key == key)).first()
+            if job is not None:
+                return job, False
+            now = utcnow()
+            job = Job(workflow=workflow, idempotency_key=key, state=initial, attempt=0,
+                      context=json.dumps(context, sort_keys=True), created_at=now, updated_at=now)
+            session.add(job)
+            session.flush()
+            return job, True
+
+    def claim(self, job_id: int, owner: Owner, lease_seconds: float) -> Job:
+        """Make `owner` the job's owner unless a live process owns it (JobBusy)."""
+        with self.transaction() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            now = utcnow()
+            ours = job.owner_pid == owner.pid and job.owner_boot_id == owner.boot_id
+            if not ours and owner_alive(job.owner_pid, job.owner_boot_id, job.lease_expires_at, now):
+                raise JobBusy(f"job {job_id} is being run by pid {job.owner_pid}; not touching it")
+            job.owner_pid = owner.pid
+            job.owner_boot_id = owner.boot_id
+            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            job.updated_at = now
+            return job
+
+    def renew(self, job_id: int, owner: Owner, lease_seconds: float) -> bool:
+        """Extend the lease; False when the job is no longer ours."""
+        with self.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.owner_pid == owner.pid, Job.owner_boot_id == owner.boot_id)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            )
+            return result.rowcount == 1
+
+    def release(self, job_id: int, owner: Owner) -> None:
+        with self.transaction() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.owner_pid == owner.pid, Job.owner_boot_id == owner.boot_id)
+                .values(owner_pid=None, owner_boot_id=None, lease_expires_at=None)
+            )
+
+    def owned_job(self, session: Session, job_id: int, owner: Owner | None, expected_state: str) -> Job:
+        """The job row, checked to be in `expected_state` and (if given) owned by `owner`."""
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if owner is not None and (job.owner_pid != owner.pid or job.owner_boot_id != owner.boot_id):
+            raise LostOwnership(f"job {job_id} is no longer owned by pid {owner.pid}")
+        if job.state != expected_state:
+            raise LostOwnership(f"job {job_id} moved to {job.state} while this process expected {expected_state}")
+        return job
+
+    def append_transition(
+        self,
+        session: Session,
+        job: Job,
+        *,
+        to_state: str,
+        event: str,
+        started_at: datetime,
+        attempt: int,
+        error: str | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> JobEvent:
+        """Move the job and append its history row, inside the caller's transaction."""
+        last_seq = session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job.id)) or 0
+        now = utcnow()
+        row = JobEvent(job_id=job.id, seq=last_seq + 1, from_state=job.state, to_state=to_state, event=event,
+                       started_at=started_at, finished_at=now, attempt=attempt, error=error)
+        session.add(row)
+        job.state = to_state
+        job.updated_at = now
+        job.attempt = 0
+        job.error = error
+        if context is not None:
+            job.context = json.dumps(context, sort_keys=True)
+        return row
+
+    def save_context(self, session: Session, job_id: int, owner: Owner, context: dict[str, Any]) -> None:
+        job = session.get(Job, job_id)
+        if job is None or job.owner_pid != owner.pid or job.owner_boot_id != owner.boot_id:
+            raise LostOwnership(f"job {job_id} is no longer owned by pid {owner.pid}")
+        job.context = json.dumps(context, sort_keys=True)
+        job.updated_at = utcnow()
+
+    def set_progress(self, job_id: int, owner: Owner, *, attempt: int | None = None, error: str | None = None) -> None:
+        """Record the attempt number and the reason a job waits or retries."""
+        values: dict[str, Any] = {"updated_at": utcnow(), "error": error}
+        if attempt is not None:
+            values["attempt"] = attempt
+        with self.transaction() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.owner_pid == owner.pid).values(**values))
+
+    def request_abort(self, job_id: int, reason: str) -> None:
+        with self.transaction() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(abort_requested=reason, updated_at=utcnow()))
+
+    def abort_requested(self, job_id: int) -> str | None:
+        with self._sessions() as session:
+            return session.scalar(select(Job.abort_requested).where(Job.id == job_id))
+
+
+def is_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError)

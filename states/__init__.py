@@ -1,0 +1,1 @@
+"""The image job: its workflow definition and one module per state."""
