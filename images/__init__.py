@@ -1,0 +1,1 @@
+"""Object sources (s3://, file://), the content-addressed blob store, format detection and verification."""

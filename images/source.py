@@ -1,0 +1,408 @@
+"""Where blobs come from: S3 objects (through boto3) and local files, fetched into the blob store.
+
+    client = make_s3_client(endpoint_url=None, anonymous=None)   # public bucket: unsigned
+    refs = list_family("flyio-platform-hiring-challenge", family_prefix("node"), client)
+    infos = [fetch_blob(ref, store, client) for ref in refs]
+
+A download streams into a temp file named after (url, ETag) while sha256 is computed,
+so an interrupted one resumes with an HTTP Range request from the temp file's length.
+Every GET is pinned to the ETag seen when listing (If-Match): an object replaced
+mid-download is a PermanentError, never a blob spliced from two versions. Transient
+failures (5xx, throttling, resets, timeouts) are retried here with tenacity; botocore's
+own retries are off so there is one retry policy, with one log line per retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import boto3
+import urllib3.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, BlobWriter
+from support.errors import ManagerError, PermanentError, TransientError
+from support.log import get_logger
+
+log = get_logger("images.source", component="source")
+
+T = TypeVar("T")
+ProgressCallback = Callable[[int, int], None]  # (bytes in the temp file so far, total size)
+
+LAYER_NAME = re.compile(r"^[1-9][0-9]*$")  # 1, 2, ... 10; no "01", no "0"
+MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+THROTTLING_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
+    "ServiceUnavailable", "503",
+})
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled"})
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+    IncompleteReadError,
+    HTTPClientError,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    socket.timeout,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter for transient errors."""
+
+    attempts: int = 5
+    initial_wait: float = 0.5
+    max_wait: float = 10.0
+    jitter: float = 0.5
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One object: "s3://bucket/key" or "file:///abs/path", its size and ETag when known."""
+
+    url: str
+    size: int | None = None
+    etag: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return urlparse(self.url).scheme
+
+    @property
+    def bucket(self) -> str:
+        return urlparse(self.url).netloc
+
+    @property
+    def key(self) -> str:
+        return urlparse(self.url).path.lstrip("/")
+
+    @property
+    def local_path(self) -> Path:
+        return Path(unquote(urlparse(self.url).path))
+
+
+def s3_url(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def family_prefix(family: str) -> str:
+    """The key prefix of an image family: "node" -> "images/node/"."""
+    family = family.strip("/")
+    if not family or ".." in family.split("/"):
+        raise PermanentError(f"invalid image family name: {family!r}")
+    return f"images/{family}/"
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    anonymous: bool | None = None,
+    *,
+    region: str | None = None,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 60.0,
+) -> Any:
+    """A boto3 S3 client. `endpoint_url` falls back to $AWS_ENDPOINT_URL; `anonymous=None`
+    means unsigned requests exactly when no AWS credentials are configured (the production
+    bucket is public). botocore's retries are off: fetch_blob retries with tenacity."""
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    session = boto3.session.Session()
+    if anonymous is None:
+        anonymous = session.get_credentials() is None
+    options: dict[str, Any] = {
+        "connect_timeout": connect_timeout,
+        "read_timeout": read_timeout,
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
+        # boto3 >= 1.36 adds CRC checksums that S3-compatible servers may not speak.
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+    if endpoint_url:
+        options["s3"] = {"addressing_style": "path"}
+    if anonymous:
+        options["signature_version"] = UNSIGNED
+    try:
+        config = Config(**options)
+    except TypeError:  # botocore < 1.36 knows no checksum options, and needs none
+        options.pop("request_checksum_calculation")
+        options.pop("response_checksum_validation")
+        config = Config(**options)
+    return session.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region or session.region_name or "us-east-1",
+        config=config,
+    )
+
+
+def classify_error(exc: BaseException, url: str) -> ManagerError:
+    """Map a boto3/network exception to TransientError or PermanentError, one clear line."""
+    if isinstance(exc, ManagerError):
+        return exc
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = str(exc.response.get("Error", {}).get("Message", "")).strip()
+        if status == 404 or code in NOT_FOUND_CODES:
+            return PermanentError(f"{url}: not found")
+        if status == 403 or code in DENIED_CODES:
+            return PermanentError(f"{url}: access denied")
+        if status == 412 or code == "PreconditionFailed":
+            return PermanentError(f"{url}: object changed while downloading")
+        if status >= 500 or status == 429 or code in THROTTLING_CODES:
+            return TransientError(f"{url}: server error {status} {code}".rstrip())
+        return PermanentError(f"{url}: {code or status}: {message}".rstrip(": "))
+    if isinstance(exc, NETWORK_ERRORS):
+        return TransientError(f"{url}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, BotoCoreError):
+        return PermanentError(f"{url}: {exc}")
+    raise exc
+
+
+def with_retries(fn: Callable[[], T], *, what: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """Call `fn`, retrying TransientError per `policy`; the last one is re-raised with a count."""
+
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("transient error, retrying", what=what, attempt=state.attempt_number,
+                    wait_s=round(wait, 2), error=str(error))
+
+    retrying = Retrying(
+        stop=stop_after_attempt(policy.attempts),
+        wait=wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
+        retry=retry_if_exception_type(TransientError),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except TransientError as exc:
+        raise TransientError(f"{exc} (gave up after {policy.attempts} attempts)") from exc
+
+
+def _s3_call(fn: Callable[[], T], url: str) -> T:
+    try:
+        return fn()
+    except Exception as exc:  # classified: anything unknown is re-raised unchanged
+        raise classify_error(exc, url) from exc
+
+
+def head_object(bucket: str, key: str, client: Any, *, retry: RetryPolicy = DEFAULT_RETRY) -> ObjectRef:
+    """The ObjectRef (size, ETag) of one S3 object."""
+    url = s3_url(bucket, key)
+    head = with_retries(lambda: _s3_call(lambda: client.head_object(Bucket=bucket, Key=key), url),
+                        what=url, policy=retry)
+    return ObjectRef(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"))
+
+
+def file_ref(path: Path) -> ObjectRef:
+    """The ObjectRef of a local file; its "ETag" is mtime and size, enough to notice a change."""
+    path = Path(path).resolve()
+    url = path.as_uri()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise PermanentError(f"{url}: not found") from None
+    except PermissionError:
+        raise PermanentError(f"{url}: access denied") from None
+    return ObjectRef(url=url, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+
+def list_family(bucket: str, prefix: str, client: Any, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[ObjectRef]:
+    """The layers `<prefix><n>.tar` of an image family, in numeric order (10 after 2).
+
+    Deeper keys and keys not ending in .tar are ignored; a .tar key whose name is not a
+    number, numbering that does not start at 1, or a gap is a PermanentError naming the key.
+    """
+    where = s3_url(bucket, prefix)
+
+    def list_all() -> list[dict[str, Any]]:
+        paginator = client.get_paginator("list_objects_v2")
+        objects: list[dict[str, Any]] = []
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            objects.extend(page.get("Contents", []))
+        return objects
+
+    objects = with_retries(lambda: _s3_call(list_all, where), what=where, policy=retry)
+    numbered: dict[int, ObjectRef] = {}
+    for obj in objects:
+        key: str = obj["Key"]
+        name = key[len(prefix):]
+        if "/" in name or not name.endswith(".tar"):
+            continue
+        stem = name[: -len(".tar")]
+        if not LAYER_NAME.match(stem):
+            raise PermanentError(f"{s3_url(bucket, key)}: layer name is not a layer number (1, 2, 3, ...)")
+        numbered[int(stem)] = ObjectRef(url=s3_url(bucket, key), size=int(obj["Size"]), etag=obj.get("ETag"))
+    if not numbered:
+        raise PermanentError(f"{where}: no layers (<n>.tar) found")
+    for expected, number in enumerate(sorted(numbered), start=1):
+        if number != expected:
+            raise PermanentError(
+                f"{s3_url(bucket, f'{prefix}{expected}.tar')}: missing layer "
+                f"(found {', '.join(str(n) for n in sorted(numbered))})"
+            )
+    return [numbered[n] for n in sorted(numbered)]
+
+
+def _temp_name(ref: ObjectRef, etag: str) -> str:
+    # Stable per (url, version): a retry resumes it; a new version never reuses its bytes.
+    return hashlib.sha256(f"{ref.url}\n{etag}".encode()).hexdigest()[:40]
+
+
+class _Transfer:
+    """Counts the bytes received over the wire across attempts of one fetch."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+
+def _download_once(
+    ref: ObjectRef, etag: str, size: int, store: BlobStore, client: Any,
+    transfer: _Transfer, on_progress: ProgressCallback | None, check_md5: bool,
+) -> BlobInfo:
+    bucket, key = ref.bucket, ref.key
+    writer = store.writer(_temp_name(ref, etag), resume=True, with_md5=check_md5)
+    resumed_from = writer.offset
+    try:
+        if writer.offset > size:
+            writer.restart()
+        if writer.offset < size or size == 0:
+            _stream_object(ref, etag, size, client, writer, transfer, on_progress)
+        if writer.size != size:
+            raise TransientError(f"{ref.url}: got {writer.size} bytes, expected {size}")
+        md5 = writer.md5_hex()
+        etag_md5 = MD5_ETAG.match(etag)
+        if check_md5 and md5 is not None and etag_md5 and md5 != etag_md5.group(1):
+            writer.abort()
+            if resumed_from:
+                # The kept prefix was bad (e.g. a crash before it reached the disk): start over.
+                raise TransientError(f"{ref.url}: resumed download does not match its ETag; restarting")
+            raise PermanentError(f"checksum mismatch: {ref.url}: md5 {md5} does not match ETag {etag}")
+        info = writer.commit(transferred=transfer.received)
+    except TransientError:
+        writer.keep()
+        raise
+    except PermanentError:
+        writer.abort()
+        raise
+    except BaseException:
+        writer.keep()  # interrupted (e.g. KeyboardInterrupt): leave the bytes for a resume
+        raise
+    return info
+
+
+def _stream_object(
+    ref: ObjectRef, etag: str, size: int, client: Any, writer: BlobWriter,
+    transfer: _Transfer, on_progress: ProgressCallback | None,
+) -> None:
+    request: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key, "IfMatch": etag}
+    if writer.offset:
+        request["Range"] = f"bytes={writer.offset}-"
+    response = _s3_call(lambda: client.get_object(**request), ref.url)
+    status = response["ResponseMetadata"]["HTTPStatusCode"]
+    if writer.offset and status != 206:
+        writer.restart()  # the server sent the whole object instead of the range
+    got_etag = response.get("ETag")
+    if got_etag and got_etag != etag:
+        raise PermanentError(f"{ref.url}: object changed while downloading")
+    body = response["Body"]
+    try:
+        while True:
+            chunk = _s3_call(lambda: body.read(CHUNK_SIZE), ref.url)
+            if not chunk:
+                break
+            writer.write(chunk)
+            transfer.received += len(chunk)
+            if writer.size > size:
+                raise PermanentError(f"{ref.url}: object changed while downloading (longer than {size} bytes)")
+            if on_progress is not None:
+                on_progress(writer.size, size)
+    finally:
+        body.close()
+
+
+def _copy_local(ref: ObjectRef, store: BlobStore, on_progress: ProgressCallback | None) -> BlobInfo:
+    before = file_ref(ref.local_path)
+    if ref.etag is not None and ref.etag != before.etag:
+        raise PermanentError(f"{ref.url}: object changed while downloading")
+    size = before.size or 0
+    with store.writer() as writer, open(ref.local_path, "rb") as src:
+        while chunk := src.read(CHUNK_SIZE):
+            writer.write(chunk)
+            if on_progress is not None:
+                on_progress(writer.size, size)
+        if file_ref(ref.local_path).etag != before.etag or writer.size != size:
+            raise PermanentError(f"{ref.url}: object changed while downloading")
+        return writer.commit(transferred=0)
+
+
+def fetch_blob(
+    ref: ObjectRef,
+    store: BlobStore,
+    client: Any,
+    *,
+    known_digest: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    check_md5_etag: bool = True,
+) -> BlobInfo:
+    """Fetch `ref` into the store and return its BlobInfo (digest "sha256:<hex>", size, path).
+
+    * `known_digest` (from the catalog's layers table) already in the store: no request at all.
+    * A partial temp file from an earlier attempt is resumed with a Range request.
+    * The GET is pinned with If-Match to the ETag from the listing (or a HEAD when unknown).
+    * When the ETag is a plain MD5 (single-part upload) the bytes are checked against it;
+      a resumed download that fails that check is restarted from zero once more.
+    * Transient errors are retried per `retry`; 403/404/412 are PermanentErrors.
+    """
+    if known_digest is not None:
+        present = store.info(known_digest)
+        if present is not None:
+            return present
+    if ref.scheme == "file":
+        return _copy_local(ref, store, on_progress)
+    if ref.scheme != "s3":
+        raise PermanentError(f"{ref.url}: unsupported source (expected s3:// or file://)")
+    if ref.etag is None or ref.size is None:
+        ref = head_object(ref.bucket, ref.key, client, retry=retry)
+    assert ref.etag is not None and ref.size is not None
+    etag, size = ref.etag, ref.size
+    transfer = _Transfer()
+    info = with_retries(
+        lambda: _download_once(ref, etag, size, store, client, transfer, on_progress, check_md5_etag),
+        what=ref.url,
+        policy=retry,
+    )
+    log.info("blob fetched", source=ref.url, digest=info.digest, size=info.size, transferred=info.transferred)
+    return info
