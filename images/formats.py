@@ -1,0 +1,604 @@
+"""Blob formats, detected by content (never by name), and streams of their tar bytes.
+
+    fmt = sniff_format(path)              # "tar" | "tar+gzip" | "tar+zstd" | "oci-layout" | "docker-save"
+    with open_layer_stream(path, fmt, limits) as stream:   # decompressed tar bytes, bounded
+        ...
+    digests = layers_of_archive(path, fmt, store)          # OCI layout / docker save -> layer blobs
+
+Everything here treats the blob as hostile: decompression is bounded in output size and
+ratio (zip/gzip/zstd bombs), JSON is read with a size limit, references in manifests
+must stay inside the archive, and the tar headers of archives are walked by a small
+parser of our own that never reads a metadata record larger than the limit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import platform
+import posixpath
+import re
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import zstandard
+
+from images.blobstore import CHUNK_SIZE, BlobStore
+from support.errors import PermanentError
+from support.log import get_logger
+
+log = get_logger("images.formats", component="formats")
+
+FORMATS = ("tar", "tar+gzip", "tar+zstd", "oci-layout", "docker-save")
+LAYER_FORMATS = ("tar", "tar+gzip", "tar+zstd")
+ARCHIVE_FORMATS = ("oci-layout", "docker-save")
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+ZSTD_INPUT_SLICE = 1024  # a 1 KiB zstd slice expands to at most ~32 MiB (RLE blocks)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a blob may make us do. Defaults fit real images with a wide margin."""
+
+    max_uncompressed_bytes: int = 64 << 30
+    max_ratio: float = 200.0  # decompressed / compressed, checked past ratio_grace_bytes
+    ratio_grace_bytes: int = 64 << 20
+    max_entries: int = 2_000_000
+    max_path_bytes: int = 4096
+    max_entry_bytes: int = 32 << 30
+    max_metadata_bytes: int = 1 << 20  # one pax header or GNU long name record
+    max_json_bytes: int = 4 << 20
+    zstd_max_window_bytes: int = 1 << 27
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --- tar headers ---------------------------------------------------------------------
+
+def tar_checksum_ok(block: bytes) -> bool:
+    """True when `block` is a 512-byte tar header with a valid (unsigned or signed) checksum."""
+    if len(block) != BLOCK or block == ZERO_BLOCK:
+        return False
+    try:
+        stored = parse_number(block[148:156])
+    except PermanentError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 0x20
+    return stored in (unsigned, signed)
+
+
+def parse_number(field: bytes) -> int:
+    """A tar numeric field: octal text, or GNU base-256 when the high bit is set."""
+    if field and field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
+    if field and field[0] == 0xFF:
+        raise PermanentError("truncated or corrupt tar: negative number in header")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise PermanentError(f"truncated or corrupt tar: bad number {field!r} in header") from None
+
+
+def _cstring(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def header_name(block: bytes) -> str:
+    """The member name of a header (ustar prefix joined), before pax/GNU overrides."""
+    name = _cstring(block[0:100])
+    if block[257:262] == b"ustar" and block[262:263] == b"\0":  # POSIX ustar has a prefix field
+        prefix = _cstring(block[345:500])
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name
+
+
+def parse_pax_records(data: bytes) -> dict[str, str]:
+    """The key=value records of a pax extended header ("<len> <key>=<value>\\n" ...)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else -1
+        except ValueError:
+            length = -1
+        record = data[space + 1: pos + length] if length > 0 else b""
+        if length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise PermanentError(f"truncated or corrupt tar: malformed pax record at byte {pos}")
+        key, _, value = record[:-1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+REGULAR_TYPES = (b"0", b"\0", b"7")
+META_TYPES = (b"x", b"X", b"g", b"L", b"K")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One member of a seekable tar: name (normalized), type flag, size, data offset."""
+
+    name: str
+    type: bytes
+    size: int
+    offset: int
+
+    @property
+    def is_file(self) -> bool:
+        return self.type in REGULAR_TYPES
+
+
+def normalize_member_name(name: str) -> str:
+    """`./a/b/` -> `a/b`: how archive writers differ, not what they mean."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.rstrip("/")
+
+
+def iter_members(fh: BinaryIO, file_size: int, limits: Limits = DEFAULT_LIMITS) -> Iterator[TarMember]:
+    """Walk the headers of a seekable plain tar, seeking over data, honouring pax path/size
+    and GNU long names. Raises PermanentError on anything truncated, corrupt or too big."""
+    fh.seek(0)
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    count = 0
+    while True:
+        at = fh.tell()
+        block = fh.read(BLOCK)
+        if len(block) < BLOCK:
+            raise PermanentError(f"truncated or corrupt tar: archive ends at byte {at} without an end marker")
+        if block == ZERO_BLOCK:
+            return
+        if not tar_checksum_ok(block):
+            raise PermanentError(f"truncated or corrupt tar: bad header checksum at byte {at}")
+        kind = block[156:157]
+        size = parse_number(block[124:136])
+        data_at = at + BLOCK
+        if kind in META_TYPES:
+            if size > limits.max_metadata_bytes:
+                raise PermanentError(f"truncated or corrupt tar: metadata record of {size} bytes at byte {at}")
+            data = fh.read(size)
+            if len(data) < size:
+                raise PermanentError(f"truncated or corrupt tar: archive ends inside a header at byte {at}")
+            if kind in (b"x", b"X"):
+                pax = parse_pax_records(data)
+            elif kind == b"L":
+                long_name = _cstring(data)
+            fh.seek(data_at + padded(size))
+            continue
+        name = pax.get("path", long_name if long_name is not None else header_name(block))
+        size = int(pax.get("size", size))
+        pax, long_name = {}, None
+        count += 1
+        if count > limits.max_entries:
+            raise PermanentError(f"too many entries: more than {limits.max_entries}")
+        data_len = size if kind in REGULAR_TYPES else 0
+        if data_at + data_len > file_size:
+            raise PermanentError(f"truncated or corrupt tar: {name!r} extends past the end of the archive")
+        yield TarMember(name=normalize_member_name(name), type=kind, size=size, offset=data_at)
+        fh.seek(data_at + padded(data_len))
+
+
+# --- sniffing ------------------------------------------------------------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+KNOWN_NOT_TAR: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "zip archive"),
+    (b"PK\x05\x06", "zip archive"),
+    (b"PK\x07\x08", "zip archive"),
+    (b"BZh", "bzip2-compressed data"),
+    (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"\x5d\x00\x00", "lzma-compressed data"),
+    (b"7z\xbc\xaf\x27\x1c", "7-zip archive"),
+    (b"\x7fELF", "ELF executable"),
+    (b"%PDF", "PDF document"),
+    (b"\x89PNG", "PNG image"),
+    (b"!<arch>", "ar archive (.deb?)"),
+    (b"\xed\xab\xee\xdb", "RPM package"),
+    (b"hsqs", "squashfs image"),
+)
+
+
+def _is_zstd(head: bytes) -> bool:
+    # A zstd frame, or a skippable frame (magic 0x184D2A50..5F little endian).
+    return head[:4] == ZSTD_MAGIC or (len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
+
+
+def _describe(head: bytes) -> str:
+    for magic, what in KNOWN_NOT_TAR:
+        if head.startswith(magic):
+            return what
+    if head[257:262] == b"ustar":
+        return "not a tar: ustar header with a bad checksum"
+    preview = head[:16]
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in preview):
+        return f"not a tar: text starting {preview.decode('ascii')!r}"
+    return f"not a tar: data starting {preview.hex()}"
+
+
+def _root_names(path: Path, limits: Limits) -> set[str]:
+    with open(path, "rb") as fh:
+        size = path.stat().st_size
+        return {m.name for m in iter_members(fh, size, limits) if m.name and "/" not in m.name}
+
+
+def sniff_format(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The blob's format by content: "tar", "tar+gzip", "tar+zstd", "oci-layout" or
+    "docker-save"; anything else is PermanentError("unsupported format: ...")."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise PermanentError("unsupported format: empty file")
+    with open(path, "rb") as fh:
+        head = fh.read(BLOCK * 2)
+    if head.startswith(GZIP_MAGIC) or _is_zstd(head):
+        fmt = "tar+gzip" if head.startswith(GZIP_MAGIC) else "tar+zstd"
+        with open_layer_stream(path, fmt, limits) as stream:
+            first = _read_exact(stream, BLOCK)
+        if not tar_checksum_ok(first) and first != ZERO_BLOCK:
+            what = "gzip" if fmt == "tar+gzip" else "zstd"
+            raise PermanentError(f"unsupported format: {what}-compressed data that is not a tar")
+        return fmt
+    if head[:BLOCK * 2] == bytes(BLOCK * 2):
+        return "tar"  # an empty archive: just the end-of-archive marker
+    if not tar_checksum_ok(head[:BLOCK]):
+        raise PermanentError(f"unsupported format: {_describe(head)}")
+    roots = _root_names(path, limits)
+    if {"oci-layout", "index.json"} <= roots:
+        return "oci-layout"
+    if "manifest.json" in roots:
+        return "docker-save"
+    return "tar"
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+# --- decompression -------------------------------------------------------------------
+
+class _ZstdReader(io.RawIOBase):
+    """Streaming zstd decompression with bounded output per step and a hard error on a
+    truncated frame (zstandard's stream_reader returns a silent EOF there)."""
+
+    def __init__(self, raw: BinaryIO, max_window_size: int) -> None:
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=max_window_size)
+        self._dobj = self._dctx.decompressobj()
+        self._in_frame = False
+        self._input = b""
+        self._input_pos = 0
+        self._output = bytearray()
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self) -> bool:
+        """Decompress one small slice of input; False when the input is exhausted."""
+        if self._input_pos >= len(self._input):
+            self._input = self._raw.read(CHUNK_SIZE)
+            self._input_pos = 0
+            if not self._input:
+                if self._in_frame:
+                    raise PermanentError("truncated or corrupt zstd: stream ends inside a frame")
+                return False
+        piece = self._input[self._input_pos: self._input_pos + ZSTD_INPUT_SLICE]
+        self._input_pos += len(piece)
+        while piece:
+            self._in_frame = True
+            try:
+                self._output += self._dobj.decompress(piece)
+            except zstandard.ZstdError as exc:
+                raise PermanentError(f"truncated or corrupt zstd: {exc}") from None
+            if not self._dobj.eof:
+                break
+            # Frame finished: anything after it starts the next frame.
+            piece = self._dobj.unused_data
+            self._dobj = self._dctx.decompressobj()
+            self._in_frame = False
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        want = CHUNK_SIZE if size is None or size < 0 else size
+        while len(self._output) < want and not self._eof:
+            if not self._feed():
+                self._eof = True
+        data = bytes(self._output[:want])
+        del self._output[:want]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _GzipReader(io.RawIOBase):
+    """gzip.GzipFile with its failures turned into one-line PermanentErrors."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._gz = gzip.GzipFile(fileobj=raw, mode="rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._gz.read(CHUNK_SIZE if size is None or size < 0 else size)
+        except EOFError as exc:
+            raise PermanentError(f"truncated or corrupt gzip: {exc}") from None
+        except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+            raise PermanentError(f"truncated or corrupt gzip: {exc}") from None
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class BoundedStream(io.RawIOBase):
+    """Counts decompressed bytes and stops a decompression bomb: more than
+    `max_uncompressed_bytes`, or (past a grace size) more than `max_ratio` times the blob."""
+
+    def __init__(self, inner: BinaryIO, compressed_size: int | None, limits: Limits) -> None:
+        self._inner = inner
+        self.bytes_read = 0
+        self._limit = limits.max_uncompressed_bytes
+        if compressed_size is not None:
+            self._limit = min(self._limit, max(limits.ratio_grace_bytes, int(compressed_size * limits.max_ratio)))
+        self._compressed_size = compressed_size
+        self._limits = limits
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(CHUNK_SIZE if size is None or size < 0 else size)
+        self.bytes_read += len(data)
+        if self.bytes_read > self._limit:
+            if self._limit < self._limits.max_uncompressed_bytes:  # the ratio bound was the tighter one
+                raise PermanentError(
+                    f"decompression bomb: {self._compressed_size} compressed bytes expand past "
+                    f"{self.bytes_read} (ratio limit {self._limits.max_ratio:g})"
+                )
+            raise PermanentError(f"decompression bomb: more than {self._limit} bytes decompressed")
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextmanager
+def open_layer_stream(path: Path, fmt: str, limits: Limits = DEFAULT_LIMITS) -> Iterator[BinaryIO]:
+    """A readable stream of the decompressed tar bytes of a "tar", "tar+gzip" or "tar+zstd"
+    blob, bounded by `limits` (a bomb raises PermanentError "decompression bomb: ...")."""
+    if fmt not in LAYER_FORMATS:
+        raise PermanentError(f"not a layer format: {fmt}")
+    path = Path(path)
+    compressed_size = path.stat().st_size
+    with open(path, "rb") as raw:
+        inner: BinaryIO
+        if fmt == "tar":
+            inner = raw
+        elif fmt == "tar+gzip":
+            inner = cast(BinaryIO, _GzipReader(raw))
+        else:
+            inner = cast(BinaryIO, _ZstdReader(raw, limits.zstd_max_window_bytes))
+        yield cast(BinaryIO, BoundedStream(inner, None if fmt == "tar" else compressed_size, limits))
+
+
+# --- OCI image layout and docker save archives ----------------------------------------
+
+def safe_reference(ref: Any, what: str) -> str:
+    """A path named by a manifest, checked to stay inside the archive."""
+    if not isinstance(ref, str) or not ref or "\0" in ref or "\\" in ref:
+        raise PermanentError(f"unsafe path in {what}: {ref!r}")
+    norm = posixpath.normpath(ref)
+    if ref.startswith("/") or norm == ".." or norm.startswith("../") or "/../" in f"/{ref}/":
+        raise PermanentError(f"unsafe path in {what}: {ref!r}")
+    return normalize_member_name(norm)
+
+
+DIGEST_REF = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Archive:
+    """A seekable tar archive's regular files, by normalized name."""
+
+    def __init__(self, fh: BinaryIO, size: int, limits: Limits) -> None:
+        self.fh = fh
+        self.limits = limits
+        self.members: dict[str, TarMember] = {}
+        duplicates: set[str] = set()
+        for member in iter_members(fh, size, limits):
+            if member.name in self.members:
+                duplicates.add(member.name)
+            self.members[member.name] = member
+        self.duplicates = duplicates
+
+    def member(self, name: str, what: str) -> TarMember:
+        member = self.members.get(name)
+        if member is None:
+            raise PermanentError(f"{what}: {name} is missing from the archive")
+        if name in self.duplicates:
+            raise PermanentError(f"{what}: {name} appears more than once in the archive")
+        if not member.is_file:
+            raise PermanentError(f"{what}: {name} is not a regular file")
+        return member
+
+    def read_json(self, name: str, what: str) -> Any:
+        member = self.member(name, what)
+        if member.size > self.limits.max_json_bytes:
+            raise PermanentError(f"{what}: {name} is {member.size} bytes, over the {self.limits.max_json_bytes} limit")
+        self.fh.seek(member.offset)
+        data = self.fh.read(member.size)
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PermanentError(f"{what}: {name} is not valid JSON: {exc}") from None
+
+    def read_blob_json(self, digest: str, what: str) -> Any:
+        name = _blob_name(digest, what)
+        member = self.member(name, what)
+        self.fh.seek(member.offset)
+        data = self.fh.read(min(member.size, self.limits.max_json_bytes + 1))
+        if len(data) > self.limits.max_json_bytes:
+            raise PermanentError(f"{what}: {name} is over the {self.limits.max_json_bytes} byte limit")
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise PermanentError(f"checksum mismatch: {what}: {name} does not match its digest")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PermanentError(f"{what}: {name} is not valid JSON: {exc}") from None
+
+    def copy_to_store(self, name: str, store: BlobStore, expected_digest: str | None, what: str) -> str:
+        member = self.member(name, what)
+        self.fh.seek(member.offset)
+        remaining = member.size
+        with store.writer() as writer:
+            while remaining:
+                chunk = self.fh.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise PermanentError(f"truncated or corrupt tar: {name} is cut short")
+                writer.write(chunk)
+                remaining -= len(chunk)
+            try:
+                return writer.commit(expected_digest).digest
+            except PermanentError as exc:
+                raise PermanentError(f"{what}: {name}: {exc}") from None
+
+
+def _blob_name(digest: Any, what: str) -> str:
+    if not isinstance(digest, str) or not DIGEST_REF.match(digest):
+        raise PermanentError(f"{what}: unsupported or malformed digest {digest!r}")
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def _pick_manifest(archive: _Archive, descriptors: Any, what: str, depth: int = 0) -> dict[str, Any]:
+    """The one image manifest an index leads to (nested indexes followed, this host's
+    platform preferred when several are listed)."""
+    if not isinstance(descriptors, list) or not descriptors:
+        raise PermanentError(f"{what}: no manifests listed")
+    if depth > 2:
+        raise PermanentError(f"{what}: image indexes nested too deep")
+    if len(descriptors) > 1:
+        arch = GO_ARCH.get(platform.machine(), platform.machine())
+        matching = [d for d in descriptors if isinstance(d, dict)
+                    and (d.get("platform") or {}).get("architecture") == arch
+                    and (d.get("platform") or {}).get("os", "linux") == "linux"]
+        if len(matching) != 1:
+            raise PermanentError(f"{what}: archive holds {len(descriptors)} images; expected one (or one for linux/{arch})")
+        descriptors = matching
+    descriptor = descriptors[0]
+    if not isinstance(descriptor, dict):
+        raise PermanentError(f"{what}: malformed descriptor")
+    document = archive.read_blob_json(descriptor.get("digest"), what)
+    if not isinstance(document, dict):
+        raise PermanentError(f"{what}: malformed manifest")
+    media_type = descriptor.get("mediaType") or document.get("mediaType")
+    if media_type in INDEX_TYPES or ("manifests" in document and "layers" not in document):
+        return _pick_manifest(archive, document.get("manifests"), what, depth + 1)
+    if media_type not in MANIFEST_TYPES and "layers" not in document:
+        raise PermanentError(f"{what}: unsupported manifest type {media_type!r}")
+    return document
+
+
+def _oci_layers(archive: _Archive, store: BlobStore) -> list[str]:
+    what = "OCI layout"
+    layout = archive.read_json("oci-layout", what)
+    if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith("1."):
+        raise PermanentError(f"{what}: unsupported imageLayoutVersion in oci-layout")
+    index = archive.read_json("index.json", what)
+    if not isinstance(index, dict):
+        raise PermanentError(f"{what}: index.json is not an object")
+    manifest = _pick_manifest(archive, index.get("manifests"), what)
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise PermanentError(f"{what}: manifest has no layers list")
+    digests: list[str] = []
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise PermanentError(f"{what}: malformed layer descriptor")
+        digest = layer.get("digest")
+        name = _blob_name(digest, what)
+        member = archive.member(name, what)
+        if isinstance(layer.get("size"), int) and layer["size"] != member.size:
+            raise PermanentError(f"{what}: {name} is {member.size} bytes, manifest says {layer['size']}")
+        digests.append(archive.copy_to_store(name, store, digest, what))
+    return digests
+
+
+def _docker_layers(archive: _Archive, store: BlobStore) -> list[str]:
+    what = "docker save archive"
+    manifest = archive.read_json("manifest.json", what)
+    if not isinstance(manifest, list) or not manifest:
+        raise PermanentError(f"{what}: manifest.json lists no images")
+    if len(manifest) != 1:
+        raise PermanentError(f"{what}: archive holds {len(manifest)} images; expected one")
+    entry = manifest[0]
+    layers = entry.get("Layers") if isinstance(entry, dict) else None
+    if not isinstance(layers, list):
+        raise PermanentError(f"{what}: manifest.json has no Layers list")
+    digests: list[str] = []
+    for ref in layers:
+        name = safe_reference(ref, f"{what} manifest.json")
+        # Newer docker names layers blobs/sha256/<hex>: then the name is a checksum too.
+        expected = None
+        if re.fullmatch(r"blobs/sha256/[0-9a-f]{64}", name):
+            expected = "sha256:" + name.rsplit("/", 1)[1]
+        digests.append(archive.copy_to_store(name, store, expected, what))
+    return digests
+
+
+def layers_of_archive(path: Path, fmt: str, store: BlobStore, limits: Limits = DEFAULT_LIMITS) -> list[str]:
+    """Copy the layers of an OCI image layout or `docker save` archive into the store
+    (streamed, hashed, OCI digests checked against their names); their digests, in order."""
+    if fmt not in ARCHIVE_FORMATS:
+        raise PermanentError(f"not an image archive format: {fmt}")
+    path = Path(path)
+    with open(path, "rb") as fh:
+        archive = _Archive(fh, path.stat().st_size, limits)
+        digests = _oci_layers(archive, store) if fmt == "oci-layout" else _docker_layers(archive, store)
+    log.info("layers extracted from archive", format=fmt, layers=len(digests))
+    return digests
