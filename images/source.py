@@ -39,7 +39,14 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, BlobWriter
 from support.errors import ManagerError, PermanentError, TransientError
@@ -199,7 +206,7 @@ def with_retries(fn: Callable[[], T], *, what: str, policy: RetryPolicy = DEFAUL
 
     retrying = Retrying(
         stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
+        wait=wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait) + wait_random(0, policy.jitter),
         retry=retry_if_exception_type(TransientError),
         before_sleep=log_retry,
         reraise=True,
@@ -278,6 +285,13 @@ def list_family(bucket: str, prefix: str, client: Any, *, retry: RetryPolicy = D
 def _temp_name(ref: ObjectRef, etag: str) -> str:
     # Stable per (url, version): a retry resumes it; a new version never reuses its bytes.
     return hashlib.sha256(f"{ref.url}\n{etag}".encode()).hexdigest()[:40]
+
+
+def partial_path(store: BlobStore, ref: ObjectRef) -> Path:
+    """The temp file an interrupted download of `ref` (with its ETag known) resumes from."""
+    if ref.etag is None:
+        raise ValueError(f"{ref.url}: ETag unknown")
+    return store.tmp_path(_temp_name(ref, ref.etag))
 
 
 class _Transfer:
