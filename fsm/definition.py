@@ -61,6 +61,10 @@ class GuardPolicy:
     max_wait: float = 30.0
     give_up_after: float = 600.0
 
+    def __post_init__(self) -> None:
+        if self.initial_wait <= 0 or self.max_wait < self.initial_wait:
+            raise ValueError("GuardPolicy needs 0 < initial_wait <= max_wait")
+
 
 @dataclass(frozen=True)
 class StateSpec:

@@ -237,7 +237,7 @@ class Runner:
         policy = spec.retry
         retrying = Retrying(
             stop=stop_after_attempt(policy.max_attempts),
-            wait=wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
+            wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
             retry=retry_if_exception_type(policy.transient),
             sleep=self._sleep,
             reraise=True,

@@ -1,0 +1,217 @@
+"""The engine's behaviours, in-process, on real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from fsm import (ABORTED, COMPLETE, GuardPolicy, InvalidOperation, JobAborted, JobBusy, JobNotFound,
+                 RetryPolicy, Runner, StateSpec, StepContext, TransitionSpec, Workflow)
+from fsm.database import open_engine
+from fsm.runner import history_is_contiguous
+from fsm.store import JobStore
+from migrations import upgrade_database
+from support.errors import PermanentError, TransientError
+
+FAST = RetryPolicy(max_attempts=3, initial_wait=0.0, max_wait=0.0, jitter=0.0)
+
+
+def make_runner(tmp_path: Path, workflow: Workflow) -> Runner:
+    db = tmp_path / "images.db"
+    upgrade_database(db)
+    return Runner(JobStore(open_engine(db)), {workflow.name: workflow}, sleep=lambda s: None)
+
+
+def two_step(step_a, step_b, *, on_abort=None, guards=(), retry=FAST) -> Workflow:
+    return Workflow(
+        name="two", initial="a",
+        states=(StateSpec("a", step=step_a, retry=retry), StateSpec("b", step=step_b, retry=retry, resume_point="a")),
+        transitions=(TransitionSpec("go", "a", "b", guards=guards), TransitionSpec("done", "b", "complete")),
+        on_abort=on_abort, guard_policy=GuardPolicy(initial_wait=1.0, max_wait=2.0, give_up_after=5),
+    )
+
+
+def test_transient_errors_are_retried_then_succeed(tmp_path: Path) -> None:
+    calls = {"a": 0}
+
+    def flaky(ctx: StepContext) -> str:
+        calls["a"] += 1
+        if calls["a"] < 3:
+            raise TransientError("S3 503")
+        return "go"
+
+    runner = make_runner(tmp_path, two_step(flaky, lambda ctx: "done"))
+    job = runner.start("two", "k", {})
+    assert job.state == COMPLETE
+    assert calls["a"] == 3
+    assert runner.store.history(job.id)[0].attempt == 3
+
+
+def test_transient_errors_exhausted_abort_with_the_count(tmp_path: Path) -> None:
+    def always(ctx: StepContext) -> str:
+        raise TransientError("S3 503")
+
+    runner = make_runner(tmp_path, two_step(always, lambda ctx: "done"))
+    job = runner.start("two", "k", {})
+    assert job.state == ABORTED
+    assert job.error == "gave up after 3 attempts in a: S3 503"
+
+
+def test_permanent_error_aborts_at_once_and_runs_the_abort_hook_in_the_same_transaction(tmp_path: Path) -> None:
+    calls = {"b": 0}
+    recorded: list[str] = []
+
+    def bad(ctx: StepContext) -> str:
+        calls["b"] += 1
+        raise PermanentError("checksum mismatch")
+
+    def on_abort(ctx: StepContext, reason: str) -> None:
+        with ctx.transaction() as session:
+            session.execute(text("CREATE TABLE IF NOT EXISTS hook_log (reason TEXT)"))
+            session.execute(text("INSERT INTO hook_log VALUES (:r)"), {"r": reason})
+        recorded.append(reason)
+
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", bad, on_abort=on_abort))
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error, calls["b"]) == (ABORTED, "checksum mismatch", 1)
+    assert recorded == ["checksum mismatch"]
+    with runner.store.engine.begin() as conn:
+        assert conn.execute(text("SELECT reason FROM hook_log")).scalars().all() == ["checksum mismatch"]
+    with pytest.raises(JobAborted, match="fsm retry"):
+        runner.start("two", "k", {})
+
+
+def test_a_failing_abort_hook_rolls_the_abort_back(tmp_path: Path) -> None:
+    def on_abort(ctx: StepContext, reason: str) -> None:
+        raise RuntimeError("disk full")
+
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done", on_abort=on_abort))
+    job, _ = runner.store.create_or_get("two", "k", "a", {})
+    with pytest.raises(RuntimeError):
+        runner.abort(job.id, "operator")
+    assert runner.store.get(job.id).state == "a"
+    assert runner.store.history(job.id) == []
+
+
+def test_retry_reruns_from_the_resume_point_and_keeps_history(tmp_path: Path) -> None:
+    state = {"fail": True}
+
+    def b(ctx: StepContext) -> str:
+        if state["fail"]:
+            raise PermanentError("boom")
+        return "done"
+
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", b))
+    job = runner.start("two", "k", {})
+    assert job.state == ABORTED
+    state["fail"] = False
+    job = runner.retry(job.id)
+    assert job.state == COMPLETE
+    events = [(e.from_state, e.to_state, e.event) for e in runner.store.history(job.id)]
+    # b resumes at a, so the retry goes back to a and walks forward again.
+    assert events == [("a", "b", "go"), ("b", "aborted", "abort"), ("aborted", "a", "retry"),
+                      ("a", "b", "go"), ("b", "complete", "done")]
+    assert history_is_contiguous(runner.store.history(job.id), "a")
+    with pytest.raises(InvalidOperation, match="only aborted jobs"):
+        runner.retry(job.id)
+
+
+def test_a_failing_guard_makes_the_job_wait_not_abort(tmp_path: Path) -> None:
+    answers = iter(["memory_pressure: available 3% < 5%", "io_wait: 70% > 50%", None])
+    seen_errors: list[str | None] = []
+
+    def guard(ctx: StepContext) -> str | None:
+        seen_errors.append(ctx.store.get(ctx.job_id).error)
+        return next(answers)
+
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done", guards=(guard,)))
+    job = runner.start("two", "k", {})
+    assert job.state == COMPLETE
+    assert seen_errors == [None, "waiting: memory_pressure: available 3% < 5%", "waiting: io_wait: 70% > 50%"]
+    assert [e.event for e in runner.store.history(job.id)] == ["go", "done"]
+
+
+def test_a_guard_that_never_passes_leaves_the_job_waiting_for_resume(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done", guards=(lambda ctx: "pool: needs_check",)))
+    job = runner.start("two", "k", {})
+    assert job.state == "a"
+    assert job.error == "waiting: pool: needs_check"
+    assert job.owner_pid is None
+    assert [j.id for j in runner.resumable_jobs()] == [job.id]
+
+
+def test_completed_key_returns_at_once_without_running(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def counted(ctx: StepContext) -> str:
+        calls["n"] += 1
+        return "go"
+
+    runner = make_runner(tmp_path, two_step(counted, lambda ctx: "done"))
+    first = runner.start("two", "same", {})
+    second = runner.start("two", "same", {})
+    assert (first.id, second.id, calls["n"]) == (second.id, first.id, 1)
+
+
+def test_context_saved_with_each_transition_and_intent_first(tmp_path: Path) -> None:
+    def a(ctx: StepContext) -> str:
+        ctx.data["device_id"] = 7
+        ctx.save()  # intent first: on disk before anything is created
+        assert runner.store.get(ctx.job_id).context == '{"device_id": 7}'
+        return "go"
+
+    runner = make_runner(tmp_path, two_step(a, lambda ctx: "done"))
+    job = runner.start("two", "k", {})
+    assert job.context == '{"device_id": 7}'
+
+
+def test_abort_rules(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
+    with pytest.raises(JobNotFound, match="job 99 not found"):
+        runner.abort(99, "x")
+    done = runner.start("two", "done", {})
+    with pytest.raises(InvalidOperation, match="complete; only unfinished jobs can be aborted"):
+        runner.abort(done.id, "x")
+    waiting, _ = runner.store.create_or_get("two", "w", "a", {})
+    aborted = runner.abort(waiting.id, "operator said so")
+    assert (aborted.state, aborted.error) == (ABORTED, "operator said so")
+
+
+def test_a_job_owned_by_a_live_process_is_not_touched(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
+    job, _ = runner.store.create_or_get("two", "k", "a", {})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with runner.store.transaction() as session:
+            session.execute(text("UPDATE jobs SET owner_pid=:p, owner_boot_id=:b, lease_expires_at=datetime('now','+60 seconds') WHERE id=:id"),
+                            {"p": holder.pid, "b": runner.owner.boot_id, "id": job.id})
+        assert runner.resumable_jobs() == []
+        with pytest.raises(JobBusy, match=f"pid {holder.pid}"):
+            runner.run(job.id)
+        with pytest.raises(JobBusy, match="abort requested"):
+            runner.abort(job.id, "stop it")
+        assert runner.store.get(job.id).state == "a"
+    finally:
+        holder.kill()
+        holder.wait()
+    # Owner dead now: the job is resumable, and the pending abort request is honoured.
+    assert [j.id for j in runner.resumable_jobs()] == [job.id]
+    assert runner.run(job.id).state == ABORTED
+
+
+def test_a_job_owned_by_another_boot_is_resumable(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
+    job, _ = runner.store.create_or_get("two", "k", "b", {})
+    with runner.store.transaction() as session:
+        session.execute(text("UPDATE jobs SET owner_pid=:p, owner_boot_id='old-boot', lease_expires_at=datetime('now','+60 seconds') WHERE id=:id"),
+                        {"p": os.getpid(), "id": job.id})
+    assert [j.id for j in runner.resumable_jobs()] == [job.id]
+    finished = runner.resume_all()
+    assert [j.state for j in finished] == [COMPLETE]
+    # b resumes at a: the history shows the resume.
+    assert [e.event for e in runner.store.history(job.id)][0] == "resume"
