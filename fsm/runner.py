@@ -248,7 +248,8 @@ class Runner:
         for attempt in retrying:
             with attempt:
                 ctx.attempt = attempt.retry_state.attempt_number
-                self.store.set_progress(ctx.job_id, self.owner, attempt=ctx.attempt)
+                if ctx.attempt > 1:  # the first attempt is implied; a commit per step is enough
+                    self.store.set_progress(ctx.job_id, self.owner, attempt=ctx.attempt)
                 assert spec.step is not None
                 return spec.step(ctx)
         raise AssertionError("unreachable: tenacity either returns or raises")
