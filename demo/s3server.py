@@ -25,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,16 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=timeout)
+        self._remove_sockets()
         log.info("s3 server stopped", endpoint=self.endpoint_url)
+
+    def _remove_sockets(self) -> None:
+        # weed leaves some of its gRPC unix sockets in /tmp, named by port; these ports were ours.
+        ports = {p for port in self.ports.values() for p in (port, port + GRPC_OFFSET)}
+        for sock in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock"):
+            suffix = sock.stem.rsplit("-", 1)[-1]
+            if suffix.isdigit() and int(suffix) in ports and sock.is_socket():
+                sock.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self
