@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,12 +39,40 @@ def last_options() -> AppOptions:
 def configure(ctx: click.Context, state_dir: str | None, log_format: str, quiet: bool, verbose: bool) -> AppOptions:
     """Store the global options on the click context and set up logging once."""
     options = AppOptions(state_dir=resolve_state_dir(state_dir), log_format=log_format, quiet=quiet, verbose=verbose)
-    ctx.obj = options
+    ctx.find_root().obj = options
     global _last_options
     _last_options = options
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     configure_logging(log_format=log_format, level=level)
     return options
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let a subcommand take the global options after its name too (`process-image ... --quiet`)."""
+
+    def override(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value in (None, False):
+            return value
+        options = options_of(ctx)
+        if param.name == "state_dir":
+            options.state_dir = Path(value)
+        else:
+            setattr(options, str(param.name), value)
+        configure(ctx.find_root(), str(options.state_dir), options.log_format, options.quiet, options.verbose)
+        return value
+
+    for option in reversed([
+        click.option("--state-dir", default=None, type=click.Path(file_okay=False), expose_value=False,
+                     callback=override, help="State directory (default /var/lib/flyio)."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default=None, expose_value=False,
+                     callback=override, help="Log lines as text or JSON."),
+        click.option("--quiet", "-q", is_flag=True, default=False, expose_value=False, callback=override,
+                     help="Only warnings and errors; no progress bars."),
+        click.option("--verbose", "-v", is_flag=True, default=False, expose_value=False, callback=override,
+                     help="Debug logging."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 def options_of(ctx: click.Context) -> AppOptions:
@@ -75,7 +104,13 @@ def exclusive(state_dir: Path, command: str) -> Iterator[ManagerLock]:
         lock.release()
 
 
-def open_runner(state_dir: Path) -> Runner:
-    from states.registry import all_workflows
+def open_runner(state_dir: Path, backend: str = "auto") -> Runner:
+    """A runner of the product's workflows with real services (pool, S3, safeguards)."""
+    from states.registry import all_workflows, build_services
 
-    return Runner(open_store(state_dir), all_workflows())
+    services = build_services(state_dir, backend=backend, show_progress=show_progress())
+    return Runner(open_store(state_dir), all_workflows(services))
+
+
+def show_progress() -> bool:
+    return not last_options().quiet

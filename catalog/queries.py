@@ -1,0 +1,58 @@
+"""What the listing commands show, and the operator's delete of a snapshot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from catalog.models import Image, Snapshot, UnpackedImage
+from catalog.records import orphan_device
+from devices.base import ThinPool
+from support.errors import HazardError, ManagerError
+from support.log import get_logger
+
+log = get_logger("catalog.queries")
+
+
+def list_images(engine: Engine) -> list[dict[str, Any]]:
+    with Session(engine) as session:
+        rows = []
+        for image in session.scalars(select(Image).order_by(Image.id)):
+            top = session.scalars(select(UnpackedImage).where(UnpackedImage.chain_id == image.top_chain_id)).first()
+            rows.append({"id": image.id, "name": image.name, "source": image.source, "layer_count": image.layer_count,
+                         "activation_status": image.activation_status, "top_device": top.device_name if top else None,
+                         "job_id": image.job_id, "updated_at": image.updated_at})
+        return rows
+
+
+def list_snapshots(engine: Engine) -> list[dict[str, Any]]:
+    with Session(engine) as session:
+        query = select(Snapshot, Image.name).join(Image, Image.id == Snapshot.image_id).order_by(Snapshot.id)
+        return [{"id": snap.id, "device_name": snap.device_name, "device_id": snap.device_id, "state": snap.state,
+                 "image": name, "image_id": snap.image_id, "origin_device_id": snap.origin_device_id,
+                 "created_at": snap.created_at} for snap, name in session.execute(query)]
+
+
+def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int) -> str:
+    """Deactivate and delete the snapshot's device, then its row; a hazard leaves an orphan row."""
+    with Session(engine) as session, session.begin():
+        snap = session.get(Snapshot, snapshot_id)
+        if snap is None:
+            raise ManagerError(f"snapshot {snapshot_id} not found")
+        device_id, name, image_id = snap.device_id, snap.device_name, snap.image_id
+    try:
+        pool.deactivate(device_id)
+        pool.delete(device_id)
+    except HazardError as exc:
+        with Session(engine) as session, session.begin():
+            orphan_device(session, device_id=device_id, reason=f"delete-snapshot failed: {exc}", job_id=None)
+        raise
+    with Session(engine) as session, session.begin():
+        session.execute(Snapshot.__table__.delete().where(Snapshot.id == snapshot_id))
+        remaining = session.scalars(select(Snapshot.id).where(Snapshot.image_id == image_id)).first()
+        if remaining is None:
+            session.get(Image, image_id).activation_status = "inactive"
+    log.info("snapshot deleted", snapshot_id=snapshot_id, device_name=name)
+    return name

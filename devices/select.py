@@ -1,0 +1,47 @@
+"""`--backend auto|devicemapper|blockfile`: which pool this host gets, said out loud."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from devices.base import PoolConfig, ThinPool
+from support.errors import ManagerError
+from support.log import get_logger
+from support.proc import run_command
+
+log = get_logger("devices.select", component="pool-manager")
+
+BACKENDS = ("auto", "devicemapper", "blockfile")
+
+
+def device_mapper_available() -> tuple[bool, str]:
+    """Whether /dev/mapper/control answers (`dmsetup version` reaches the kernel driver)."""
+    if not Path("/dev/mapper/control").exists():
+        return False, "no /dev/mapper/control"
+    try:
+        result = run_command(["dmsetup", "version"], timeout=10, check=False)
+    except ManagerError as exc:
+        return False, str(exc)
+    if result.returncode != 0 or "Driver version" not in result.stdout:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        return False, lines[-1] if lines else "dmsetup version failed"
+    return True, "device-mapper driver answers"
+
+
+def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None = None) -> ThinPool:
+    """The pool backend for `state_dir`; `auto` picks devicemapper where the kernel has it."""
+    if backend not in BACKENDS:
+        raise ManagerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    config = config or PoolConfig(directory=str(state_dir))
+    chosen, reason = backend, "requested"
+    if backend == "auto":
+        available, why = device_mapper_available()
+        chosen, reason = ("devicemapper", why) if available else ("blockfile", why)
+    log.info("backend selected", backend=chosen, reason=reason)
+    if chosen == "devicemapper":
+        from devices.devicemapper import DevicemapperPool
+
+        return DevicemapperPool(config)
+    from devices.blockfile import BlockfilePool
+
+    return BlockfilePool(config)

@@ -1,0 +1,1 @@
+"""The operations guide's safeguards: Health Checker, Operation Guard, Manager Lock."""

@@ -1,0 +1,19 @@
+"""The abort hook: every device this job recorded but did not finish becomes an orphan
+row for gc. Runs inside the abort's transaction; touches no device (fail-dumb)."""
+
+from __future__ import annotations
+
+from catalog.records import orphan_device, unfinished_devices_of_job
+from devices.base import device_name
+from fsm.context import StepContext
+from states.pending import ORPHAN_HINT
+from support.log import get_logger
+
+log = get_logger("states.aborting")
+
+
+def record_orphans(ctx: StepContext, reason: str) -> None:
+    with ctx.transaction() as session:
+        for device_id in unfinished_devices_of_job(session, ctx.job_id):
+            orphan_device(session, device_id=device_id, reason=reason, job_id=ctx.job_id)
+            log.error(ORPHAN_HINT, device_id=device_id, device_name=device_name(device_id), job_id=ctx.job_id)

@@ -1,0 +1,23 @@
+"""pending: the job exists; say so if earlier jobs left orphans for gc."""
+
+from __future__ import annotations
+
+from catalog.records import count_uncleaned_orphans
+from fsm.context import StepContext
+from states.services import ImageServices
+from support.errors import PermanentError
+from support.log import get_logger
+
+log = get_logger("states.pending")
+
+ORPHAN_HINT = "orphaned device detected; run 'flyio-image-manager gc' to clean up"
+
+
+def run(ctx: StepContext, services: ImageServices) -> str:
+    if not ctx.data.get("objects"):
+        raise PermanentError("job has no objects to process")
+    with ctx.transaction() as session:
+        orphans = count_uncleaned_orphans(session)
+    if orphans:
+        log.warning(ORPHAN_HINT, orphaned=orphans, job_id=ctx.job_id)
+    return "start"

@@ -1,0 +1,35 @@
+"""Everything the image job's steps use, built once per process and passed to each step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devices.base import ThinPool
+from images.blobstore import BlobStore
+from images.formats import DEFAULT_LIMITS, Limits
+from support.progress import Progress, no_progress
+
+DEFAULT_DEVICE_SIZE = 4 * 1024**3
+
+
+@dataclass
+class ImageServices:
+    """The job's collaborators. `health_guard` returns None when the host is healthy,
+    else the reason the job must wait; `operation` serializes device-mapper work."""
+
+    state_dir: Path
+    pool: ThinPool
+    blobs: BlobStore
+    s3_client: Callable[[str | None], Any]
+    health_guard: Callable[[], str | None]
+    operation: Callable[[str], Any]
+    device_size_bytes: int = DEFAULT_DEVICE_SIZE
+    limits: Limits = DEFAULT_LIMITS
+    progress: Callable[[str, int | None], Progress] = field(default=no_progress)
+
+    @property
+    def mount_root(self) -> Path:
+        return self.state_dir / "mnt"

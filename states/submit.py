@@ -1,0 +1,71 @@
+"""From what the operator typed to a job: the objects of the image and its idempotency key."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, make_s3_client, s3_url
+from support.errors import PermanentError
+
+DEFAULT_BUCKET = "flyio-platform-hiring-challenge"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to process: its name, where it comes from, and its objects (layers) in order."""
+
+    name: str
+    source: str
+    objects: tuple[ObjectRef, ...]
+    endpoint_url: str | None
+
+    @property
+    def idempotency_key(self) -> str:
+        """The image's identity: its source and the exact versions (ETags) of its objects."""
+        versions = "\n".join(f"{o.url} {o.etag or ''} {o.size or ''}" for o in self.objects)
+        return f"{self.source}@{hashlib.sha256(versions.encode()).hexdigest()[:16]}"
+
+    def job_context(self) -> dict[str, Any]:
+        return {
+            "image": {"name": self.name, "source": self.source, "endpoint_url": self.endpoint_url},
+            "objects": [{"url": o.url, "size": o.size, "etag": o.etag} for o in self.objects],
+        }
+
+
+def resolve_request(
+    *,
+    bucket: str = DEFAULT_BUCKET,
+    s3_key: str | None = None,
+    image: str | None = None,
+    s3_prefix: str | None = None,
+    url: str | None = None,
+    endpoint_url: str | None = None,
+) -> ImageRequest:
+    """Exactly one of s3_key (one layer), image (a family), s3_prefix, or url (s3:// or file://)."""
+    given = [x for x in (s3_key, image, s3_prefix, url) if x]
+    if len(given) != 1:
+        raise PermanentError("give exactly one of --s3-key, --image, --s3-prefix or --url")
+    if url:
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            ref = file_ref(Path(parsed.path))
+            return ImageRequest(name=Path(parsed.path).name, source=ref.url, objects=(ref,), endpoint_url=None)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise PermanentError(f"unsupported URL {url!r}: use s3://bucket/key, s3://bucket/prefix/ or file:///path")
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        if key.endswith("/") or not key:
+            s3_prefix = key
+        else:
+            s3_key = key
+    client = make_s3_client(endpoint_url=endpoint_url)
+    if s3_key:
+        ref = head_object(bucket, s3_key, client)
+        return ImageRequest(name=s3_key, source=s3_url(bucket, s3_key), objects=(ref,), endpoint_url=endpoint_url)
+    prefix = family_prefix(image) if image else str(s3_prefix)
+    refs = list_family(bucket, prefix, client)
+    name = image or prefix.rstrip("/").rsplit("/", 1)[-1]
+    return ImageRequest(name=name, source=s3_url(bucket, prefix), objects=tuple(refs), endpoint_url=endpoint_url)

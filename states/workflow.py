@@ -1,0 +1,72 @@
+"""The image job, as data:
+
+    pending -> downloading -> verifying -> creating_device -> making_fs -> unpacking
+            -> activating -> snapshotting -> complete          (any non-final --abort--> aborted)
+
+creating_device -> [making_fs, base layer only] -> unpacking repeats once per layer, an
+explicit conditional transition, so the history shows every layer. Every transition into
+a state that touches devices is guarded by the health check: a failing check makes the
+job wait (with the reason recorded), not abort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from fsm.context import StepContext
+from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
+from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
+                    unpacking, verifying)
+from states.aborting import record_orphans
+from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
+from states.services import ImageServices
+
+WORKFLOW_NAME = "image"
+
+# Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
+NO_RETRY = RetryPolicy(max_attempts=1)
+NETWORK_RETRY = RetryPolicy(max_attempts=3, initial_wait=2.0, max_wait=30.0)
+
+
+def build_image_workflow(services: ImageServices | None) -> Workflow:
+    """The image workflow bound to `services` (None: for drawing the graph only)."""
+
+    def step(module_run: Callable[[StepContext, ImageServices], str]) -> Callable[[StepContext], str]:
+        bound = partial(module_run, services=services)
+        return lambda ctx: bound(ctx)
+
+    def healthy(ctx: StepContext) -> str | None:
+        return services.health_guard() if services is not None else None
+
+    guarded = (healthy,)
+    return Workflow(
+        name=WORKFLOW_NAME,
+        initial="pending",
+        states=(
+            StateSpec("pending", step=step(pending.run)),
+            StateSpec("downloading", step=step(downloading.run), retry=NETWORK_RETRY),
+            StateSpec("verifying", step=step(verifying.run)),
+            StateSpec("creating_device", step=step(creating_device.run), retry=NO_RETRY),
+            # A half-made filesystem or half-unpacked layer is never trusted: start the layer again.
+            StateSpec("making_fs", step=step(making_fs.run), retry=NO_RETRY, resume_point="creating_device"),
+            StateSpec("unpacking", step=step(unpacking.run), retry=NO_RETRY, resume_point="creating_device"),
+            StateSpec("activating", step=step(activating.run)),
+            StateSpec("snapshotting", step=step(snapshotting.run), retry=NO_RETRY),
+        ),
+        transitions=(
+            TransitionSpec("start", "pending", "downloading"),
+            TransitionSpec("downloaded", "downloading", "verifying"),
+            TransitionSpec("verified", "verifying", "creating_device", guards=guarded),
+            TransitionSpec("device_created", "creating_device", "making_fs", conditions=(is_base_layer,), guards=guarded),
+            TransitionSpec("device_created", "creating_device", "unpacking", conditions=(is_upper_layer,), guards=guarded),
+            TransitionSpec("layer_reused", "creating_device", "creating_device", conditions=(layers_remaining,), guards=guarded),
+            TransitionSpec("layer_reused", "creating_device", "activating", conditions=(all_layers_done,)),
+            TransitionSpec("fs_made", "making_fs", "unpacking", guards=guarded),
+            TransitionSpec("layer_unpacked", "unpacking", "creating_device", conditions=(layers_remaining,), guards=guarded),
+            TransitionSpec("layer_unpacked", "unpacking", "activating", conditions=(all_layers_done,)),
+            TransitionSpec("activated", "activating", "snapshotting", guards=guarded),
+            TransitionSpec("snapshotted", "snapshotting", "complete"),
+        ),
+        on_abort=record_orphans,
+    )
