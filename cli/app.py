@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,12 +105,22 @@ def exclusive(state_dir: Path, command: str) -> Iterator[ManagerLock]:
         lock.release()
 
 
-def open_runner(state_dir: Path, backend: str = "auto") -> Runner:
-    """A runner of the product's workflows with real services (pool, S3, safeguards)."""
+def open_runner(state_dir: Path, will_run_jobs: bool = True) -> Runner:
+    """A runner of the product's workflows with real services (pool, S3, safeguards).
+
+    A runner that will run jobs first makes sure the pool exists (after a reboot it is
+    recreated from its files), as the guide's first process-image does."""
     from states.registry import all_workflows, build_services
 
-    services = build_services(state_dir, backend=backend, show_progress=show_progress())
+    services = build_services(state_dir, backend=default_backend(), show_progress=show_progress())
+    if will_run_jobs:
+        services.pool.ensure_pool_exists()
     return Runner(open_store(state_dir), all_workflows(services))
+
+
+def default_backend() -> str:
+    """`--backend` when a command has none: $FLYIO_BACKEND, else auto."""
+    return os.environ.get("FLYIO_BACKEND", "auto")
 
 
 def show_progress() -> bool:

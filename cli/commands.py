@@ -28,7 +28,8 @@ log = get_logger("cli")
 @click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path.")
 @click.option("--bucket", default=DEFAULT_BUCKET, show_default=True)
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None, help="S3-compatible endpoint (env AWS_ENDPOINT_URL).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
 @click.option("--device-size", default="4G", show_default=True, help="Virtual size of each thin device.")
 @common_options
 @click.pass_context
@@ -66,7 +67,8 @@ def _top_device(data: dict) -> str | None:
               help="Database path; the pool files go in its directory (default <state-dir>/images.db).")
 @click.option("--data-size", default="2G", show_default=True)
 @click.option("--metadata-size", default="1M", show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
 @common_options
 @click.pass_context
 def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, backend: str) -> None:
@@ -119,7 +121,8 @@ def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
 
 @click.command("delete-snapshot", help="Deactivate and delete one snapshot's device, then its row.")
 @click.argument("snapshot_id", type=int)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
 @common_options
 @click.pass_context
 def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int, backend: str) -> None:

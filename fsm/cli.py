@@ -20,7 +20,7 @@ from fsm.definition import Workflow
 from fsm.graph import render_graph
 from fsm.models import Job, JobEvent
 from fsm.runner import Runner
-from fsm.store import load_context
+from fsm.store import JobStore, load_context
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class FsmApp:
     """What the generic CLI needs from the product."""
 
     workflows: Callable[[], dict[str, Workflow]]
-    open_runner: Callable[[Path], Runner]
+    open_store: Callable[[Path], JobStore]
+    open_runner: Callable[[Path, bool], Runner]  # (state_dir, will_run_jobs)
     exclusive: Callable[[Path, str], AbstractContextManager[Any]]
     state_dir: Callable[[click.Context], Path]
 
@@ -61,15 +62,15 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     def group() -> None:
         pass
 
-    def runner(ctx: click.Context) -> Runner:
-        return app.open_runner(app.state_dir(ctx))
+    def store(ctx: click.Context) -> JobStore:
+        return app.open_store(app.state_dir(ctx))
 
     @group.command("list", help="List jobs, optionally only those in one state.")
     @click.option("--state", "state", default=None, help="Only jobs in this state.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def list_cmd(ctx: click.Context, state: str | None, as_json: bool) -> None:
-        jobs = [job_summary(j) for j in runner(ctx).store.list_jobs(state)]
+        jobs = [job_summary(j) for j in store(ctx).list_jobs(state)]
         if as_json:
             click.echo(json.dumps(jobs, indent=2))
             return
@@ -84,7 +85,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def show_cmd(ctx: click.Context, job_id: int, as_json: bool) -> None:
-        job = runner(ctx).store.get(job_id)
+        job = store(ctx).get(job_id)
         detail = job_summary(job) | {"context": load_context(job), "lease_expires_at": _iso(job.lease_expires_at),
                                      "abort_requested": job.abort_requested}
         if as_json:
@@ -101,7 +102,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def history_cmd(ctx: click.Context, job_id: int, as_json: bool) -> None:
-        events = [event_summary(e) for e in runner(ctx).store.history(job_id)]
+        events = [event_summary(e) for e in store(ctx).history(job_id)]
         if as_json:
             click.echo(json.dumps(events, indent=2))
             return
@@ -117,7 +118,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--reason", default="aborted by operator", show_default=True)
     @click.pass_context
     def abort_cmd(ctx: click.Context, job_id: int, reason: str) -> None:
-        job = runner(ctx).abort(job_id, reason)
+        job = app.open_runner(app.state_dir(ctx), False).abort(job_id, reason)
         click.echo(f"job {job.id} {job.state}: {job.error}")
 
     @group.command("retry", help="Re-run an aborted job from its resume point, keeping its history.")
@@ -126,7 +127,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     def retry_cmd(ctx: click.Context, job_id: int) -> None:
         state_dir = app.state_dir(ctx)
         with app.exclusive(state_dir, "fsm retry"):
-            job = app.open_runner(state_dir).retry(job_id)
+            job = app.open_runner(state_dir, True).retry(job_id)
         click.echo(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
         if job.state != "complete":
             ctx.exit(1)
@@ -136,7 +137,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     def resume_cmd(ctx: click.Context) -> None:
         state_dir = app.state_dir(ctx)
         with app.exclusive(state_dir, "fsm resume"):
-            jobs = app.open_runner(state_dir).resume_all()
+            jobs = app.open_runner(state_dir, True).resume_all()
         for job in jobs:
             click.echo(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
         click.echo(f"resumed {len(jobs)} job(s)")

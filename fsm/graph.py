@@ -11,16 +11,21 @@ from fsm.machine import transition_table
 from support.errors import ManagerError
 
 
+class _Diagram:
+    """The model GraphMachine draws for (an empty object: no job state is involved)."""
+
+
 def render_graph(workflow: Workflow, fmt: str = "mermaid") -> bytes:
     """Mermaid text (no Graphviz needed), or PNG/SVG bytes through Graphviz."""
     engine = "mermaid" if fmt == "mermaid" else "graphviz"
     try:
-        machine = GraphMachine(
-            model=None, states=workflow.state_names, transitions=transition_table(workflow),
+        diagram = _Diagram()
+        GraphMachine(
+            model=diagram, states=workflow.state_names, transitions=transition_table(workflow),
             initial=workflow.initial, auto_transitions=False, graph_engine=engine,
             title=f"{workflow.name} workflow", show_conditions=True,
         )
-        graph = machine.get_combined_graph()
+        graph = diagram.get_graph()  # type: ignore[attr-defined]
     except ImportError as exc:
         raise ManagerError(f"--format {fmt} needs Graphviz (pip install graphviz; apt-get install graphviz): {exc}") from None
     if fmt == "mermaid":

@@ -19,7 +19,11 @@ class JobModel:
 
 
 def _condition(check: Condition) -> Any:
-    return lambda event: check(event.kwargs["ctx"])
+    def run(event: EventData) -> bool:
+        return check(event.kwargs["ctx"])
+
+    run.__name__ = getattr(check, "__name__", "condition")  # what the drawn graph shows
+    return run
 
 
 def _guard(check: Guard, model: JobModel) -> Any:
@@ -29,6 +33,7 @@ def _guard(check: Guard, model: JobModel) -> Any:
             model.guard_reason = reason
         return reason is None
 
+    run.__name__ = getattr(check, "__name__", "guard")
     return run
 
 
@@ -37,8 +42,7 @@ def transition_table(workflow: Workflow, model: JobModel | None = None) -> list[
     table: list[dict[str, Any]] = []
     for spec in workflow.transitions:
         conditions = [_condition(c) for c in spec.conditions]
-        if model is not None:
-            conditions += [_guard(g, model) for g in spec.guards]
+        conditions += [_guard(g, model or JobModel()) for g in spec.guards]
         table.append({"trigger": spec.trigger, "source": spec.source, "dest": spec.dest, "conditions": conditions})
     for name in workflow.state_names:
         if name not in FINAL_STATES:

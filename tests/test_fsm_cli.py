@@ -1,0 +1,165 @@
+"""The `fsm` command group, run as operators run it (a real process, a real SQLite file)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.app import open_store
+from states.submit import resolve_request
+from states.workflow import WORKFLOW_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fsm(state_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "fsm", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    # One error line, last; log lines before it (e.g. "backend selected") are fine.
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def make_layer(path: Path) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        data = b"hello from a file:// layer\n"
+        info = tarfile.TarInfo("etc/motd")
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "state"
+    yield directory
+    if (directory / "pool_data").exists():
+        from devices.base import PoolConfig
+        from devices.blockfile import BlockfilePool
+
+        BlockfilePool(PoolConfig(directory=str(directory))).teardown_pool()
+
+
+def test_reads_on_an_empty_store_and_the_graph(state_dir: Path) -> None:
+    listing = fsm(state_dir, "list", "--json")
+    assert listing.returncode == 0 and json.loads(listing.stdout) == []
+    graph = fsm(state_dir, "graph")
+    assert graph.returncode == 0
+    for state in ("pending", "downloading", "creating_device", "making_fs", "unpacking", "snapshotting", "complete", "aborted"):
+        assert state in graph.stdout
+    assert "layer_unpacked" in graph.stdout  # the per-layer loop is drawn from the definition
+
+
+def test_unknown_job_ids_are_one_line_errors(state_dir: Path) -> None:
+    for command in (["show", "42"], ["history", "42"], ["abort", "42"], ["retry", "42"]):
+        one_line_error(fsm(state_dir, *command), "job 42 not found")
+
+
+def test_aborting_a_completed_job_is_refused_and_changes_nothing(state_dir: Path) -> None:
+    store = open_store(state_dir)
+    job, _ = store.create_or_get(WORKFLOW_NAME, "done-key", "pending", {})
+    with store.transaction() as session:
+        session.get(type(job), job.id).state = "complete"
+    before = (state_dir / "images.db").read_bytes()
+    one_line_error(fsm(state_dir, "abort", str(job.id)), f"job {job.id} is complete", "only unfinished jobs")
+    assert store.get(job.id).state == "complete"
+    assert store.history(job.id) == []
+    del before
+
+
+def test_a_corrupt_database_is_a_one_line_error_and_is_left_alone(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True)
+    db = state_dir / "images.db"
+    db.write_bytes(b"this is not a database" * 200)
+    before = db.read_bytes()
+    one_line_error(fsm(state_dir, "list"), "corrupt", str(db), "backup")
+    assert db.read_bytes() == before
+
+
+def test_a_locked_database_is_a_one_line_error(state_dir: Path) -> None:
+    open_store(state_dir)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(30)"), str(state_dir / "images.db")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        result = fsm(state_dir, "abort", "1")
+        one_line_error(result, "locked")
+        assert time.monotonic() - started < 30
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_held_by_a_live_process_names_it_and_is_untouched(state_dir: Path) -> None:
+    lock = state_dir / "fsm" / "flyio-manager.lock"
+    lock.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        content = json.dumps({"pid": sleeper.pid, "timestamp": int(time.time()), "command": "process-image"})
+        lock.write_text(content)
+        one_line_error(fsm(state_dir, "resume"), f"pid {sleeper.pid}", "process-image", str(lock))
+        assert lock.read_text() == content
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its holder is gone now: the lock is stale and the next command takes it.
+    assert fsm(state_dir, "resume").returncode == 0
+    assert not lock.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
+def test_abort_history_retry_on_a_real_image_job(state_dir: Path, tmp_path: Path) -> None:
+    layer = make_layer(tmp_path / "layer.tar")
+    request = resolve_request(url=layer.as_uri())
+    store = open_store(state_dir)
+    job, _ = store.create_or_get(WORKFLOW_NAME, request.idempotency_key, "pending", request.job_context())
+
+    aborted = fsm(state_dir, "abort", str(job.id), "--reason", "operator test")
+    assert aborted.returncode == 0, aborted.stderr
+    assert json.loads(fsm(state_dir, "show", str(job.id), "--json").stdout)["state"] == "aborted"
+
+    retried = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "fsm", "retry", str(job.id)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "FLYIO_BACKEND": "blockfile"})
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    history = json.loads(fsm(state_dir, "history", str(job.id), "--json").stdout)
+    assert [e["event"] for e in history][:2] == ["abort", "retry"]
+    assert history[-1]["to"] == "complete"
+    assert all(e["duration_ms"] >= 0 for e in history)
+    assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+    text = fsm(state_dir, "history", str(job.id))
+    assert "layer_unpacked" in text.stdout and "snapshotted" in text.stdout
+    with sqlite3.connect(state_dir / "images.db") as db:
+        assert db.execute("SELECT activation_status FROM images").fetchall() == [("active",)]
+    for row in store.list_jobs():
+        assert row.owner_pid is None
+
+
+def test_the_fsm_console_script_is_the_same_group(state_dir: Path) -> None:
+    script = Path(sys.executable).with_name("fsm")
+    if not script.exists():
+        pytest.skip(f"{script} not installed (run scripts/setup: pip install -e .)")
+    result = subprocess.run([str(script), "--state-dir", str(state_dir), "list", "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
