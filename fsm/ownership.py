@@ -8,6 +8,8 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
+from support.proc import pid_alive
+
 
 @cache
 def boot_id() -> str:
@@ -16,16 +18,6 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return "unknown-boot"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

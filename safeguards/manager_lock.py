@@ -18,6 +18,7 @@ from pathlib import Path
 
 from support.errors import ManagerError
 from support.log import get_logger
+from support.proc import pid_alive
 
 log = get_logger("safeguards.lock", component="manager-lock")
 
@@ -43,16 +44,6 @@ def read_lock(path: Path) -> LockInfo | None:
         return LockInfo(pid=int(data["pid"]), timestamp=float(data["timestamp"]), command=str(data["command"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ManagerLock:
@@ -88,7 +79,7 @@ class ManagerLock:
             except FileNotFoundError:
                 return "gone"
             return "unreadable" if age > UNREADABLE_GRACE_SECONDS else None
-        if not _pid_alive(info.pid):
+        if not pid_alive(info.pid):
             return f"pid {info.pid} is not running"
         if now - info.timestamp > self.stale_after:
             return f"older than {self.stale_after:g}s"
@@ -117,7 +108,7 @@ class ManagerLock:
                 continue
             # The file we moved may be a fresh lock another process created after our check.
             moved = read_lock(aside)
-            if moved is not None and _pid_alive(moved.pid) and time.time() - moved.timestamp <= self.stale_after:
+            if moved is not None and pid_alive(moved.pid) and time.time() - moved.timestamp <= self.stale_after:
                 try:
                     os.link(aside, self.path)  # put the live lock back; fails if a third created one
                 except FileExistsError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -82,3 +83,14 @@ def run_command(
     if check and result.returncode != 0:
         raise CommandFailed(result)
     return result
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (EPERM means it does, owned by someone else)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
