@@ -135,3 +135,6 @@ def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int, backend: str) -> N
 
 for _command in (process_image, setup_pool, images_cmd, snapshots_cmd, delete_snapshot_cmd):
     register(_command)
+
+from cli import db_cmds  # noqa: E402,F401  (backup, check-db)
+from cli import daemon_cmds  # noqa: E402,F401  (daemon, shutdown, submit)

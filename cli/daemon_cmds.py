@@ -1,0 +1,119 @@
+"""`daemon`, `shutdown` and `submit`: the long-running manager and its two clients."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from cli.app import common_options, open_store, options_of
+from cli.main import register
+from daemon.protocol import DaemonNotRunning, request
+from daemon.server import Daemon, DaemonConfig
+from devices.select import BACKENDS
+from states.submit import DEFAULT_BUCKET
+from support.errors import ManagerError
+from support.sizes import parse_size
+
+
+@click.command("daemon", help="Run jobs submitted on <state-dir>/fsm/manager.sock, with Prometheus metrics; "
+                              "stops gracefully on SIGTERM or `flyio-image-manager shutdown`.")
+@click.option("--metrics-port", default=9464, show_default=True, type=int, help="Prometheus metrics port (0: off).")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True, help="Address the metrics endpoint binds.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Jobs run at once (downloads overlap; device operations stay one at a time).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
+@click.option("--device-size", default="4G", show_default=True,
+              help="Virtual size of each thin device, unless a request gives its own device_size.")
+@click.option("--health-interval", default=30.0, show_default=True, type=float,
+              help="Seconds between the periodic health checks counted in the metrics.")
+@common_options
+@click.pass_context
+def daemon_cmd(ctx: click.Context, metrics_port: int, metrics_address: str, workers: int, backend: str,
+               device_size: str, health_interval: float) -> None:
+    state_dir = options_of(ctx).state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=parse_size(device_size),
+                          metrics_address=metrics_address, metrics_port=metrics_port or None,
+                          health_interval=health_interval)
+    ctx.exit(Daemon(config, open_store(state_dir)).serve())
+
+
+@click.command("shutdown", help="Ask the running daemon to stop gracefully (jobs resume on its next start).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the daemon has released its socket.")
+@click.option("--timeout", default=120.0, show_default=True, type=float)
+@common_options
+@click.pass_context
+def shutdown_cmd(ctx: click.Context, wait: bool, timeout: float) -> None:
+    state_dir = options_of(ctx).state_dir
+    reply = request(state_dir, {"op": "shutdown"})
+    if wait:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                request(state_dir, {"op": "status"}, timeout=5)
+            except DaemonNotRunning:
+                break
+            except ManagerError:
+                pass  # answering "stopping" or closing: keep waiting
+            time.sleep(0.5)
+        else:
+            raise ManagerError(f"daemon pid {reply.get('pid')} did not stop within {timeout:g}s")
+    click.echo(f"daemon pid {reply.get('pid')} {'stopped' if wait else 'stopping'}")
+
+
+@click.command("submit", help="Queue a process-image request on the running daemon; prints the request id.")
+@click.option("--s3-key", default=None, help="One object: an image of one layer (e.g. images/node/5.tar).")
+@click.option("--image", default=None, help="A family: images/<family>/<n>.tar applied in numeric order.")
+@click.option("--s3-prefix", default=None, help="A family by key prefix (e.g. images/node/).")
+@click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path.")
+@click.option("--bucket", default=DEFAULT_BUCKET, show_default=True)
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None, help="S3-compatible endpoint (env AWS_ENDPOINT_URL).")
+@click.option("--device-size", default=None, help="Virtual size of each thin device (default: the daemon's).")
+@click.option("--wait", is_flag=True, help="Poll until the job is final and print process-image's result line.")
+@click.option("--timeout", default=3600.0, show_default=True, type=float, help="With --wait: give up after this long.")
+@common_options
+@click.pass_context
+def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None, url: str | None,
+               bucket: str, endpoint_url: str | None, device_size: str | None, wait: bool, timeout: float) -> None:
+    state_dir = options_of(ctx).state_dir
+    given = {k: v for k, v in (("s3_key", s3_key), ("image", image), ("s3_prefix", s3_prefix), ("url", url)) if v}
+    if len(given) != 1:
+        raise ManagerError("give exactly one of --s3-key, --image, --s3-prefix or --url")
+    if device_size:
+        parse_size(device_size)  # a bad size fails here, not in the daemon
+    reply = request(state_dir, {"op": "process-image", **given, "bucket": bucket, "endpoint_url": endpoint_url,
+                                "device_size": device_size})
+    if not wait:
+        click.echo(f"request={reply['id']} state={reply['state']}")
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        status = request(state_dir, {"op": "job", "id": reply["id"]})
+        if status.get("final"):
+            break
+        if time.monotonic() > deadline:
+            raise ManagerError(f"request {reply['id']} not final after {timeout:g}s (state {status.get('state')})")
+        time.sleep(0.5)
+    click.echo(result_line(status))
+    if status.get("job_state") != "complete":
+        ctx.exit(1)
+
+
+def result_line(status: dict) -> str:
+    """The same `key=value` line process-image prints."""
+    from cli.commands import _top_device
+
+    data = json.loads(status.get("context") or "{}")
+    image = (data.get("image") or {}).get("name")
+    result = {"job_id": status.get("job_id"), "state": status.get("job_state") or status.get("state"), "image": image,
+              "device": _top_device(data) if data else None,
+              "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
+              "snapshot_device": data.get("snapshot_device"), "error": status.get("error")}
+    return " ".join(f"{k}={v}" for k, v in result.items() if v is not None)
+
+
+for _command in (daemon_cmd, shutdown_cmd, submit_cmd):
+    register(_command)

@@ -1,0 +1,111 @@
+"""The daemon's Prometheus metrics, on their own registry.
+
+Read on every scrape (from the database and the pool, so they are never stale):
+  flyio_jobs{state}                       jobs by state (jobs table)
+  flyio_orphaned_devices                  uncleaned rows of orphaned_devices
+  flyio_pool_exists                       1 when the pool is there
+  flyio_pool_data_used_ratio / flyio_pool_metadata_used_ratio
+  flyio_pool_data_used_bytes / flyio_pool_data_total_bytes
+  flyio_daemon_requests{state}            the daemon's requests by spool state
+Updated by the daemon's housekeeping loop:
+  flyio_transition_duration_seconds{from_state,to_state}   histogram, from new job_events rows
+  flyio_health_check_failures_total{check}                 counter
+  flyio_health_check_passed{check}                         1/0, the latest result
+  flyio_health_checks_total                                health check rounds run
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, text
+
+from devices.base import PoolStatus
+from safeguards.health import HealthReport
+from support.log import get_logger
+
+log = get_logger("daemon.metrics", component="metrics")
+
+# Step durations range from milliseconds (pending) to minutes (a large download or unpack).
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+KNOWN_JOB_STATES = ("pending", "downloading", "verifying", "creating_device", "making_fs", "unpacking",
+                    "activating", "snapshotting", "complete", "aborted")
+
+
+class StateCollector(Collector):
+    """Gauges computed at scrape time from the database, the pool and the request spool."""
+
+    def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
+                 request_counts: Callable[[], dict[str, int]]) -> None:
+        self.engine = engine
+        self.pool_status = pool_status
+        self.request_counts = request_counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("flyio_jobs", "Jobs by state (jobs table).", labels=["state"])
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(text("SELECT state, count(*) FROM jobs GROUP BY state")).all())
+            orphans = conn.execute(text("SELECT count(*) FROM orphaned_devices WHERE cleaned_at IS NULL")).scalar_one()
+        for state in sorted(set(KNOWN_JOB_STATES) | set(counts)):
+            jobs.add_metric([state], counts.get(state, 0))
+        yield jobs
+        yield GaugeMetricFamily("flyio_orphaned_devices", "Orphaned devices not yet cleaned by gc.", value=orphans)
+
+        status = self.pool_status()
+        yield GaugeMetricFamily("flyio_pool_exists", "1 when the thin pool exists.", value=1 if status.exists else 0)
+        yield GaugeMetricFamily("flyio_pool_data_used_ratio", "Pool data space used (0-1).", value=status.data_used_fraction)
+        yield GaugeMetricFamily("flyio_pool_metadata_used_ratio", "Pool metadata used (0-1).",
+                                value=status.metadata_used_fraction)
+        yield GaugeMetricFamily("flyio_pool_data_used_bytes", "Pool data space used, bytes.",
+                                value=status.used_data_blocks * status.data_block_bytes)
+        yield GaugeMetricFamily("flyio_pool_data_total_bytes", "Pool data space, bytes.",
+                                value=status.total_data_blocks * status.data_block_bytes)
+
+        requests = GaugeMetricFamily("flyio_daemon_requests", "The daemon's requests by state.", labels=["state"])
+        for state, count in sorted(self.request_counts().items()):
+            requests.add_metric([state], count)
+        yield requests
+
+
+class DaemonMetrics:
+    """The registry and the metrics the housekeeping loop updates."""
+
+    def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
+                 request_counts: Callable[[], dict[str, int]]) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.registry.register(StateCollector(engine, pool_status, request_counts))
+        self.transition_seconds = Histogram(
+            "flyio_transition_duration_seconds", "Time spent in a state before each transition (job_events).",
+            ["from_state", "to_state"], buckets=DURATION_BUCKETS, registry=self.registry)
+        self.health_failures = Counter("flyio_health_check_failures", "Failed health checks by check name.",
+                                       ["check"], registry=self.registry)
+        self.health_passed = Gauge("flyio_health_check_passed", "1 when the latest run of the check passed.",
+                                   ["check"], registry=self.registry)
+        self.health_rounds = Counter("flyio_health_checks", "Health check rounds run by the daemon.",
+                                     registry=self.registry)
+        # Only transitions from now on: a restart does not re-count history.
+        with engine.connect() as conn:
+            self.last_event_id = conn.execute(text("SELECT coalesce(max(id), 0) FROM job_events")).scalar_one()
+
+    def observe_new_transitions(self) -> int:
+        """Feed job_events rows newer than the last seen into the histogram; returns how many."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT id, from_state, to_state, (julianday(finished_at) - julianday(started_at)) * 86400.0 "
+                "FROM job_events WHERE id > :last ORDER BY id"), {"last": self.last_event_id}).all()
+        for event_id, from_state, to_state, seconds in rows:
+            self.transition_seconds.labels(from_state or "", to_state).observe(max(float(seconds or 0.0), 0.0))
+            self.last_event_id = event_id
+        return len(rows)
+
+    def record_health(self, report: HealthReport) -> None:
+        self.health_rounds.inc()
+        for result in report.results:
+            self.health_passed.labels(result.name).set(1 if result.passed else 0)
+            failures = self.health_failures.labels(result.name)  # shown at 0 until a check fails
+            if not result.passed:
+                failures.inc()

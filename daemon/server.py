@@ -1,0 +1,339 @@
+"""The daemon: holds the manager lock, runs image jobs from a unix socket on a thread
+pool, exports Prometheus metrics, and stops gracefully on SIGTERM or {"op": "shutdown"}.
+
+Threads: the socket server (one short-lived thread per connection; it only validates and
+queues, never touches the network), `workers` job threads (downloads run concurrently;
+device-mapper-heavy steps are serialized by the OperationGuard of the ONE set of
+services shared by every worker), one housekeeping thread (lock refresh, metrics, health
+checks) and the metrics HTTP server. The main thread waits for the stop signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socketserver
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from daemon.metrics import DaemonMetrics
+from daemon.protocol import decode, encode, socket_path
+from daemon.requests import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool
+from fsm.definition import FINAL_STATES
+from fsm.runner import Runner
+from fsm.store import JobBusy, JobNotFound, JobStore
+from safeguards.health import SystemHealthChecker
+from safeguards.manager_lock import ManagerLock
+from states.registry import all_workflows, build_services
+from states.services import ImageServices
+from states.submit import resolve_request
+from states.workflow import WORKFLOW_NAME
+from support.errors import ManagerError
+from support.log import get_logger
+from support.paths import lock_path
+
+log = get_logger("daemon", component="daemon")
+
+LOCK_REFRESH_SECONDS = 60.0        # the lock is stale after 300 s
+TRANSITIONS_POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    backend: str = "auto"
+    workers: int = 2
+    device_size_bytes: int = 4 * 1024**3
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int | None = 9464          # None: no metrics endpoint
+    health_interval: float = 30.0
+
+
+class Daemon:
+    """Build with a config and an opened store, then `serve()` until stopped."""
+
+    def __init__(self, config: DaemonConfig, store: JobStore) -> None:
+        self.config = config
+        self.store = store
+        self.stop_event = threading.Event()
+        self.started_at = time.monotonic()
+        self.spool = RequestSpool(config.state_dir / "fsm" / "requests")
+        self.lock = ManagerLock(lock_path(config.state_dir), "daemon")
+        self.services: ImageServices | None = None
+        self._runners: dict[int, Runner] = {}
+        self._runners_lock = threading.Lock()
+        self._job_locks: dict[int, threading.Lock] = {}
+        self._running: set[int] = set()
+        self._state_lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="job")
+        self.metrics: DaemonMetrics | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT or a shutdown request; 0 after a clean stop."""
+        self.lock.acquire()
+        server: socketserver.UnixStreamServer | None = None
+        metrics_server = None
+        housekeeping: threading.Thread | None = None
+        try:
+            self._install_signal_handlers()
+            self.services = build_services(self.config.state_dir, backend=self.config.backend,
+                                           device_size_bytes=self.config.device_size_bytes, show_progress=False)
+            self.services.pool.ensure_pool_exists()
+            self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts)
+            if self.config.metrics_port is not None:
+                try:
+                    metrics_server, _thread = start_http_server(self.config.metrics_port, addr=self.config.metrics_address,
+                                                                registry=self.metrics.registry)
+                except OSError as exc:
+                    raise ManagerError(f"cannot serve metrics on {self.config.metrics_address}:"
+                                       f"{self.config.metrics_port}: {exc.strerror}") from None
+            server = self._listen()
+            threading.Thread(target=server.serve_forever, name="socket", daemon=True).start()
+            housekeeping = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+            housekeeping.start()
+            resumed = self._resume_unfinished()
+            log.info("daemon started", pid=os.getpid(), socket=str(socket_path(self.config.state_dir)),
+                     workers=self.config.workers, resumed=resumed,
+                     metrics=f"{self.config.metrics_address}:{self.config.metrics_port}" if metrics_server else "off")
+            while not self.stop_event.wait(1.0):
+                pass
+            log.info("daemon stopping: jobs stop at their next safe point and resume on the next start")
+        finally:
+            self.stop_event.set()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+                socket_path(self.config.state_dir).unlink(missing_ok=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            if housekeeping is not None:
+                housekeeping.join(timeout=10)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            self.lock.release()
+        log.info("daemon stopped", unfinished=sum(1 for r in self.spool.load_all() if r.state in UNFINISHED))
+        return 0
+
+    def stop(self, why: str) -> None:
+        if not self.stop_event.is_set():
+            log.info("shutdown requested", reason=why)
+        self.stop_event.set()
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda num, _frame: self.stop(signal.Signals(num).name))
+
+    def _listen(self) -> socketserver.UnixStreamServer:
+        path = socket_path(self.config.state_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # we hold the manager lock: any socket there is a dead daemon's
+        daemon = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    if not line.strip():
+                        continue
+                    self.wfile.write(encode(daemon.handle_line(line)))
+                    self.wfile.flush()
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        old_umask = os.umask(0o177)  # the socket is created 0600: no window where others may connect
+        try:
+            server = Server(str(path), Handler)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        return server
+
+    # -- requests -----------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """One request -> one reply; never raises (a bad request is an error reply)."""
+        try:
+            message = decode(line)
+            op = message["op"]
+            if op == "process-image":
+                return self._submit(message)
+            if op == "status":
+                return self.status()
+            if op == "job":
+                return self.job_status(message)
+            self.stop("shutdown request")
+            return {"ok": True, "stopping": True, "pid": os.getpid()}
+        except (ValueError, ManagerError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must not kill the daemon's socket thread silently
+            log.error("request failed", error=f"{type(exc).__name__}: {exc}")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    def _submit(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.stop_event.is_set():
+            raise ManagerError("the daemon is shutting down; submit again after it restarts")
+        record = self.spool.allocate(message)  # validated and durable before we answer
+        log.info("request queued", request_id=record.id, source=record.describe())
+        self.executor.submit(self._work, record)
+        return {"ok": True, "id": record.id, "job_id": None, "state": QUEUED}
+
+    def status(self) -> dict[str, Any]:
+        with self.store.engine.connect() as conn:
+            from sqlalchemy import text
+
+            jobs = dict(conn.execute(text("SELECT state, count(*) FROM jobs GROUP BY state")).all())
+        with self._state_lock:
+            running = sorted(self._running)
+        return {"ok": True, "pid": os.getpid(), "workers": self.config.workers, "stopping": self.stop_event.is_set(),
+                "uptime_s": round(time.monotonic() - self.started_at, 1), "requests": self.request_counts(),
+                "jobs": jobs, "running_jobs": running}
+
+    def job_status(self, message: dict[str, Any]) -> dict[str, Any]:
+        """{"id": request id} or {"job_id": fsm job id}: where it stands."""
+        record: ImageRequestRecord | None = None
+        if message.get("id") is not None:
+            record = self.spool.get(int(message["id"]))
+            if record is None:
+                raise ManagerError(f"request {message['id']} not found")
+            job_id = record.job_id
+        elif message.get("job_id") is not None:
+            job_id = int(message["job_id"])
+        else:
+            raise ValueError('give "id" (a request id) or "job_id"')
+        reply: dict[str, Any] = {"ok": True, "id": record.id if record else None, "job_id": job_id,
+                                 "state": record.state if record else None, "error": record.error if record else None}
+        if job_id is not None:
+            try:
+                job = self.store.get(job_id)
+            except JobNotFound:
+                raise ManagerError(f"job {job_id} not found") from None
+            reply.update(job_state=job.state, state=job.state if record is None or record.state != FAILED else FAILED,
+                         error=job.error or reply["error"], context=job.context, final=job.state in FINAL_STATES)
+        else:
+            reply["final"] = reply["state"] == FAILED
+        return reply
+
+    def request_counts(self) -> dict[str, int]:
+        return dict(Tally(r.state for r in self.spool.load_all()))
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def runner_for(self, device_size_bytes: int | None) -> Runner:
+        """One runner per device size, all sharing the one set of services (pool, guard,
+        health checker): only the size of new devices differs."""
+        size = device_size_bytes or self.config.device_size_bytes
+        with self._runners_lock:
+            if size not in self._runners:
+                assert self.services is not None
+                services = dataclasses.replace(self.services, device_size_bytes=size)
+                self._runners[size] = Runner(self.store, all_workflows(services), stop_event=self.stop_event)
+            return self._runners[size]
+
+    @contextmanager
+    def _job_slot(self, job_id: int) -> Iterator[None]:
+        """One thread per job: a second request for the same image waits for the first."""
+        with self._state_lock:
+            lock = self._job_locks.setdefault(job_id, threading.Lock())
+        with lock:
+            with self._state_lock:
+                self._running.add(job_id)
+            try:
+                yield
+            finally:
+                with self._state_lock:
+                    self._running.discard(job_id)
+
+    def _work(self, record: ImageRequestRecord) -> None:
+        """Resolve the request (S3 listing/HEAD happens here, in the worker), then run its job."""
+        if self.stop_event.is_set():
+            return  # stays queued on disk; the next start picks it up
+        try:
+            record.state, record.error = RUNNING, None
+            self.spool.save(record)
+            runner = self.runner_for(record.device_size_bytes)
+            if record.job_id is None:
+                request = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url, **record.source)
+                wf = runner.workflow(WORKFLOW_NAME)
+                job, created = self.store.create_or_get(WORKFLOW_NAME, request.idempotency_key, wf.initial,
+                                                        request.job_context())
+                if created:
+                    log.info("job created", job_id=job.id, workflow=WORKFLOW_NAME, key=request.idempotency_key)
+                record.job_id = job.id
+                self.spool.save(record)
+            job = self._run_job(runner, record.job_id)
+            if job.state in FINAL_STATES:
+                record.state = DONE
+                record.error = job.error
+            else:
+                record.state = QUEUED if self.stop_event.is_set() else WAITING
+            self.spool.save(record)
+            log.info("request finished" if record.state == DONE else "request left unfinished",
+                     request_id=record.id, job_id=job.id, state=job.state)
+        except Exception as exc:  # one request's failure is its own; the daemon goes on
+            record.state, record.error = FAILED, str(exc) or type(exc).__name__
+            self.spool.save(record)
+            log.error("request failed", request_id=record.id, error=record.error)
+
+    def _run_job(self, runner: Runner, job_id: int) -> Any:
+        with self._job_slot(job_id):
+            job = self.store.get(job_id)
+            if job.state in FINAL_STATES or self.stop_event.is_set():
+                return job
+            return runner.run(job_id)
+
+    def _resume_job(self, job_id: int) -> None:
+        try:
+            job = self._run_job(self.runner_for(None), job_id)
+            log.info("resumed job finished" if job.state in FINAL_STATES else "resumed job left unfinished",
+                     job_id=job_id, state=job.state)
+        except JobBusy as exc:
+            log.info("job taken by another process", job_id=job_id, detail=str(exc))
+        except Exception as exc:
+            log.error("resuming job failed", job_id=job_id, error=str(exc))
+
+    def _resume_unfinished(self) -> int:
+        """Queue every unfinished request, then every other unfinished job nobody runs."""
+        records = [r for r in self.spool.load_all() if r.state in UNFINISHED]
+        claimed = {r.job_id for r in records if r.job_id is not None}
+        for record in records:
+            self.executor.submit(self._work, record)
+        orphan_jobs = [job.id for job in self.runner_for(None).resumable_jobs() if job.id not in claimed]
+        for job_id in orphan_jobs:
+            self.executor.submit(self._resume_job, job_id)
+        return len(records) + len(orphan_jobs)
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        """Lock refresh, transition metrics and periodic health checks, until stopped."""
+        assert self.services is not None and self.metrics is not None
+        # Its own checker without a state dir: the kernel-log cursor of the job guard is
+        # not advanced by the periodic check (each keeps its own position).
+        checker = SystemHealthChecker(pool_status=self.services.pool.get_pool_status)
+        next_refresh = next_health = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_refresh:
+                    self.lock.refresh()
+                    next_refresh = now + LOCK_REFRESH_SECONDS
+                self.metrics.observe_new_transitions()
+                if now >= next_health:
+                    self.metrics.record_health(checker.check_all())
+                    next_health = now + self.config.health_interval
+            except Exception as exc:  # a busy database or a slow /proc must not stop housekeeping
+                log.warning("housekeeping failed", error=f"{type(exc).__name__}: {exc}")
+            if self.stop_event.wait(TRANSITIONS_POLL_SECONDS):
+                return
