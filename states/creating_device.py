@@ -17,6 +17,11 @@ from support.log import get_logger
 log = get_logger("states.creating_device")
 
 
+class ChainBusy(TransientError):
+    """Another job is making this layer chain's device right now (two images sharing a
+    base layer, run at once by the daemon): wait for it, then reuse its device."""
+
+
 def run(ctx: StepContext, services: ImageServices) -> str:
     layer = current_layer(ctx)
     index = current_index(ctx)
@@ -30,7 +35,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
                      device_name=row.device_name)
             return "layer_reused"
         if row is not None and row.job_id != ctx.job_id:
-            raise TransientError(f"layer chain {layer['chain_id']} is being unpacked by job {row.job_id}")
+            raise ChainBusy(f"layer chain {layer['chain_id']} is being unpacked by job {row.job_id}")
         if row is not None:
             orphan_device(session, device_id=row.device_id, job_id=ctx.job_id,
                           reason=f"interrupted in state {row.state}; contents untrusted")

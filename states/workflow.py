@@ -27,6 +27,8 @@ WORKFLOW_NAME = "image"
 # Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
 NO_RETRY = RetryPolicy(max_attempts=1)
 NETWORK_RETRY = RetryPolicy(max_attempts=3, initial_wait=2.0, max_wait=30.0)
+# creating_device retries one thing only: a chain another job is unpacking (about 10 min).
+CHAIN_BUSY_RETRY = RetryPolicy(max_attempts=45, initial_wait=1.0, max_wait=15.0, transient=(creating_device.ChainBusy,))
 
 
 def build_image_workflow(services: ImageServices | None) -> Workflow:
@@ -47,7 +49,7 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
             StateSpec("pending", step=step(pending.run)),
             StateSpec("downloading", step=step(downloading.run), retry=NETWORK_RETRY),
             StateSpec("verifying", step=step(verifying.run)),
-            StateSpec("creating_device", step=step(creating_device.run), retry=NO_RETRY),
+            StateSpec("creating_device", step=step(creating_device.run), retry=CHAIN_BUSY_RETRY),
             # A half-made filesystem or half-unpacked layer is never trusted: start the layer again.
             StateSpec("making_fs", step=step(making_fs.run), retry=NO_RETRY, resume_point="creating_device"),
             StateSpec("unpacking", step=step(unpacking.run), retry=NO_RETRY, resume_point="creating_device"),

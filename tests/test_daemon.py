@@ -260,3 +260,26 @@ def test_bad_requests_get_one_line_errors(state_dir: Path, daemon: DaemonProcess
     assert second.returncode == 1 and f"pid {daemon.proc.pid}, command daemon" in second.stderr
     assert manager(state_dir, "shutdown").returncode == 0
     assert daemon.wait() == 0
+
+
+@needs_root
+@pytest.mark.slow
+def test_images_sharing_base_layers_run_at_once_and_all_complete(state_dir: Path, daemon: DaemonProcess,
+                                                                 sample_bucket: SampleBucket) -> None:
+    """golang, node and python share layers 1-3: with two workers, one job waits for the
+    chain another is unpacking (ChainBusy, retried) and then reuses it, instead of aborting."""
+    daemon.start()
+    ids = [request(state_dir, {"op": "process-image", "image": family, "bucket": sample_bucket.name,
+                               "endpoint_url": sample_bucket.endpoint_url, "device_size": DEVICE_SIZE})["id"]
+           for family in ("golang", "node", "python")]
+    deadline = time.monotonic() + 300
+    while request(state_dir, {"op": "status"})["requests"].get("done", 0) < len(ids):
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.5)
+    assert job_states(state_dir) == {"complete": 3}, daemon.log()
+    with sqlite3.connect(state_dir / "images.db") as db:
+        reused = db.execute("SELECT count(*) FROM job_events WHERE event='layer_reused'").fetchone()[0]
+        orphans = db.execute("SELECT count(*) FROM orphaned_devices").fetchone()[0]
+    assert reused >= 6 and orphans == 0
+    request(state_dir, {"op": "shutdown"})
+    assert daemon.wait() == 0
