@@ -45,6 +45,7 @@ from support.paths import lock_path
 log = get_logger("daemon", component="daemon")
 
 LOCK_REFRESH_SECONDS = 60.0        # the lock is stale after 300 s
+WAITING_RETRY_SECONDS = 60.0       # a job a guard left waiting is tried again this often
 TRANSITIONS_POLL_SECONDS = 2.0
 
 
@@ -314,6 +315,15 @@ class Daemon:
             self.executor.submit(self._resume_job, job_id)
         return len(records) + len(orphan_jobs)
 
+    def _requeue_waiting(self) -> None:
+        """Jobs a failing guard left waiting get another run (`fsm resume` cannot: the
+        daemon holds the lock)."""
+        for record in self.spool.load_all():
+            if record.state == WAITING and not self.stop_event.is_set():
+                record.state = QUEUED
+                self.spool.save(record)
+                self.executor.submit(self._work, record)
+
     # -- housekeeping -------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
@@ -323,12 +333,16 @@ class Daemon:
         # not advanced by the periodic check (each keeps its own position).
         checker = SystemHealthChecker(pool_status=self.services.pool.get_pool_status)
         next_refresh = next_health = time.monotonic()
+        next_waiting = next_refresh + WAITING_RETRY_SECONDS
         while True:
             now = time.monotonic()
             try:
                 if now >= next_refresh:
                     self.lock.refresh()
                     next_refresh = now + LOCK_REFRESH_SECONDS
+                if now >= next_waiting:
+                    self._requeue_waiting()
+                    next_waiting = now + WAITING_RETRY_SECONDS
                 self.metrics.observe_new_transitions()
                 if now >= next_health:
                     self.metrics.record_health(checker.check_all())

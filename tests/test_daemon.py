@@ -244,6 +244,11 @@ def test_bad_requests_get_one_line_errors(state_dir: Path, daemon: DaemonProcess
     if os.geteuid() != 0:
         pytest.skip("the daemon sets up the pool: needs root and loop devices")
     daemon.start()
+    from safeguards.manager_lock import read_lock
+
+    held = read_lock(state_dir / "fsm" / "flyio-manager.lock")
+    assert held is not None and held.pid == daemon.proc.pid and held.command == "daemon"
+    assert time.time() - held.timestamp < 10  # refreshed by housekeeping, never near the 5 min staleness
     for message, expected in (({"op": "nope"}, "unknown op"),
                               ({"op": "process-image"}, "exactly one of"),
                               ({"op": "process-image", "s3_key": "a", "image": "b"}, "exactly one of"),
