@@ -286,5 +286,19 @@ def test_images_sharing_base_layers_run_at_once_and_all_complete(state_dir: Path
         reused = db.execute("SELECT count(*) FROM job_events WHERE event='layer_reused'").fetchone()[0]
         orphans = db.execute("SELECT count(*) FROM orphaned_devices").fetchone()[0]
     assert reused >= 6 and orphans == 0
+
+    # `submit --wait` prints process-image's result line: for a new image, and for one done already.
+    for args in (["--s3-key", "images/whiteout/3.tar"], ["--image", "node"]):
+        done = manager(state_dir, "submit", *args, "--bucket", sample_bucket.name, "--endpoint-url",
+                       sample_bucket.endpoint_url, "--device-size", DEVICE_SIZE, "--wait")
+        assert done.returncode == 0, (done.stderr, daemon.log())
+        result = dict(pair.split("=", 1) for pair in done.stdout.strip().splitlines()[-1].split())
+        assert result["state"] == "complete" and result["snapshot"].startswith("thin-"), done.stdout
+        assert result["snapshot_device"] and result["device"].startswith("thin-")
+    node_job = request(state_dir, {"op": "job", "id": ids[1]})["job_id"]
+    assert result["job_id"] == str(node_job) and result["image"] == "node"  # the job node already had
+    queued = manager(state_dir, "submit", "--image", "python", "--bucket", sample_bucket.name,
+                     "--endpoint-url", sample_bucket.endpoint_url)
+    assert queued.returncode == 0 and queued.stdout.strip() == "request=6 state=queued", queued.stdout
     request(state_dir, {"op": "shutdown"})
     assert daemon.wait() == 0
