@@ -135,3 +135,13 @@ def uncleaned_orphans(session: Session) -> list[OrphanedDevice]:
 
 def count_uncleaned_orphans(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None))) or 0
+
+
+def image_has_ready_snapshot(session: Session, source: str) -> bool:
+    """Whether the image from `source` still has a ready snapshot row (a reset or a manual
+    cleanup of the database removes them)."""
+    image = session.scalars(select(Image).where(Image.source == source)).first()
+    if image is None:
+        return False
+    return session.scalars(select(Snapshot.id).where(Snapshot.image_id == image.id,
+                                                     Snapshot.state == "ready")).first() is not None

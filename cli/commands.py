@@ -13,8 +13,7 @@ from catalog.queries import delete_snapshot, list_images, list_snapshots
 from devices.select import BACKENDS, open_pool
 from fsm.runner import Runner
 from states.registry import all_workflows, build_services
-from states.submit import DEFAULT_BUCKET, resolve_request
-from states.workflow import WORKFLOW_NAME
+from states.submit import DEFAULT_BUCKET, process_request, resolve_request
 from support.log import get_logger
 from support.sizes import parse_size
 
@@ -44,7 +43,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
         log.info("safeguards initialized")
         services.pool.ensure_pool_exists()
         runner = Runner(open_store(options.state_dir), all_workflows(services))
-        job = runner.start(WORKFLOW_NAME, request.idempotency_key, request.job_context())
+        job = process_request(runner, request)
     data = json.loads(job.context or "{}")
     result = {"job_id": job.id, "state": job.state, "image": request.name,
               "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",

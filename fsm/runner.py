@@ -26,6 +26,7 @@ log = get_logger("fsm.runner")
 
 RESUME_EVENT = "resume"
 RETRY_EVENT = "retry"
+REOPEN_EVENT = "reopen"
 
 
 class JobAborted(ManagerError):
@@ -182,6 +183,24 @@ class Runner:
         finally:
             self.store.release(job_id, self.owner)
         return self.run(job_id)
+
+    def reopen(self, job_id: int, reason: str) -> Job:
+        """Send a complete job whose results are gone back to its initial state (a `reopen`
+        event with the reason), history kept; `run` then does the work again."""
+        job = self.store.get(job_id)
+        if job.state != COMPLETE:
+            raise InvalidOperation(f"job {job_id} is {job.state}; only complete jobs can be reopened")
+        wf = self.workflow(job.workflow)
+        self.store.claim(job_id, self.owner, self.config.lease_seconds)
+        try:
+            with self.store.transaction() as session:
+                row = self.store.owned_job(session, job_id, self.owner, COMPLETE)
+                self.store.append_transition(session, row, to_state=wf.initial, event=REOPEN_EVENT,
+                                             started_at=utcnow(), attempt=0, error=reason)
+            log.warning("job reopened", job_id=job_id, reason=reason)
+        finally:
+            self.store.release(job_id, self.owner)
+        return self.store.get(job_id)
 
     # -- the loop ---------------------------------------------------------------------
 

@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from catalog.records import image_has_ready_snapshot
+from fsm.models import Job
+from fsm.runner import Runner
 from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, make_s3_client, s3_url
+from states.workflow import WORKFLOW_NAME
 from support.errors import PermanentError
 
 DEFAULT_BUCKET = "flyio-platform-hiring-challenge"
@@ -69,3 +73,16 @@ def resolve_request(
     refs = list_family(bucket, prefix, client)
     name = image or prefix.rstrip("/").rsplit("/", 1)[-1]
     return ImageRequest(name=name, source=s3_url(bucket, prefix), objects=tuple(refs), endpoint_url=endpoint_url)
+
+
+def process_request(runner: Runner, request: ImageRequest) -> Job:
+    """Run the image's job; a complete one returns at once, unless its snapshot is gone (the
+    pool was reset or the database cleaned as the guide's recovery says): then it is
+    reopened and done again."""
+    job = runner.store.find(WORKFLOW_NAME, request.idempotency_key)
+    if job is not None and job.state == "complete":
+        with runner.store.transaction() as session:
+            intact = image_has_ready_snapshot(session, request.source)
+        if not intact:
+            runner.reopen(job.id, "the image's snapshot is gone (pool reset or database cleaned)")
+    return runner.start(WORKFLOW_NAME, request.idempotency_key, request.job_context())

@@ -215,3 +215,22 @@ def test_a_job_owned_by_another_boot_is_resumable(tmp_path: Path) -> None:
     assert [j.state for j in finished] == [COMPLETE]
     # b resumes at a: the history shows the resume.
     assert [e.event for e in runner.store.history(job.id)][0] == "resume"
+
+
+def test_reopen_sends_a_complete_job_back_to_its_start_keeping_history(tmp_path: Path) -> None:
+    calls = {"a": 0}
+
+    def a(ctx: StepContext) -> str:
+        calls["a"] += 1
+        return "go"
+
+    runner = make_runner(tmp_path, two_step(a, lambda ctx: "done"))
+    job = runner.start("two", "k", {})
+    with pytest.raises(InvalidOperation, match="only complete jobs"):
+        runner.reopen(runner.store.create_or_get("two", "other", "a", {})[0].id, "x")
+    reopened = runner.reopen(job.id, "results gone")
+    assert (reopened.state, reopened.error) == ("a", "results gone")
+    assert runner.start("two", "k", {}).state == COMPLETE
+    assert calls["a"] == 2
+    assert [e.event for e in runner.store.history(job.id)] == ["go", "done", "reopen", "go", "done"]
+    assert history_is_contiguous(runner.store.history(job.id), "a")
