@@ -1,8 +1,17 @@
 """The guide's Operation Guard: device-mapper-heavy operations run one at a time.
 
-A semaphore (default 1) serializes threads of one process; an flock on
-`<state-dir>/fsm/dm-operations.lock` serializes processes (the daemon and a CLI).
-A health check runs before acquiring; acquisition times out with a clear error.
+    guard = OperationGuard(GuardConfig(max_concurrent=1, health_check=checker.check_all,
+                                       state_dir=state_dir))
+    with guard.operation("unpack-image"):
+        unpack()
+
+In order: the health check runs (a failure raises HealthCheckFailed, a TransientError,
+so the job waits and retries); a slot of a BoundedSemaphore is taken (threads of this
+process); an flock on `<state-dir>/fsm/dm-operations.lock` is taken (other processes:
+the daemon and a CLI never run dm operations at once). Both waits share one deadline,
+`acquire_timeout`; missing it raises GuardTimeout naming the holder. Start, finish
+(with duration_ms) and failure are logged. An operation started inside another one in
+the same thread runs under the outer one's slot instead of deadlocking on it.
 """
 
 from __future__ import annotations
@@ -14,16 +23,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
 from safeguards.health import HealthReport
 from support.errors import TransientError
-from support.log import get_logger
-
-log = get_logger("safeguards.guard", component="operation-guard")
+from support.log import StructLogger, get_logger
 
 T = TypeVar("T")
+
+FLOCK_POLL_SECONDS = 0.05
 
 
 class HealthCheckFailed(TransientError):
@@ -36,71 +46,135 @@ class GuardTimeout(TransientError):
 
 @dataclass(frozen=True)
 class GuardConfig:
+    """How many operations at once, how long to wait, what to check first, where to lock."""
+
     max_concurrent: int = 1
     acquire_timeout: float = 300.0
     health_check: Callable[[], HealthReport] | None = None
-    state_dir: Path | None = None
+    logger: StructLogger | None = None
+    state_dir: Path | None = None  # set: also serialize across processes by flock
+
+    @property
+    def lock_path(self) -> Path | None:
+        return self.state_dir / "fsm" / "dm-operations.lock" if self.state_dir else None
+
+
+@dataclass(frozen=True)
+class _Holder:
+    name: str
+    since: float
+
+    def describe(self) -> str:
+        return f"{self.name} since {_iso(self.since)}"
 
 
 class OperationGuard:
+    """Serializes device-mapper-heavy operations, after a health check; see the module doc."""
+
     def __init__(self, config: GuardConfig = GuardConfig()) -> None:
+        if config.max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
         self.config = config
+        self.log = config.logger or get_logger("safeguards.guard", component="operation-guard")
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
-        self._holders: dict[int, tuple[str, float]] = {}
-        self._lock_path = config.state_dir / "fsm" / "dm-operations.lock" if config.state_dir else None
+        self._holders: dict[int, _Holder] = {}  # by thread id
+        self._holders_lock = threading.Lock()
+        self._depth = threading.local()
 
     @contextmanager
     def operation(self, name: str) -> Iterator[None]:
         """Run the body as the operation `name`: checked, serialized, timed, logged."""
-        if self.config.health_check is not None:
-            report = self.config.health_check()
-            if not report.passed:
-                raise HealthCheckFailed(f"health check failed before {name}: {report.summary()}")
+        if getattr(self._depth, "value", 0) > 0:  # nested in this thread: the outer holds the guard
+            self._depth.value += 1
+            try:
+                yield
+            finally:
+                self._depth.value -= 1
+            return
+        self._check_health(name)
         deadline = time.monotonic() + self.config.acquire_timeout
         if not self._slots.acquire(timeout=self.config.acquire_timeout):
-            raise GuardTimeout(f"timed out after {self.config.acquire_timeout:g}s waiting for the operation guard "
-                               f"(held by: {self._describe_holders()}) for {name}")
-        lock_fd = None
+            raise GuardTimeout(self._timeout_message(self._describe_holders()))
+        lock_fd: int | None = None
         try:
             lock_fd = self._lock_across_processes(name, deadline)
-            self._holders[threading.get_ident()] = (name, time.time())
+            with self._holders_lock:
+                self._holders[threading.get_ident()] = _Holder(name, time.time())
+            self._depth.value = 1
             started = time.monotonic()
-            log.info("operation started", operation=name)
+            self.log.info("operation started", operation=name)
             try:
                 yield
             except BaseException as exc:
-                log.warning("operation failed", operation=name, duration_ms=int((time.monotonic() - started) * 1000),
-                            error=str(exc))
+                self.log.warning("operation failed", operation=name, duration_ms=_ms_since(started),
+                                 error=f"{type(exc).__name__}: {exc}")
                 raise
-            log.info("operation finished", operation=name, duration_ms=int((time.monotonic() - started) * 1000))
+            self.log.info("operation finished", operation=name, duration_ms=_ms_since(started))
         finally:
-            self._holders.pop(threading.get_ident(), None)
+            self._depth.value = 0
+            with self._holders_lock:
+                self._holders.pop(threading.get_ident(), None)
             if lock_fd is not None:
-                os.close(lock_fd)  # closing drops the flock
+                os.close(lock_fd)  # closing the descriptor drops the flock
             self._slots.release()
 
     def with_operation(self, name: str, fn: Callable[[], T]) -> T:
+        """`fn()` run as the operation `name`; its result."""
         with self.operation(name):
             return fn()
 
+    def _check_health(self, name: str) -> None:
+        if self.config.health_check is None:
+            return
+        report = self.config.health_check()
+        if not report.passed:
+            self.log.warning("operation blocked by health check", operation=name, reason=report.summary())
+            raise HealthCheckFailed(f"health check failed before {name}: {report.summary()}")
+
+    def _timeout_message(self, holders: str) -> str:
+        return (f"timed out after {self.config.acquire_timeout:g}s waiting for the operation guard "
+                f"(held by: {holders})")
+
     def _describe_holders(self) -> str:
-        holders = list(self._holders.values())
-        if not holders:
-            return "another process"
-        return ", ".join(f"{name} since {time.strftime('%H:%M:%S', time.localtime(since))}" for name, since in holders)
+        with self._holders_lock:
+            holders = list(self._holders.values())
+        return ", ".join(h.describe() for h in holders) or "unknown"
 
     def _lock_across_processes(self, name: str, deadline: float) -> int | None:
-        if self._lock_path is None:
+        """flock on the shared lock file, polled with LOCK_NB until the deadline; then the
+        holder's name goes into the file so a waiter that times out can say who it was."""
+        path = self.config.lock_path
+        if path is None:
             return None
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
                     os.close(fd)
-                    raise GuardTimeout(f"timed out after {self.config.acquire_timeout:g}s waiting for the operation "
-                                       f"guard (held by another process) for {name}") from None
-                time.sleep(0.05)
+                    raise GuardTimeout(self._timeout_message(holder)) from None
+                time.sleep(FLOCK_POLL_SECONDS)
+        record = f"{name} (pid {os.getpid()}) since {_iso(time.time())}\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        return fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

@@ -1,53 +1,85 @@
 """The guide's Health Checker: D-state, pool status, kernel log, memory, I/O wait.
 
-Each check reports pass/fail with its reading. `as_guard()` is the condition of every
-transition into a device state: a failure makes the job wait, never abort.
+Each check returns a CheckResult with a short reading ("available 3.1% < 5%").
+`check_all()` runs the five; `as_guard()` is the condition of every transition into a
+device state: a failure makes the job wait with the summary as its reason and retry
+with backoff, never abort. Every limit is a field of HealthThresholds; everything read
+comes through a ProcReader, so tests can point the checks at a tree of real-format
+files with chosen values.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices.base import PoolStatus
-from safeguards.procfs import iowait_share, parse_cpu_times, parse_kmsg_line, parse_meminfo, parse_proc_stat_line
+from safeguards.procfs import (KernelRecord, ProcStat, iowait_share, parse_context_switches, parse_cpu_times,
+                               parse_dmesg_json, parse_kmsg_record, parse_meminfo, parse_proc_stat_line)
+from support.errors import ManagerError
 from support.log import get_logger
+from support.proc import run_command
 
 log = get_logger("safeguards.health", component="health-checker")
 
-DSTATE_PATTERN = r"dm[-_]|kdmflush|kcopyd|loop|mkfs|mount|umount|jbd2|losetup|dmsetup|flyio"
-KERNEL_PATTERN = (r"BUG|panic|Oops|Out of memory|oom-kill|device-mapper: thin|device-mapper:.*error"
-                  r"|blk_update_request: I/O error|I/O error, dev|hung_task|blocked for more than")
+# Processes whose uninterruptible sleep means the dm/loop/filesystem stack is wedged.
+DSTATE_PATTERN = (r"dm[-_]|kdmflush|kcopyd|kworker.*\bdm|loop|mkfs|mount|jbd2|losetup|dmsetup|e2fsck|"
+                  r"flyio")
+
+# Kernel messages that mean the kernel is in trouble. A bare "dm-" would match every
+# "EXT4-fs (dm-3): mounted filesystem" line, so device names count only with an error.
+KERNEL_PATTERNS: tuple[str, ...] = (
+    r"\bBUG\b", r"\bpanic\b", r"\bOops\b", r"Out of memory", r"oom-kill",
+    r"device-mapper: thin", r"device-mapper: .*(error|fail)", r"\bdm-\d+\b.*error",
+    r"blk_update_request: I/O error", r"I/O error, dev", r"Buffer I/O error", r"EXT4-fs error",
+    r"hung_task", r"blocked for more than \d+ seconds",
+)
+# Matching messages that are harmless (dm-thin says this when a pool is made on a
+# device without discard support).
+KERNEL_IGNORE_PATTERNS: tuple[str, ...] = (r"discard unsupported",)
+
+KMSG_RECORD_MAX = 8192  # CONSOLE_EXT_LOG_MAX: a read() of /dev/kmsg returns one whole record
 
 
 @dataclass(frozen=True)
 class HealthThresholds:
     """Every limit the checker applies; each one configurable."""
 
-    min_available_memory: float = 0.05
-    max_iowait: float = 0.50
-    iowait_window_seconds: float = 0.2
-    max_pool_data_used: float = 0.95
-    warn_pool_data_used: float = 0.80
-    dstate_pattern: str = DSTATE_PATTERN
-    kernel_pattern: str = KERNEL_PATTERN
+    min_memory_available: float = 0.05       # MemAvailable/MemTotal below this blocks
+    max_iowait: float = 0.50                 # iowait share above this blocks
+    iowait_window_seconds: float = 0.5       # sampling window of /proc/stat
+    block_pool_data_used: float = 0.95       # pool data used at or above this blocks
+    warn_pool_data_used: float = 0.80        # ... and at or above this says so in the reading
+    block_pool_metadata_used: float = 0.95   # full metadata turns a pool read-only: block early
+    dstate_pattern: str = DSTATE_PATTERN     # regex on comm of processes whose D state blocks
+    dstate_confirm_seconds: float = 0.5      # D at two samples this far apart, not run between; 0: one sample
+    kernel_patterns: tuple[str, ...] = KERNEL_PATTERNS
+    kernel_ignore_patterns: tuple[str, ...] = KERNEL_IGNORE_PATTERNS
+    kernel_include_user_messages: bool = False  # lines programs write to /dev/kmsg (facility != kernel)
+    kernel_lookback_seconds: float = 0.0     # first check ever: also report this much earlier log
 
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check's verdict: `reading` is the short text an operator sees, `detail` the rest."""
+
     name: str
     passed: bool
     reading: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
 class HealthReport:
     results: tuple[CheckResult, ...]
+    duration_ms: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -62,147 +94,283 @@ class HealthReport:
         return "; ".join(f"{r.name}: {r.reading}" for r in self.failures)
 
 
+def run_dmesg_json() -> str:
+    """The kernel log through util-linux dmesg, for hosts where /dev/kmsg cannot be opened."""
+    return run_command(["dmesg", "--json"], timeout=10).stdout
+
+
 @dataclass
 class ProcReader:
     """Where the checks read from; tests point it at a tree of real-format files."""
 
     proc: Path = Path("/proc")
     kmsg: Path = Path("/dev/kmsg")
+    dmesg: Callable[[], str] = field(default=run_dmesg_json)
     sleep: Callable[[float], None] = field(default=time.sleep)
+    monotonic_usec: Callable[[], int] = field(default=lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def read(self, relative: str) -> str:
         return (self.proc / relative).read_text()
 
+    def pids(self) -> Iterator[str]:
+        return (entry.name for entry in self.proc.iterdir() if entry.name.isdigit())
+
+    def boot_id(self) -> str:
+        try:
+            return self.read("sys/kernel/random/boot_id").strip()
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True)
+class KernelCursor:
+    """The newest kernel record a check has seen, in `<state-dir>/fsm/kmsg.cursor`.
+
+    Sequence numbers restart at boot, so the boot id says whether they still apply."""
+
+    boot_id: str
+    sequence: int
+    usec: int
+
 
 class SystemHealthChecker:
-    """Runs every check; `check_all()` -> HealthReport."""
+    """Runs every check; `check_all()` -> HealthReport. Safe to share between threads."""
 
     def __init__(self, pool_status: Callable[[], PoolStatus] | None, thresholds: HealthThresholds | None = None,
                  state_dir: Path | None = None, reader: ProcReader | None = None) -> None:
         self.pool_status = pool_status
         self.thresholds = thresholds or HealthThresholds()
         self.reader = reader or ProcReader()
+        # Without a state dir the cursor lives in memory (monitor, daemon housekeeping).
         self.cursor_path = (state_dir / "fsm" / "kmsg.cursor") if state_dir else None
-        self._cursor: int | None = None
+        self._cursor: KernelCursor | None = None
+        self._kernel_lock = threading.Lock()
+        self._dstate_re = re.compile(self.thresholds.dstate_pattern)
+        self._kernel_re = re.compile("|".join(f"(?:{p})" for p in self.thresholds.kernel_patterns))
+        self._ignore_re = (re.compile("|".join(f"(?:{p})" for p in self.thresholds.kernel_ignore_patterns))
+                           if self.thresholds.kernel_ignore_patterns else None)
 
     def check_all(self) -> HealthReport:
-        results = (self.check_dstate(), self.check_pool(), self.check_kernel_log(),
-                   self.check_memory(), self.check_iowait())
-        report = HealthReport(results)
+        """Run the five checks (about iowait_window_seconds, plus dstate_confirm_seconds
+        when a matching process is in D state); a check that cannot run fails."""
+        started = time.monotonic()
+        checks: tuple[tuple[str, Callable[[], CheckResult]], ...] = (
+            ("dstate", self.check_dstate), ("pool", self.check_pool), ("kernel_log", self.check_kernel_log),
+            ("memory_pressure", self.check_memory), ("io_wait", self.check_iowait))
+        results = []
+        for name, check in checks:
+            try:
+                results.append(check())
+            except (OSError, ValueError, ManagerError) as exc:
+                results.append(CheckResult(name, False, f"could not check: {exc}"))
+        report = HealthReport(tuple(results), duration_ms=(time.monotonic() - started) * 1000)
         for r in report.failures:
             log.warning("health check failed", check=r.name, reading=r.reading)
         return report
 
     def as_guard(self) -> Callable[[], str | None]:
-        """None when healthy, else the one-line summary of what failed."""
-        def guard() -> str | None:
+        """The condition of transitions into device states: None when healthy, else the
+        one-line summary of what failed (the job waits with it and retries)."""
+        def health_guard() -> str | None:
             report = self.check_all()
             return None if report.passed else report.summary()
-        return guard
+        return health_guard
 
-    # -- the checks -------------------------------------------------------------------
+    # -- 1. D state ---------------------------------------------------------------------
 
     def check_dstate(self) -> CheckResult:
-        pattern = re.compile(self.thresholds.dstate_pattern)
-        stuck: list[str] = []
-        for entry in self.reader.proc.iterdir():
-            if not entry.name.isdigit():
-                continue
+        """Matching processes in uninterruptible sleep, confirmed stuck by a second sample."""
+        candidates = {stat.pid: stat for stat in self._scan_processes()
+                      if stat.state == "D" and self._dstate_re.search(stat.comm)}
+        if candidates and self.thresholds.dstate_confirm_seconds > 0:
+            switches = {pid: self._context_switches(pid) for pid in candidates}
+            self.reader.sleep(self.thresholds.dstate_confirm_seconds)
+            candidates = {pid: stat for pid, stat in candidates.items()
+                          if self._still_stuck(pid, switches[pid])}
+        if not candidates:
+            return CheckResult("dstate", True, "no dm/loop/mkfs/mount process in D state")
+        stuck = [f"{s.comm}[{s.pid}]" for s in candidates.values()]
+        detail = ", ".join(f"pid {s.pid} comm {s.comm} wchan {self._wchan(s.pid)}" for s in candidates.values())
+        return CheckResult("dstate", False, f"{len(stuck)} process(es) in D state: {', '.join(stuck)}", detail)
+
+    def _scan_processes(self) -> Iterator[ProcStat]:
+        for pid in self.reader.pids():
             try:
-                stat = parse_proc_stat_line(self.reader.read(f"{entry.name}/stat"))
+                yield parse_proc_stat_line(self.reader.read(f"{pid}/stat"))
             except (OSError, ValueError):
                 continue  # the process ended while we looked
-            if stat.state == "D" and pattern.search(stat.comm):
-                stuck.append(f"{stat.comm}[{stat.pid}]")
-        if stuck:
-            return CheckResult("dstate", False, f"processes in uninterruptible sleep: {', '.join(stuck)}")
-        return CheckResult("dstate", True, "no dm/loop/mkfs/mount process in D state")
 
-    def check_pool(self) -> CheckResult:
-        if self.pool_status is None:
-            return CheckResult("pool", True, "no pool to check")
-        status = self.pool_status()
-        if not status.exists:
-            return CheckResult("pool", False, "pool does not exist")
-        for flag, text in ((status.error_state, "pool is in error state"), (status.needs_check, "pool needs_check"),
-                           (status.read_only, "pool is read-only"), (status.out_of_data_space, "pool is out of data space")):
-            if flag:
-                return CheckResult("pool", False, text)
-        used = status.data_used_fraction
-        if used >= self.thresholds.max_pool_data_used:
-            return CheckResult("pool", False, f"data {used:.0%} used >= {self.thresholds.max_pool_data_used:.0%}")
-        note = " (above 80%: run gc, delete snapshots)" if used >= self.thresholds.warn_pool_data_used else ""
-        return CheckResult("pool", True, f"data {used:.0%} used, metadata {status.metadata_used_fraction:.0%} used{note}")
-
-    def check_kernel_log(self) -> CheckResult:
-        """Kernel messages matching the pattern since the last check (cursor by sequence number).
-
-        The first check ever starts at the current end of the log: old messages from before
-        the manager ran are not its business."""
+    def _context_switches(self, pid: int) -> int | None:
         try:
-            fd = os.open(self.reader.kmsg, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            return CheckResult("kernel_log", True, f"kernel log unavailable ({exc.strerror})")
-        pattern = re.compile(self.thresholds.kernel_pattern)
-        last_seen = self._read_cursor()
-        newest, hits = last_seen, []
-        try:
-            while True:
-                try:
-                    chunk = os.read(fd, 8192)
-                except OSError as exc:
-                    if exc.errno == errno.EAGAIN:
-                        break
-                    if exc.errno == errno.EPIPE:  # overwritten records; keep reading
-                        continue
-                    raise
-                record = parse_kmsg_line(chunk.decode(errors="replace"))
-                if record is None:
-                    continue
-                newest = max(newest or 0, record.sequence)
-                if last_seen is not None and record.sequence > last_seen and pattern.search(record.message):
-                    hits.append(record.message[:160])
-        finally:
-            os.close(fd)
-        self._write_cursor(newest)
-        if hits:
-            return CheckResult("kernel_log", False, f"{len(hits)} kernel error(s) since last check, latest: {hits[-1]}")
-        return CheckResult("kernel_log", True, "no kernel errors since last check")
-
-    def check_memory(self) -> CheckResult:
-        info = parse_meminfo(self.reader.read("meminfo"))
-        share = info.available_fraction
-        reading = f"available {share:.1%}"
-        if share < self.thresholds.min_available_memory:
-            return CheckResult("memory_pressure", False, f"{reading} < {self.thresholds.min_available_memory:.0%}")
-        return CheckResult("memory_pressure", True, reading)
-
-    def check_iowait(self) -> CheckResult:
-        before = parse_cpu_times(self.reader.read("stat"))
-        self.reader.sleep(self.thresholds.iowait_window_seconds)
-        after = parse_cpu_times(self.reader.read("stat"))
-        share = iowait_share(before, after)
-        reading = f"iowait {share:.0%} over {self.thresholds.iowait_window_seconds:g}s"
-        if share > self.thresholds.max_iowait:
-            return CheckResult("io_wait", False, f"{reading} > {self.thresholds.max_iowait:.0%}")
-        return CheckResult("io_wait", True, reading)
-
-    # -- the kernel log cursor ----------------------------------------------------------
-
-    def _read_cursor(self) -> int | None:
-        if self.cursor_path is None:
-            return self._cursor
-        try:
-            return int(self.cursor_path.read_text().strip())
+            return parse_context_switches(self.reader.read(f"{pid}/status"))
         except (OSError, ValueError):
             return None
 
-    def _write_cursor(self, sequence: int | None) -> None:
-        if sequence is None:
+    def _still_stuck(self, pid: int, switches_before: int | None) -> bool:
+        try:
+            if parse_proc_stat_line(self.reader.read(f"{pid}/stat")).state != "D":
+                return False
+        except (OSError, ValueError):
+            return False  # gone
+        return switches_before is None or self._context_switches(pid) in (None, switches_before)
+
+    def _wchan(self, pid: int) -> str:
+        try:
+            return self.reader.read(f"{pid}/wchan").strip() or "?"
+        except OSError:
+            return "?"
+
+    # -- 2. pool status -----------------------------------------------------------------
+
+    def check_pool(self) -> CheckResult:
+        """Exists, none of needs_check / read-only / out_of_data_space / error, and room left."""
+        if self.pool_status is None:
+            return CheckResult("pool", True, "no pool to check")
+        status = self.pool_status()
+        t = self.thresholds
+        if not status.exists:
+            return CheckResult("pool", False, "pool does not exist", status.raw)
+        for flag, text in ((status.error_state, "pool is in error state"), (status.needs_check, "pool needs_check"),
+                           (status.read_only, "pool is read-only"),
+                           (status.out_of_data_space, "pool is out of data space")):
+            if flag:
+                return CheckResult("pool", False, text, status.raw)
+        data, meta = status.data_used_fraction, status.metadata_used_fraction
+        if data >= t.block_pool_data_used:
+            return CheckResult("pool", False, f"data {_pct(data)} used >= {_pct(t.block_pool_data_used)}", status.raw)
+        if meta >= t.block_pool_metadata_used:
+            return CheckResult("pool", False, f"metadata {_pct(meta)} used >= {_pct(t.block_pool_metadata_used)}",
+                               status.raw)
+        reading = f"data {_pct(data)} used, metadata {_pct(meta)} used"
+        if data >= t.warn_pool_data_used:
+            reading += f" (warning: above {_pct(t.warn_pool_data_used)}; run gc, delete snapshots)"
+        return CheckResult("pool", True, reading, status.raw)
+
+    # -- 3. kernel log ------------------------------------------------------------------
+
+    def check_kernel_log(self) -> CheckResult:
+        """Matching kernel messages since the last check (cursor by sequence number).
+
+        The first check ever (no cursor, or a cursor from another boot) starts at the
+        end of the log, less `kernel_lookback_seconds`: what happened before the manager
+        looked is not a reason to hold its jobs."""
+        with self._kernel_lock:
+            try:
+                records, source = self._read_kmsg(), "/dev/kmsg"
+            except PermissionError as exc:
+                records, source = None, f"/dev/kmsg: {exc.strerror}"
+            except FileNotFoundError:
+                records, source = None, "/dev/kmsg: absent"
+            if records is None:
+                try:
+                    records, source = parse_dmesg_json(self.reader.dmesg()), f"dmesg ({source})"
+                except (ManagerError, OSError, ValueError) as exc:
+                    return CheckResult("kernel_log", True, "kernel log unavailable",
+                                       f"{source}; dmesg: {exc}; the kernel log check is skipped")
+            return self._scan_kernel_records(records, source)
+
+    def _read_kmsg(self) -> list[KernelRecord]:
+        fd = os.open(self.reader.kmsg, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        records = []
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, KMSG_RECORD_MAX)
+                except BlockingIOError:
+                    break  # EAGAIN: read everything there is
+                except OSError as exc:
+                    if exc.errno == errno.EPIPE:
+                        continue  # records were overwritten under us; the next read goes on
+                    raise
+                if not chunk:
+                    break
+                record = parse_kmsg_record(chunk.decode(errors="replace"))
+                if record is not None:
+                    records.append(record)
+        finally:
+            os.close(fd)
+        return records
+
+    def _scan_kernel_records(self, records: list[KernelRecord], source: str) -> CheckResult:
+        boot_id, cursor = self.reader.boot_id(), self._read_cursor()
+        if cursor is not None and cursor.boot_id == boot_id:
+            new = [r for r in records if _after(r, cursor)]
+        else:  # first check on this boot
+            since = self.reader.monotonic_usec() - int(self.thresholds.kernel_lookback_seconds * 1_000_000)
+            new = [r for r in records if r.usec >= since] if self.thresholds.kernel_lookback_seconds > 0 else []
+        hits = [r for r in new if self._is_kernel_error(r)]
+        if records:
+            newest = max(records, key=lambda r: (r.sequence, r.usec))
+            self._write_cursor(KernelCursor(boot_id, newest.sequence, newest.usec))
+        elif cursor is None or cursor.boot_id != boot_id:  # an empty log: "since now" by time
+            self._write_cursor(KernelCursor(boot_id, -1, self.reader.monotonic_usec()))
+        if hits:
+            detail = " | ".join(r.message[:200] for r in hits[-5:])
+            return CheckResult("kernel_log", False,
+                               f"{len(hits)} kernel error(s) since last check, latest: {hits[-1].message[:120]}",
+                               f"source {source}; {detail}")
+        return CheckResult("kernel_log", True, "no kernel errors since last check",
+                           f"source {source}; {len(new)} new record(s)")
+
+    def _is_kernel_error(self, record: KernelRecord) -> bool:
+        if record.facility != 0 and not self.thresholds.kernel_include_user_messages:
+            return False  # written by a program, not the kernel
+        if not self._kernel_re.search(record.message):
+            return False
+        return self._ignore_re is None or not self._ignore_re.search(record.message)
+
+    def _read_cursor(self) -> KernelCursor | None:
+        if self.cursor_path is None:
+            return self._cursor
+        try:
+            data = json.loads(self.cursor_path.read_text())
+            return KernelCursor(str(data["boot_id"]), int(data["sequence"]), int(data["usec"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or damaged: start from now
+
+    def _write_cursor(self, cursor: KernelCursor) -> None:
+        self._cursor = cursor
+        if self.cursor_path is None:
             return
-        self._cursor = sequence
-        if self.cursor_path is not None:
-            self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cursor_path.with_suffix(".tmp")
-            tmp.write_text(str(sequence))
-            os.replace(tmp, self.cursor_path)
+        self.cursor_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cursor_path.with_name(f"{self.cursor_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"boot_id": cursor.boot_id, "sequence": cursor.sequence, "usec": cursor.usec}))
+        os.replace(tmp, self.cursor_path)  # readers see the old cursor or the new, never half
+
+    # -- 4. memory pressure ---------------------------------------------------------------
+
+    def check_memory(self) -> CheckResult:
+        """MemAvailable / MemTotal from /proc/meminfo."""
+        info = parse_meminfo(self.reader.read("meminfo"))
+        share = info.available_fraction
+        detail = f"MemAvailable {info.available_kb // 1024} MiB of MemTotal {info.total_kb // 1024} MiB"
+        if share < self.thresholds.min_memory_available:
+            return CheckResult("memory_pressure", False,
+                               f"available {share:.1%} < {_pct(self.thresholds.min_memory_available)}", detail)
+        return CheckResult("memory_pressure", True, f"available {share:.1%}", detail)
+
+    # -- 5. I/O wait ----------------------------------------------------------------------
+
+    def check_iowait(self) -> CheckResult:
+        """iowait share of all CPU time between two samples of /proc/stat."""
+        window = self.thresholds.iowait_window_seconds
+        before = parse_cpu_times(self.reader.read("stat"))
+        self.reader.sleep(window)
+        after = parse_cpu_times(self.reader.read("stat"))
+        share = iowait_share(before, after)
+        detail = f"over {window:g}s ({after.total - before.total} ticks)"
+        if share > self.thresholds.max_iowait:
+            return CheckResult("io_wait", False, f"iowait {_pct(share)} > {_pct(self.thresholds.max_iowait)}", detail)
+        return CheckResult("io_wait", True, f"iowait {_pct(share)}", detail)
+
+
+def _after(record: KernelRecord, cursor: KernelCursor) -> bool:
+    if record.sequence >= 0 and cursor.sequence >= 0:
+        return record.sequence > cursor.sequence
+    return record.usec > cursor.usec  # dmesg records carry no sequence number
+
+
+def _pct(fraction: float) -> str:
+    """95% / 3.1%: whole percents unless that would hide the difference."""
+    percent = fraction * 100
+    return f"{percent:.0f}%" if abs(percent - round(percent)) < 0.05 else f"{percent:.1f}%"
