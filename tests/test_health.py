@@ -48,7 +48,12 @@ def test_proc_stat_with_a_hostile_comm_set_by_a_real_thread() -> None:
     thread.start()
     try:
         ready.wait(5)
-        text = Path(f"/proc/self/task/{seen['tid']}/stat").read_text()
+        deadline = time.monotonic() + 5
+        while True:  # until it is asleep in done.wait()
+            text = Path(f"/proc/self/task/{seen['tid']}/stat").read_text()
+            if text.rsplit(")", 1)[1].split()[0] == "S" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
     finally:
         done.set()
         thread.join()
@@ -251,6 +256,30 @@ def test_iowait_window_is_the_pause_between_samples(fake: FakeProc, tmp_path: Pa
     reader.sleep = lambda seconds: pauses.append(seconds)
     SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.25), reader=reader).check_iowait()
     assert pauses == [0.25]
+
+
+def test_iowait_reuses_a_recent_sample_and_waits_only_for_the_rest() -> None:
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        time.sleep(seconds)
+
+    c = SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.3), reader=ProcReader(sleep=sleep))
+    c.check_iowait()
+    assert pauses == [0.3]  # nothing to reuse: a full window
+    time.sleep(0.1)
+    c.check_iowait()
+    assert 0.1 < pauses[1] < 0.21  # the first check's sample started the window
+    time.sleep(0.35)
+    result = c.check_iowait()
+    assert len(pauses) == 2  # the window has passed already: no pause at all
+    assert result.detail.startswith("over 0.3")
+    no_reuse = SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.3, iowait_sample_reuse_seconds=0),
+                                   reader=ProcReader(sleep=sleep))
+    no_reuse.check_iowait()
+    no_reuse.check_iowait()
+    assert pauses[2:] == [0.3, 0.3]
 
 
 def test_dstate_blocks_on_a_stuck_dm_process(fake: FakeProc, tmp_path: Path) -> None:
