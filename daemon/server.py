@@ -33,7 +33,7 @@ from fsm.definition import FINAL_STATES
 from fsm.runner import Runner
 from fsm.store import JobBusy, JobNotFound, JobStore
 from safeguards.health import SystemHealthChecker
-from safeguards.manager_lock import ManagerLock
+from safeguards.manager_lock import LockLost, ManagerLock
 from states.registry import all_workflows, build_services
 from states.services import ImageServices
 from states.submit import resolve_request
@@ -78,11 +78,14 @@ class Daemon:
         self._state_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="job")
         self.metrics: DaemonMetrics | None = None
+        self.exit_code = 0
+        self.stop_reason = ""
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Run until SIGTERM/SIGINT or a shutdown request; 0 after a clean stop."""
+        """Run until SIGTERM/SIGINT or a shutdown request; 0 after a clean stop, 1 when the
+        manager lock was lost (removed or taken over) while running."""
         self.lock.acquire()
         server: socketserver.UnixStreamServer | None = None
         metrics_server = None
@@ -110,7 +113,8 @@ class Daemon:
                      metrics=f"{self.config.metrics_address}:{self.config.metrics_port}" if metrics_server else "off")
             while not self.stop_event.wait(1.0):
                 pass
-            log.info("daemon stopping: jobs stop at their next safe point and resume on the next start")
+            log.info("daemon stopping: jobs stop at their next safe point and resume on the next start",
+                     reason=self.stop_reason)
         finally:
             self.stop_event.set()
             if server is not None:
@@ -125,11 +129,13 @@ class Daemon:
                 metrics_server.server_close()
             self.lock.release()
         log.info("daemon stopped", unfinished=sum(1 for r in self.spool.load_all() if r.state in UNFINISHED))
-        return 0
+        return self.exit_code
 
     def stop(self, why: str) -> None:
+        """Ask every job to stop at its next safe point (also called from a signal handler,
+        so it only records and sets: no logging, no locks)."""
         if not self.stop_event.is_set():
-            log.info("shutdown requested", reason=why)
+            self.stop_reason = why
         self.stop_event.set()
 
     def _install_signal_handlers(self) -> None:
@@ -347,6 +353,11 @@ class Daemon:
                 if now >= next_health:
                     self.metrics.record_health(checker.check_all())
                     next_health = now + self.config.health_interval
+            except LockLost as exc:  # another manager runs now: stop, at safe points, with an error
+                log.error("manager lock lost; stopping", error=str(exc))
+                self.exit_code = 1
+                self.stop("manager lock lost")
+                return
             except Exception as exc:  # a busy database or a slow /proc must not stop housekeeping
                 log.warning("housekeeping failed", error=f"{type(exc).__name__}: {exc}")
             if self.stop_event.wait(TRANSITIONS_POLL_SECONDS):
