@@ -1,9 +1,11 @@
 """The safe layer unpacker: applies one untrusted tar layer onto a root directory.
 
-`tarfile` only parses the stream (mode "r|": one pass, nothing held in memory); every
-filesystem operation is done here, relative to directory file descriptors opened with
-O_NOFOLLOW, so no path can resolve outside the root (Python 3.11.7 predates the 2025
-tarfile filter bypasses, so its extract functions are never used). Policy, in short
+    stats = unpack_layer(tar_stream, Path("/mnt/layer"), limits=UnpackLimits())
+
+`tarfile` only parses the stream (mode "r|": one pass, nothing held in memory; Python
+3.11.7 predates the 2025 tarfile filter bypasses, so its extract functions are never
+used). Every filesystem operation is done here, relative to directory file descriptors
+opened with O_NOFOLLOW, so no path can resolve outside the root. Policy, in short
 (docs/unpacker.md has it all):
 
 * absolute paths, `..` components, NUL bytes, over-long names: the layer is rejected;
@@ -12,14 +14,16 @@ tarfile filter bypasses, so its extract functions are never used). Policy, in sh
 * hardlinks only to regular files already under the root, found without following links;
 * OCI whiteouts `.wh.<name>` remove lower-layer entries; `.wh..wh..opq` hides the lower
   contents of its directory wherever it appears in the tar; a later duplicate wins;
-* char/block device nodes are skipped and counted; fifos are created; sockets skipped;
-* owners, modes (setuid included, applied after chown), xattrs, mtimes kept; directory
-  mtimes are set last.
+* char/block device nodes are skipped and counted (unless allow_devices); fifos are made;
+* owners, modes (setuid included, applied after chown), xattrs (user.*, trusted.* but
+  not trusted.overlay.*, security.capability), mtimes kept; directory modes and mtimes
+  are set last.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import tarfile
@@ -27,9 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
-from images.formats import DEFAULT_LIMITS, Limits
+from images.formats import Limits
 from images.verify import TarStreamGuard
 from support.errors import PermanentError
 from support.log import get_logger
@@ -39,18 +43,53 @@ log = get_logger("images.unpack", component="unpacker")
 CHUNK = 1 << 20
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-MAX_NAME_BYTES = 255
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 XATTR_PREFIX = "SCHILY.xattr."
-ALLOWED_XATTR = ("user.", "trusted.", "security.capability")
+ALLOWED_XATTRS = ("user.", "trusted.", "security.capability")
+REFUSED_XATTRS = ("trusted.overlay.",)  # overlayfs internals would change how the tree reads
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real owner
+# ext4 (256-byte inodes) stores seconds from 1901-12-13 to 2446-05-10; clamp to that.
+MIN_TIME = -(2**31)
+MAX_TIME = 15_032_385_535
+WARNINGS_PER_REASON = 10
 
 
 class UnsafeArchive(PermanentError):
     """The layer tried something this unpacker refuses; names the entry and the reason."""
 
 
+class UnpackFailed(PermanentError):
+    """The filesystem refused an operation (ENOSPC, EMLINK, ...); names the entry. The
+    OSError is the __cause__."""
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Bounds on what one layer may make the unpacker do; exceeding one is UnsafeArchive."""
+
+    max_total_bytes: int = 8 << 30  # sum of regular file sizes in the layer
+    max_file_bytes: int = 8 << 30  # one regular file
+    max_entries: int = 1_000_000
+    max_path_bytes: int = 4096
+    max_name_bytes: int = 255  # one path component
+    max_depth: int = 256  # path components; bounds the fds and stack of tree walks
+    max_symlink_target_bytes: int = 4096
+    max_metadata_bytes: int = 1 << 20  # one pax header or GNU long-name record
+    allow_devices: bool = False  # char/block nodes: skipped and counted unless True
+
+    @classmethod
+    def from_format_limits(cls, limits: Limits) -> UnpackLimits:
+        """The unpack bounds implied by the blob-level Limits the job carries."""
+        return cls(max_total_bytes=limits.max_uncompressed_bytes, max_file_bytes=limits.max_entry_bytes,
+                   max_entries=limits.max_entries, max_path_bytes=limits.max_path_bytes,
+                   max_symlink_target_bytes=limits.max_path_bytes, max_metadata_bytes=limits.max_metadata_bytes)
+
+
 @dataclass
 class UnpackStats:
+    """What one unpack did. `skipped` maps a reason to how many entries (or attributes) it hit."""
+
     entries: int = 0
     files: int = 0
     dirs: int = 0
@@ -61,316 +100,487 @@ class UnpackStats:
     bytes_written: int = 0
     seconds: float = 0.0
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: str, entry: str) -> None:
+        count = self.skipped.get(reason, 0) + 1
+        self.skipped[reason] = count
+        if count <= WARNINGS_PER_REASON:
+            log.warning("entry skipped", reason=reason, entry=entry)
 
 
-def normalize(name: str, limits: Limits) -> str:
-    """The entry's path relative to the root ("" for the root itself), or UnsafeArchive."""
+def _show(name: str) -> str:
+    """An entry name for a one-line message: quoted, escaped, and cut when long."""
+    return repr(name if len(name) <= 120 else name[:120] + "...")
+
+
+def normalize(name: str, limits: UnpackLimits, *, entry: str | None = None, what: str = "path") -> tuple[str, ...]:
+    """The components of `name` relative to the root (() for the root itself).
+
+    Leading "./" and empty or "." components are dropped; absolute paths, "..", NUL bytes
+    and names over the limits raise UnsafeArchive naming `entry` (default: `name`)."""
+    prefix = f"entry {_show(entry if entry is not None else name)}: " + ("" if what == "path" else f"{what} ")
     if "\0" in name:
-        raise UnsafeArchive(f"entry {name!r}: NUL byte in name")
-    if len(name.encode(errors="surrogateescape")) > limits.max_path_bytes:
-        raise UnsafeArchive(f"entry {name[:64]!r}...: path longer than {limits.max_path_bytes} bytes")
+        raise UnsafeArchive(f"{prefix}NUL byte in {what}")
+    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
+        raise UnsafeArchive(f"{prefix}{what} longer than max_path_bytes={limits.max_path_bytes}")
     if name.startswith("/"):
-        raise UnsafeArchive(f"entry {name!r}: absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
+        raise UnsafeArchive(f"{prefix}{_show(name)} is an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
     for part in parts:
         if part == "..":
-            raise UnsafeArchive(f"entry {name!r}: '..' component")
-        if len(part.encode(errors="surrogateescape")) > MAX_NAME_BYTES:
-            raise UnsafeArchive(f"entry {name[:64]!r}: component longer than {MAX_NAME_BYTES} bytes")
-    return "/".join(parts)
+            raise UnsafeArchive(f"{prefix}{_show(name)} has a '..' component")
+        if len(part.encode("utf-8", "surrogateescape")) > limits.max_name_bytes:
+            raise UnsafeArchive(f"{prefix}component longer than max_name_bytes={limits.max_name_bytes}")
+    if len(parts) > limits.max_depth:
+        raise UnsafeArchive(f"{prefix}deeper than max_depth={limits.max_depth} components")
+    return parts
+
+
+def _clamped_time(value: float, stats: UnpackStats, entry: str) -> float:
+    if not math.isfinite(value):
+        stats.skip("mtime not a number (set to 0)", entry)
+        return 0.0
+    if value < MIN_TIME or value > MAX_TIME:
+        stats.skip("mtime out of range (clamped)", entry)
+        return float(min(max(value, MIN_TIME), MAX_TIME))
+    return float(value)
+
+
+@dataclass
+class _DirMeta:
+    """A directory's mode and mtime, applied after every entry (writes inside change mtime)."""
+
+    mode: int
+    mtime: float
 
 
 class _Layer:
     """The state of one unpack: the root fd, what this layer wrote, dirs to finish."""
 
-    def __init__(self, root: Path, limits: Limits) -> None:
+    def __init__(self, root: Path, limits: UnpackLimits) -> None:
         self.root_fd = os.open(root, DIR_FLAGS)
         self.limits = limits
         self.stats = UnpackStats()
-        self.written: set[str] = set()  # paths this layer created (and their ancestors)
+        self.written: set[str] = set()  # paths this layer made (and their ancestors)
         self.opaque: set[str] = set()
-        self.dir_times: dict[str, tuple[float, float]] = {}
+        self.dirs: dict[str, _DirMeta] = {}
         self.is_root = os.geteuid() == 0
+        # Entries come grouped by directory: keep the last parent open. Any removal of a
+        # directory marks it stale (it may be inside the removed tree); it is closed at the
+        # next lookup, as the entry being applied may still be using it.
+        self._cached_parent: tuple[tuple[str, ...], int] | None = None
+        self._cache_stale = False
 
     def close(self) -> None:
+        self._drop_cache()
         os.close(self.root_fd)
 
     # -- walking without following links ----------------------------------------------
 
-    def open_dir(self, rel: str, *, create: bool, entry: str) -> int:
-        """An fd of directory `rel` under the root; missing parents made 0755 when `create`."""
+    def open_dir(self, parts: tuple[str, ...], *, create: bool, entry: str) -> int:
+        """A new fd of the directory `parts` under the root, each component opened with
+        O_NOFOLLOW; missing ones made 0755 when `create` (FileNotFoundError otherwise).
+        A component that is a symlink or not a directory: UnsafeArchive."""
         fd = os.dup(self.root_fd)
-        walked: list[str] = []
-        for part in [p for p in rel.split("/") if p]:
-            walked.append(part)
+        for depth, part in enumerate(parts):
             try:
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    os.close(fd)
-                    raise
-                os.mkdir(part, 0o755, dir_fd=fd)
-                self.mark_written("/".join(walked))
-                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                try:
+                    child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    self.mark_written("/".join(parts[: depth + 1]))
+                    child = os.open(part, DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
-                os.close(fd)
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeArchive(f"entry {entry!r}: parent {'/'.join(walked)!r} is a symlink or not a directory") from None
+                    kind = "a symlink" if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode) else "not a directory"
+                    os.close(fd)
+                    raise UnsafeArchive(
+                        f"entry {_show(entry)}: parent {_show('/'.join(parts[: depth + 1]))} is {kind}") from None
+                os.close(fd)
                 raise
             os.close(fd)
             fd = child
         return fd
 
+    def parent_dir(self, parts: tuple[str, ...], entry: str) -> int:
+        """The (cached) fd of an entry's parent directory, created if missing. Not to be closed."""
+        if self._cache_stale:
+            self._drop_cache()
+        if self._cached_parent is not None and self._cached_parent[0] == parts:
+            return self._cached_parent[1]
+        fd = self.open_dir(parts, create=True, entry=entry)
+        self._drop_cache()
+        self._cached_parent = (parts, fd)
+        return fd
+
+    def _drop_cache(self) -> None:
+        if self._cached_parent is not None:
+            os.close(self._cached_parent[1])
+            self._cached_parent = None
+        self._cache_stale = False
+
     def mark_written(self, rel: str) -> None:
-        parts = rel.split("/")
-        for i in range(1, len(parts) + 1):
-            self.written.add("/".join(parts[:i]))
+        while rel and rel not in self.written:
+            self.written.add(rel)
+            rel = rel.rpartition("/")[0]
 
     # -- removing (whiteouts, replacements) without following links ---------------------
 
     def remove(self, parent_fd: int, name: str) -> None:
+        """Remove `name` (a whole tree if a directory) from `parent_fd`, never following a
+        link. Iterative, with one directory fd open at a time."""
         try:
             st = os.lstat(name, dir_fd=parent_fd)
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(st.st_mode):
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        self._cache_stale = True
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        path = [name]  # names from parent_fd down to fd
+        try:
+            while True:
+                subdir = None
+                for child in os.listdir(fd):
+                    if stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
+                        subdir = child
+                        break
+                    os.unlink(child, dir_fd=fd)
+                if subdir is not None:
+                    child_fd = os.open(subdir, DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd, path = child_fd, path + [subdir]
+                    continue
+                if len(path) == 1:
+                    break
+                # ".." of a directory we walked down into: still inside, never a link.
+                up = os.open("..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = up
+                os.rmdir(path.pop(), dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
+
+    def prune_lower(self, parts: tuple[str, ...]) -> None:
+        """Hide the lower contents of directory `parts`: remove what this layer did not write."""
+        pending = [parts]
+        while pending:
+            current = pending.pop()
+            try:
+                fd = self.open_dir(current, create=False, entry="/".join(current + (OPAQUE,)))
+            except FileNotFoundError:
+                continue
             try:
                 for child in os.listdir(fd):
-                    self.remove(fd, child)
+                    path = current + (child,)
+                    if "/".join(path) not in self.written:
+                        self.remove(fd, child)
+                    elif stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
+                        pending.append(path)
             finally:
                 os.close(fd)
-            os.rmdir(name, dir_fd=parent_fd)
-        else:
-            os.unlink(name, dir_fd=parent_fd)
-
-    def prune_lower(self, dir_fd: int, rel: str) -> None:
-        """Hide the lower contents of `rel`: remove what this layer did not write."""
-        for child in os.listdir(dir_fd):
-            path = f"{rel}/{child}" if rel else child
-            if path not in self.written:
-                self.remove(dir_fd, child)
-                continue
-            if stat.S_ISDIR(os.lstat(child, dir_fd=dir_fd).st_mode):
-                sub = os.open(child, DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    self.prune_lower(sub, path)
-                finally:
-                    os.close(sub)
 
     # -- entries ------------------------------------------------------------------------
 
     def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        rel = normalize(member.name, self.limits)
-        if rel == "":
-            if member.isdir():
-                self.set_metadata(self.root_fd, None, member)
-                self.dir_times[""] = (member.mtime, member.mtime)
+        """Apply one tar member."""
+        name = member.name
+        parts = normalize(name, self.limits)
+        for label, value in (("uid", member.uid), ("gid", member.gid)):
+            if not 0 <= value <= MAX_ID:
+                raise UnsafeArchive(f"entry {_show(name)}: {label} {value} out of range")
+        if not parts:
+            if not member.isdir():
+                raise UnsafeArchive(f"entry {_show(name)}: the root must be a directory")
+            self.set_owner_xattrs(self.root_fd, member)
+            self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, name))
             return
-        parent_rel, _, leaf = rel.rpartition("/")
+        leaf = parts[-1]
         if leaf.startswith(WHITEOUT):
-            self.whiteout(parent_rel, leaf, rel)
+            self.whiteout(parts, name)
             return
-        parent_fd = self.open_dir(parent_rel, create=True, entry=member.name)
-        try:
-            self.create(tar, member, parent_fd, leaf, rel)
-        finally:
-            os.close(parent_fd)
-
-    def whiteout(self, parent_rel: str, leaf: str, rel: str) -> None:
-        self.stats.whiteouts += 1
-        if leaf == OPAQUE:
-            self.opaque.add(parent_rel)
-            return
-        target = leaf[len(WHITEOUT):]
-        if target in ("", ".", "..") or target.startswith(WHITEOUT):
-            raise UnsafeArchive(f"entry {rel!r}: invalid whiteout")
-        victim = f"{parent_rel}/{target}" if parent_rel else target
-        if victim in self.written:
-            return  # a whiteout hides lower layers only
-        try:
-            parent_fd = self.open_dir(parent_rel, create=False, entry=rel)
-        except FileNotFoundError:
-            return
-        try:
-            self.remove(parent_fd, target)
-        finally:
-            os.close(parent_fd)
-
-    def create(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
-        try:
-            existing = os.lstat(leaf, dir_fd=parent_fd)
-        except FileNotFoundError:
-            existing = None
+        parent_fd = self.parent_dir(parts[:-1], name)
+        rel = "/".join(parts)
         if member.isdir():
-            if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                self.remove(parent_fd, leaf)
-                existing = None
-            if existing is None:
-                os.mkdir(leaf, 0o700, dir_fd=parent_fd)
-            fd = os.open(leaf, DIR_FLAGS, dir_fd=parent_fd)
-            try:
-                self.set_metadata(fd, None, member)
-            finally:
-                os.close(fd)
-            self.dir_times[rel] = (member.mtime, member.mtime)
-            self.stats.dirs += 1
-            self.mark_written(rel)
-            return
-        if member.ischr() or member.isblk():
-            self.stats.skip("device node")
-            log.warning("skipping device node", entry=rel)
-            return
-        if not (member.isreg() or member.issym() or member.islnk() or member.isfifo()):
-            self.stats.skip(f"tar type {member.type!r}")
-            return
-        if existing is not None:
-            self.remove(parent_fd, leaf)  # a later duplicate, or a non-dir replacing anything
-        if member.isreg():
+            self.make_dir(member, parent_fd, leaf, rel)
+        elif member.isreg():
+            self.check_file_size(member)
+            self.replace(parent_fd, leaf, rel)
             self.write_file(tar, member, parent_fd, leaf)
         elif member.issym():
-            if len(member.linkname.encode(errors="surrogateescape")) > self.limits.max_path_bytes:
-                raise UnsafeArchive(f"entry {rel!r}: symlink target too long")
-            if "\0" in member.linkname:
-                raise UnsafeArchive(f"entry {rel!r}: NUL byte in symlink target")
+            self.check_symlink_target(member)
+            self.replace(parent_fd, leaf, rel)
             os.symlink(member.linkname, leaf, dir_fd=parent_fd)
-            self.set_metadata(None, (parent_fd, leaf), member)
+            self.set_metadata_at(parent_fd, leaf, member, symlink=True)
             self.stats.symlinks += 1
         elif member.islnk():
             self.hardlink(member, parent_fd, leaf, rel)
-        else:
+        elif member.isfifo():
+            self.replace(parent_fd, leaf, rel)
             os.mkfifo(leaf, 0o600, dir_fd=parent_fd)
-            self.set_metadata(None, (parent_fd, leaf), member)
+            self.set_metadata_at(parent_fd, leaf, member, symlink=False)
+        elif member.ischr() or member.isblk():
+            if not self.limits.allow_devices:
+                self.stats.skip("device node", name)
+                return
+            self.replace(parent_fd, leaf, rel)
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(leaf, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent_fd)
+            self.set_metadata_at(parent_fd, leaf, member, symlink=False)
+        else:
+            self.stats.skip(f"unsupported tar type {member.type!r}", name)
+            return
         self.mark_written(rel)
 
-    def write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent_fd: int, leaf: str) -> None:
-        if member.size > self.limits.max_entry_bytes:
-            raise UnsafeArchive(f"entry {member.name!r}: {member.size} bytes is over the limit")
-        if self.stats.bytes_written + member.size > self.limits.max_uncompressed_bytes:
-            raise UnsafeArchive(f"layer writes more than {self.limits.max_uncompressed_bytes} bytes")
-        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent_fd)
+    def replace(self, parent_fd: int, leaf: str, rel: str) -> None:
+        """Make room for a non-directory: a later duplicate wins, a directory tree goes."""
         try:
-            source = tar.extractfile(member)
-            assert source is not None
+            st = os.lstat(leaf, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.forget_dirs(rel)
+        self.remove(parent_fd, leaf)
+
+    def forget_dirs(self, rel: str) -> None:
+        """Drop the pending metadata of directories under `rel`, which is being replaced."""
+        inside = rel + "/"
+        for path in [p for p in self.dirs if p == rel or p.startswith(inside)]:
+            del self.dirs[path]
+
+    def make_dir(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
+        try:
+            existing: os.stat_result | None = os.lstat(leaf, dir_fd=parent_fd)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not stat.S_ISDIR(existing.st_mode):
+            os.unlink(leaf, dir_fd=parent_fd)
+            existing = None
+        if existing is None:
+            os.mkdir(leaf, 0o700, dir_fd=parent_fd)
+        fd = os.open(leaf, DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            self.set_owner_xattrs(fd, member)
+        finally:
+            os.close(fd)
+        self.dirs[rel] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, member.name))
+        self.mark_written(rel)
+        self.stats.dirs += 1
+
+    def whiteout(self, parts: tuple[str, ...], entry: str) -> None:
+        self.stats.whiteouts += 1
+        parent, leaf = parts[:-1], parts[-1]
+        if leaf == OPAQUE:
+            self.opaque.add("/".join(parent))
+            return
+        target = leaf[len(WHITEOUT):]
+        if target in ("", ".", "..") or target.startswith(WHITEOUT):
+            raise UnsafeArchive(f"entry {_show(entry)}: invalid whiteout")
+        victim = parent + (target,)
+        if "/".join(victim) in self.written:
+            # A whiteout hides lower layers only: this layer's own entry stays, but the
+            # lower contents of a directory it merged into go.
+            self.prune_lower(victim)
+            return
+        try:
+            fd = self.open_dir(parent, create=False, entry=entry)
+        except FileNotFoundError:
+            return  # nothing below to hide
+        try:
+            self.remove(fd, target)
+        finally:
+            os.close(fd)
+
+    def check_file_size(self, member: tarfile.TarInfo) -> None:
+        if member.size > self.limits.max_file_bytes:
+            raise UnsafeArchive(f"entry {_show(member.name)}: {member.size} bytes is over "
+                                f"max_file_bytes={self.limits.max_file_bytes}")
+        if self.stats.bytes_written + member.size > self.limits.max_total_bytes:
+            raise UnsafeArchive(f"entry {_show(member.name)}: the layer would write more than "
+                                f"max_total_bytes={self.limits.max_total_bytes}")
+
+    def check_symlink_target(self, member: tarfile.TarInfo) -> None:
+        target = member.linkname
+        if not target:
+            raise UnsafeArchive(f"entry {_show(member.name)}: empty symlink target")
+        if "\0" in target:
+            raise UnsafeArchive(f"entry {_show(member.name)}: NUL byte in symlink target")
+        if len(target.encode("utf-8", "surrogateescape")) > self.limits.max_symlink_target_bytes:
+            raise UnsafeArchive(f"entry {_show(member.name)}: symlink target longer than "
+                                f"max_symlink_target_bytes={self.limits.max_symlink_target_bytes}")
+
+    def write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent_fd: int, leaf: str) -> None:
+        source = tar.extractfile(member)
+        if source is None:
+            raise UnsafeArchive(f"entry {_show(member.name)}: no data")
+        fd = os.open(leaf, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        try:
             remaining = member.size
             while remaining:
                 chunk = source.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise UnsafeArchive(f"truncated or corrupt tar: {member.name!r} ends early")
+                    raise UnsafeArchive(f"truncated or corrupt tar: {_show(member.name)} ends early")
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
                 remaining -= len(chunk)
             self.stats.bytes_written += member.size
-            self.set_metadata(fd, None, member)
+            self.set_owner_xattrs(fd, member, mode=member.mode & 0o7777)
+            mtime = _clamped_time(member.mtime, self.stats, member.name)
+            os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
         self.stats.files += 1
 
     def hardlink(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
-        target = normalize(member.linkname, self.limits)
+        """Link to a regular file already under the root; the link gets no metadata of its own."""
+        name = member.name
+        target = normalize(member.linkname, self.limits, entry=name, what="hardlink target")
         if not target:
-            raise UnsafeArchive(f"entry {rel!r}: hardlink to the root")
-        target_parent, _, target_leaf = target.rpartition("/")
+            raise UnsafeArchive(f"entry {_show(name)}: hardlink to the root")
         try:
-            src_fd = self.open_dir(target_parent, create=False, entry=rel)
+            src_fd = self.open_dir(target[:-1], create=False, entry=name)
         except FileNotFoundError:
-            raise UnsafeArchive(f"entry {rel!r}: hardlink target {target!r} does not exist") from None
+            raise UnsafeArchive(f"entry {_show(name)}: hardlink target {_show(member.linkname)} does not exist") from None
         try:
             try:
-                st = os.lstat(target_leaf, dir_fd=src_fd)
+                st = os.lstat(target[-1], dir_fd=src_fd)
             except FileNotFoundError:
-                raise UnsafeArchive(f"entry {rel!r}: hardlink target {target!r} does not exist") from None
+                raise UnsafeArchive(
+                    f"entry {_show(name)}: hardlink target {_show(member.linkname)} does not exist") from None
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafeArchive(f"entry {rel!r}: hardlink target {target!r} is not a regular file")
-            os.link(target_leaf, leaf, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+                raise UnsafeArchive(
+                    f"entry {_show(name)}: hardlink target {_show(member.linkname)} is not a regular file")
+            try:
+                existing = os.lstat(leaf, dir_fd=parent_fd)
+                if (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
+                    self.stats.hardlinks += 1  # already that very file (a link to itself)
+                    return
+            except FileNotFoundError:
+                pass
+            self.replace(parent_fd, leaf, rel)
+            os.link(target[-1], leaf, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
         finally:
             os.close(src_fd)
         self.stats.hardlinks += 1
 
-    def set_metadata(self, fd: int | None, at: tuple[int, str] | None, member: tarfile.TarInfo) -> None:
-        """Owner, then mode (chown clears setuid), xattrs, mtime; symlinks never followed."""
-        is_link = member.issym()
-        if self.is_root:
-            if fd is not None:
-                os.fchown(fd, member.uid, member.gid)
-            elif at is not None:
-                os.chown(at[1], member.uid, member.gid, dir_fd=at[0], follow_symlinks=False)
-        if not is_link:
-            mode = member.mode & 0o7777
-            if fd is not None:
-                os.fchmod(fd, mode)
-            elif at is not None:
-                os.chmod(at[1], mode, dir_fd=at[0], follow_symlinks=False)
-        if fd is not None:
-            for key, value in member.pax_headers.items():
-                if key.startswith(XATTR_PREFIX):
-                    self.set_xattr(fd, key[len(XATTR_PREFIX):], value, member.name)
-            if not member.isdir():
-                os.utime(fd, (member.mtime, member.mtime))
-        elif at is not None:
-            os.utime(at[1], (member.mtime, member.mtime), dir_fd=at[0], follow_symlinks=False)
+    # -- metadata -----------------------------------------------------------------------
 
-    def set_xattr(self, fd: int, name: str, value: str, entry: str) -> None:
-        if not name.startswith(ALLOWED_XATTR):
-            self.stats.skip(f"xattr {name.split('.')[0]}")
+    def set_owner_xattrs(self, fd: int, member: tarfile.TarInfo, mode: int | None = None) -> None:
+        """Owner, then mode (chown clears setuid/setgid), then xattrs (chown also clears
+        security.capability), on an open fd."""
+        if self.is_root:
+            os.fchown(fd, member.uid, member.gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        for key, value in member.pax_headers.items():
+            if key.startswith(XATTR_PREFIX):
+                self.set_xattr(fd, key[len(XATTR_PREFIX):], value, member.name)
+
+    def set_metadata_at(self, parent_fd: int, leaf: str, member: tarfile.TarInfo, *, symlink: bool) -> None:
+        """Owner, mode, xattrs and mtime of a symlink, fifo or device node, by name, never
+        following (nor opening: opening a device node can have side effects)."""
+        if self.is_root:
+            os.chown(leaf, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False)
+        if not symlink:
+            os.chmod(leaf, member.mode & 0o7777, dir_fd=parent_fd, follow_symlinks=False)
+        for key, value in member.pax_headers.items():
+            if key.startswith(XATTR_PREFIX):
+                # /proc/self/fd/N is the parent directory itself; lsetxattr does not follow `leaf`.
+                self.set_xattr(f"/proc/self/fd/{parent_fd}/{leaf}", key[len(XATTR_PREFIX):], value, member.name)
+        mtime = _clamped_time(member.mtime, self.stats, member.name)
+        os.utime(leaf, (mtime, mtime), dir_fd=parent_fd, follow_symlinks=False)
+
+    def set_xattr(self, where: int | str, name: str, value: str, entry: str) -> None:
+        if not name.startswith(ALLOWED_XATTRS) or name.startswith(REFUSED_XATTRS):
+            self.stats.skip(f"xattr {name.split('.')[0]}.* not kept", entry)
             return
+        # tarfile decoded the value as UTF-8 with surrogateescape: this gives the bytes back.
+        data = value.encode("utf-8", "surrogateescape")
         try:
-            os.setxattr(fd, name, value.encode("utf-8", "surrogateescape"))
+            os.setxattr(where, name, data, follow_symlinks=False)
         except OSError as exc:
-            self.stats.skip(f"xattr {name}: {exc.strerror}")
+            self.stats.skip(f"xattr {name}: {exc.strerror}", entry)
 
     # -- the end ------------------------------------------------------------------------
 
     def finish(self) -> None:
+        """Opaque directories lose their lower contents; then directory modes and mtimes,
+        deepest first, so nothing written afterwards changes them."""
+        self._drop_cache()
         for rel in sorted(self.opaque):
+            self.prune_lower(tuple(rel.split("/")) if rel else ())
+        for rel in sorted(self.dirs, key=lambda p: p.count("/") + bool(p), reverse=True):
+            meta = self.dirs[rel]
             try:
-                fd = self.open_dir(rel, create=False, entry=f"{rel}/{OPAQUE}")
-            except FileNotFoundError:
-                continue
-            try:
-                self.prune_lower(fd, rel)
-            finally:
-                os.close(fd)
-        for rel in sorted(self.dir_times, key=lambda p: p.count("/"), reverse=True):
-            try:
-                fd = self.open_dir(rel, create=False, entry=rel)
+                fd = self.open_dir(tuple(rel.split("/")) if rel else (), create=False, entry=rel)
             except (FileNotFoundError, UnsafeArchive):
                 continue  # replaced by something else later in the layer
             try:
-                os.utime(fd, self.dir_times[rel])
+                os.fchmod(fd, meta.mode)
+                os.utime(fd, (meta.mtime, meta.mtime))
             finally:
                 os.close(fd)
 
 
-def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: Limits = DEFAULT_LIMITS,
-                 on_progress: Callable[[int], None] | None = None) -> UnpackStats:
-    """Apply the (decompressed) tar stream onto `root`; UnsafeArchive on anything refused.
+def _as_unpack_limits(limits: UnpackLimits | Limits) -> UnpackLimits:
+    return limits if isinstance(limits, UnpackLimits) else UnpackLimits.from_format_limits(limits)
 
-    On error nothing outside `root` has been touched; what is inside is not to be trusted
-    (the caller throws the filesystem away)."""
+
+def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Limits = UnpackLimits(),
+                 on_progress: Callable[[int], None] | None = None) -> UnpackStats:
+    """Apply the (decompressed) tar stream onto `root`, a layer over what root holds.
+
+    Raises UnsafeArchive (a PermanentError, one line naming the entry and the reason) on
+    anything refused, including truncated or corrupt tars and exceeded limits, and
+    UnpackFailed when the filesystem refuses a write. On error nothing outside `root`
+    has been touched; what is inside is not to be trusted (the caller throws it away).
+    `on_progress` gets the number of tar bytes read so far, after each entry."""
     started = time.monotonic()
-    layer = _Layer(root, limits)
-    guarded = TarStreamGuard(tar_stream, limits)
+    bounds = _as_unpack_limits(limits)
+    # The guard checks structure and metadata records; entry counts and sizes are checked
+    # here, per member, so the messages name the limit.
+    guard_limits = Limits(max_entries=2**62, max_entry_bytes=2**62, max_path_bytes=bounds.max_path_bytes,
+                          max_metadata_bytes=bounds.max_metadata_bytes)
+    guarded = TarStreamGuard(tar_stream, guard_limits)
+    layer = _Layer(Path(root), bounds)
+    current = ""
     try:
-        with tarfile.open(fileobj=guarded, mode="r|") as tar:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=cast(Any, guarded), mode="r|", bufsize=CHUNK) as tar:
             for member in tar:
+                current = member.name
                 layer.stats.entries += 1
-                if layer.stats.entries > limits.max_entries:
-                    raise UnsafeArchive(f"too many entries: more than {limits.max_entries}")
+                if layer.stats.entries > bounds.max_entries:
+                    raise UnsafeArchive(f"entry {_show(member.name)}: more than max_entries={bounds.max_entries} entries")
                 if member.issparse():
-                    raise UnsafeArchive(f"entry {member.name!r}: GNU sparse files are not supported")
+                    raise UnsafeArchive(f"entry {_show(member.name)}: GNU sparse files are not supported")
                 layer.apply(tar, member)
                 if on_progress is not None:
                     on_progress(guarded.position)
+        current = ""
+        while guarded.read(CHUNK):  # what follows the end marker must be zeros (the guard checks)
+            pass
         if not guarded.saw_end:
             raise UnsafeArchive("truncated or corrupt tar: no end-of-archive marker")
+        if guarded.entries != layer.stats.entries:
+            raise UnsafeArchive(f"truncated or corrupt tar: {layer.stats.entries} members parsed "
+                                f"but {guarded.entries} headers seen")
         layer.finish()
-    except (tarfile.TarError, EOFError) as exc:
+    except UnsafeArchive:
+        raise
+    except (tarfile.TarError, EOFError, ValueError) as exc:
         raise UnsafeArchive(f"truncated or corrupt tar: {exc}") from None
+    except PermanentError as exc:  # from the guard: oversized records, sparse, trailing data
+        raise UnsafeArchive(str(exc)) from None
+    except OSError as exc:
+        where = f"entry {_show(current)}" if current else "finishing the layer"
+        raise UnpackFailed(f"unpacking {where}: {exc.strerror or exc}") from exc
     finally:
         layer.close()
     layer.stats.seconds = time.monotonic() - started
+    if layer.stats.skipped:
+        log.info("layer unpacked with skips", skipped=layer.stats.skipped)
     return layer.stats
