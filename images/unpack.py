@@ -380,19 +380,24 @@ class _Layer:
         if target in ("", ".", "..") or target.startswith(WHITEOUT):
             raise UnsafeArchive(f"entry {_show(entry)}: invalid whiteout")
         victim = parent + (target,)
-        if "/".join(victim) in self.written:
-            # A whiteout hides lower layers only: this layer's own entry stays, but the
-            # lower contents of a directory it merged into go.
-            self.prune_lower(victim)
-            return
         try:
             fd = self.open_dir(parent, create=False, entry=entry)
         except FileNotFoundError:
             return  # nothing below to hide
         try:
-            self.remove(fd, target)
+            if "/".join(victim) not in self.written:
+                self.remove(fd, target)
+                return
+            # A whiteout hides lower layers only: this layer's own entry stays, but the
+            # lower contents of a directory it merged into go.
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(target, dir_fd=fd).st_mode)
+            except FileNotFoundError:
+                is_dir = False
         finally:
             os.close(fd)
+        if is_dir:
+            self.prune_lower(victim)
 
     def check_file_size(self, member: tarfile.TarInfo) -> None:
         if member.size > self.limits.max_file_bytes:
@@ -501,7 +506,10 @@ class _Layer:
         # tarfile decoded the value as UTF-8 with surrogateescape: this gives the bytes back.
         data = value.encode("utf-8", "surrogateescape")
         try:
-            os.setxattr(where, name, data, follow_symlinks=False)
+            if isinstance(where, int):
+                os.setxattr(where, name, data)  # an fd: nothing to follow (and the flag is refused)
+            else:
+                os.setxattr(where, name, data, follow_symlinks=False)
         except OSError as exc:
             self.stats.skip(f"xattr {name}: {exc.strerror}", entry)
 
