@@ -264,11 +264,30 @@ class _Layer:
             os.close(fd)
         os.rmdir(name, dir_fd=parent_fd)
 
+    def replaced_by_non_dir(self, parts: tuple[str, ...]) -> bool:
+        """True when `parts` is now a regular file, fifo, ... that this layer wrote (a symlink
+        there is not "replaced": walking into it stays refused, as for any entry)."""
+        if "/".join(parts) not in self.written:
+            return False
+        try:
+            fd = self.open_dir(parts[:-1], create=False, entry="/".join(parts + (OPAQUE,)))
+        except FileNotFoundError:
+            return False
+        try:
+            mode = os.lstat(parts[-1], dir_fd=fd).st_mode
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+        return not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode)
+
     def prune_lower(self, parts: tuple[str, ...]) -> None:
         """Hide the lower contents of directory `parts`: remove what this layer did not write."""
         pending = [parts]
         while pending:
             current = pending.pop()
+            if current == parts and current and self.replaced_by_non_dir(current):
+                continue  # the layer put a file where its opaque directory was: nothing to hide
             try:
                 fd = self.open_dir(current, create=False, entry="/".join(current + (OPAQUE,)))
             except FileNotFoundError:

@@ -1,0 +1,369 @@
+"""A corpus of hostile tar layers, each with the outcome the unpacker must reach.
+
+    for case in HOSTILE_CASES:
+        data = case.build()            # the tar bytes (uncompressed)
+        case.expect                    # "reject" (UnsafeArchive whose text has case.reason) or "handled"
+        case.check(root)               # for "handled": asserts on the unpacked root
+        case.lower                     # optional lower layer to apply first (whiteout cases)
+        case.limits                    # optional UnpackLimits the case needs (else the defaults)
+
+Every escape attempt aims at names under PROBE_NAME, so a test can also assert that
+`/etc/<PROBE_NAME>`, `/tmp/<PROBE_NAME>` and the like were never created. Relative escapes
+aim at `../outside/...`: tests lay out `tmp/root` beside `tmp/outside/secret`.
+The end-to-end tests upload some of these as S3 objects (case.build() is deterministic).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from images.unpack import MAX_TIME, UnpackLimits
+
+PROBE_NAME = "flyio-hostile-probe"
+PROBE_PATHS = (Path("/etc") / PROBE_NAME, Path("/tmp") / PROBE_NAME, Path("/") / PROBE_NAME)
+MTIME = 1_700_000_000
+
+
+@dataclass(frozen=True)
+class HostileCase:
+    """One hostile layer: how to build it, and what the unpacker must do with it."""
+
+    name: str
+    build: Callable[[], bytes]
+    expect: str  # "reject" | "handled"
+    reason: str = ""  # for "reject": a substring of the error's text
+    check: Callable[[Path], None] | None = None  # for "handled": asserts on the root
+    lower: Callable[[], bytes] | None = None  # a layer applied before this one
+    limits: UnpackLimits | None = None
+
+
+# --- building tars -------------------------------------------------------------------
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def _info(name: str, kind: bytes, mode: int, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.mtime = MTIME
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def reg(name: str, data: bytes = b"x\n", mode: int = 0o644, **fields: object) -> Member:
+    info = _info(name, tarfile.REGTYPE, mode, **fields)
+    info.size = len(data)
+    return info, data
+
+
+def dir_(name: str, mode: int = 0o755, **fields: object) -> Member:
+    return _info(name, tarfile.DIRTYPE, mode, **fields), None
+
+
+def sym(name: str, target: str) -> Member:
+    return _info(name, tarfile.SYMTYPE, 0o777, linkname=target), None
+
+
+def hard(name: str, target: str) -> Member:
+    return _info(name, tarfile.LNKTYPE, 0o644, linkname=target), None
+
+
+def fifo(name: str) -> Member:
+    return _info(name, tarfile.FIFOTYPE, 0o644), None
+
+
+def device(name: str, kind: bytes, major: int = 1, minor: int = 3) -> Member:
+    return _info(name, kind, 0o666, devmajor=major, devminor=minor), None
+
+
+def tar_of(*members: Member, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """A complete tar (with its end marker) of `members`, written by tarfile."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def headers_only(*infos: tarfile.TarInfo, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """Raw headers with no data after them (for sizes the data never follows)."""
+    return b"".join(info.tobuf(fmt, "utf-8", "surrogateescape") for info in infos)
+
+
+def _without_end(data: bytes) -> bytes:
+    """`data` cut after its last member: no end-of-archive blocks."""
+    end = len(data)
+    while end >= 512 and data[end - 512: end] == bytes(512):
+        end -= 512
+    return data[:end]
+
+
+# --- checks on the root (never following a link) ---------------------------------------
+
+def _lstat(root: Path, rel: str) -> os.stat_result:
+    return os.lstat(root / rel)
+
+
+def _absent(root: Path, rel: str) -> bool:
+    return not os.path.lexists(root / rel)
+
+
+def _content(root: Path, rel: str) -> bytes:
+    assert stat.S_ISREG(_lstat(root, rel).st_mode), f"{rel} is not a regular file"
+    return (root / rel).read_bytes()
+
+
+def check_regular(rel: str, data: bytes) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert _content(root, rel) == data
+
+    return check
+
+
+def all_of(*checks: Callable[[Path], None]) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        for one in checks:
+            one(root)
+
+    return check
+
+
+def check_absent(*rels: str) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        for rel in rels:
+            assert _absent(root, rel), f"{rel} should not exist"
+
+    return check
+
+
+def check_symlink(rel: str, target: str) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert stat.S_ISLNK(_lstat(root, rel).st_mode) and os.readlink(root / rel) == target
+
+    return check
+
+
+def check_mode(rel: str, mode: int) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert stat.S_IMODE(_lstat(root, rel).st_mode) == mode, oct(_lstat(root, rel).st_mode)
+
+    return check
+
+
+def check_fifo(rel: str) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert stat.S_ISFIFO(_lstat(root, rel).st_mode)
+
+    return check
+
+
+def check_dir(rel: str) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert stat.S_ISDIR(_lstat(root, rel).st_mode)
+
+    return check
+
+
+def check_mtime(rel: str, mtime: float) -> Callable[[Path], None]:
+    def check(root: Path) -> None:
+        assert _lstat(root, rel).st_mtime == mtime, _lstat(root, rel).st_mtime
+
+    return check
+
+
+# --- the cases ---------------------------------------------------------------------------
+
+def _long_traversal_name() -> str:
+    return "../" * 3 + "a" * 150 + "/" + PROBE_NAME
+
+
+def _pax_path(path: str) -> bytes:
+    info, data = reg("placeholder", b"evil\n")
+    info.pax_headers = {"path": path}
+    return tar_of((info, data))
+
+
+def _huge_declared_size() -> bytes:
+    info = _info("huge", tarfile.REGTYPE, 0o644)
+    info.size = 1 << 40  # 1 TiB declared, base-256 in a GNU header; no data follows
+    return headers_only(info) + bytes(1024)
+
+
+def _too_many_entries() -> bytes:
+    return tar_of(*(reg(f"f{i}") for i in range(50)))
+
+
+def _bad_checksum_mid_archive() -> bytes:
+    data = bytearray(tar_of(reg("ok", b"fine\n"), reg("second", b"data\n"), fmt=tarfile.USTAR_FORMAT))
+    data[1024 + 148: 1024 + 156] = b"0000000\0"  # the second header's checksum
+    return bytes(data)
+
+
+def _sparse() -> bytes:
+    info = _info("sparse", tarfile.GNUTYPE_SPARSE, 0o644)
+    return headers_only(info) + bytes(1024)
+
+
+def _xattrs() -> bytes:
+    info, data = reg("file", b"x\n")
+    info.pax_headers = {"SCHILY.xattr.user.kept": "yes", "SCHILY.xattr.security.selinux": "system_u:object_r:evil",
+                        "SCHILY.xattr.trusted.overlay.opaque": "y"}
+    return tar_of((info, data))
+
+
+def _check_xattrs(root: Path) -> None:
+    assert os.getxattr(root / "file", "user.kept", follow_symlinks=False) == b"yes"
+    names = os.listxattr(root / "file", follow_symlinks=False)
+    assert "security.selinux" not in names and "trusted.overlay.opaque" not in names
+
+
+def _absurd_mtime() -> bytes:
+    future, data = reg("future", b"x")
+    future.pax_headers = {"mtime": "100000000000000000000"}
+    past, data2 = reg("past", b"x")
+    past.pax_headers = {"mtime": "-99999999999"}
+    not_a_number, data3 = reg("nan", b"x")
+    not_a_number.pax_headers = {"mtime": "nan"}
+    return tar_of((future, data), (past, data2), (not_a_number, data3))
+
+
+def _uid_out_of_range() -> bytes:
+    info, data = reg("owned", b"x")
+    info.pax_headers = {"uid": str(2**32 - 1)}  # chown's "leave unchanged"
+    return tar_of((info, data))
+
+
+HOSTILE_CASES: list[HostileCase] = [
+    HostileCase("dotdot_traversal", lambda: tar_of(reg(f"../{PROBE_NAME}")), "reject", "'..' component"),
+    HostileCase("dotdot_to_outside_secret", lambda: tar_of(reg("../outside/secret", b"pwned\n")), "reject",
+                "'..' component"),
+    HostileCase("absolute_path", lambda: tar_of(reg(f"/tmp/{PROBE_NAME}")), "reject", "absolute path"),
+    HostileCase("nested_dotdot", lambda: tar_of(dir_("a/"), reg(f"a/../../{PROBE_NAME}")), "reject", "'..' component"),
+    HostileCase("symlink_abs_then_write_through",
+                lambda: tar_of(sym("link", "/etc"), reg(f"link/{PROBE_NAME}")), "reject", "'link' is a symlink"),
+    HostileCase("symlink_dotdot_then_write_through",
+                lambda: tar_of(sym("link", ".."), reg(f"link/{PROBE_NAME}")), "reject", "is a symlink"),
+    HostileCase("symlink_relative_outside_then_write",
+                lambda: tar_of(dir_("a/"), sym("a/link", "../../outside"), reg("a/link/secret", b"pwned\n")),
+                "reject", "'a/link' is a symlink"),
+    HostileCase("symlink_inside_then_write_through",
+                lambda: tar_of(dir_("real/"), sym("link", "real"), reg("link/file")), "reject", "is a symlink"),
+    HostileCase("symlink_loop_then_write",
+                lambda: tar_of(sym("a", "b"), sym("b", "a"), reg("a/x")), "reject", "'a' is a symlink"),
+    HostileCase("symlink_then_regular_file_replaces_link",
+                lambda: tar_of(sym("x", f"/tmp/{PROBE_NAME}"), reg("x", b"replaced\n")), "handled",
+                check=check_regular("x", b"replaced\n")),
+    HostileCase("symlink_then_dir_replaces_link",
+                lambda: tar_of(sym("x", "/etc"), dir_("x/"), reg(f"x/{PROBE_NAME}", b"inside\n")), "handled",
+                check=all_of(check_dir("x"), check_regular(f"x/{PROBE_NAME}", b"inside\n"))),
+    HostileCase("hardlink_absolute", lambda: tar_of(hard("h", "/etc/passwd")), "reject", "absolute path"),
+    HostileCase("hardlink_dotdot", lambda: tar_of(hard("h", "../outside/secret")), "reject", "'..' component"),
+    HostileCase("hardlink_to_symlink",
+                lambda: tar_of(sym("s", "/etc/passwd"), hard("h", "s")), "reject", "not a regular file"),
+    HostileCase("hardlink_through_symlink_parent",
+                lambda: tar_of(sym("d", "/etc"), hard("h", "d/passwd")), "reject", "'d' is a symlink"),
+    HostileCase("hardlink_to_directory", lambda: tar_of(dir_("d/"), hard("h", "d")), "reject", "not a regular file"),
+    HostileCase("hardlink_to_missing", lambda: tar_of(hard("h", "nope")), "reject", "does not exist"),
+    HostileCase("hardlink_then_overwrite_does_not_write_through",
+                lambda: tar_of(reg("f", b"original\n"), hard("h", "f"), reg("h", b"new\n")), "handled",
+                check=all_of(check_regular("f", b"original\n"), check_regular("h", b"new\n"))),
+    HostileCase("char_device", lambda: tar_of(device("dev/null", tarfile.CHRTYPE)), "handled",
+                check=all_of(check_dir("dev"), check_absent("dev/null"))),
+    HostileCase("block_device", lambda: tar_of(device("dev/sda", tarfile.BLKTYPE, 8, 0)), "handled",
+                check=check_absent("dev/sda")),
+    HostileCase("fifo", lambda: tar_of(fifo("pipe")), "handled", check=all_of(check_fifo("pipe"), check_mode("pipe", 0o644))),
+    HostileCase("duplicate_entries_later_wins",
+                lambda: tar_of(reg("dup", b"first\n"), reg("dup", b"second\n", mode=0o600)), "handled",
+                check=all_of(check_regular("dup", b"second\n"), check_mode("dup", 0o600))),
+    HostileCase("file_then_dir_same_name",
+                lambda: tar_of(reg("x", b"file\n"), dir_("x/"), reg("x/y", b"inner\n")), "handled",
+                check=all_of(check_dir("x"), check_regular("x/y", b"inner\n"))),
+    HostileCase("dir_then_file_same_name",
+                lambda: tar_of(dir_("x/"), reg("x/y", b"inner\n"), reg("x", b"file\n")), "handled",
+                check=check_regular("x", b"file\n")),
+    HostileCase("truncated_mid_file", lambda: tar_of(reg("big", b"z" * 100_000))[:20_000], "reject",
+                "truncated or corrupt tar"),
+    HostileCase("truncated_at_header_boundary",
+                lambda: _without_end(tar_of(reg("a", b"x" * 512), reg("b", b"y" * 512))), "reject",
+                "truncated or corrupt tar"),
+    HostileCase("garbage_bytes", lambda: bytes((i * 197 + 13) % 256 for i in range(10_000)), "reject",
+                "truncated or corrupt tar"),
+    HostileCase("bad_checksum_mid_archive", _bad_checksum_mid_archive, "reject", "truncated or corrupt tar"),
+    HostileCase("trailing_data_after_end", lambda: tar_of(reg("a")) + b"hidden member" + bytes(499), "reject",
+                "after the end-of-archive marker"),
+    HostileCase("huge_declared_size", _huge_declared_size, "reject", "max_file_bytes"),
+    HostileCase("too_many_entries", _too_many_entries, "reject", "max_entries=10",
+                limits=UnpackLimits(max_entries=10)),
+    HostileCase("path_too_long", lambda: _pax_path("d/" * 2100 + "f"), "reject", "path too long"),
+    HostileCase("component_too_long", lambda: _pax_path("a" * 300), "reject", "max_name_bytes"),
+    HostileCase("nul_in_name", lambda: _pax_path("a\0/../../x"), "reject", "NUL byte"),
+    HostileCase("pax_long_name_traversal", lambda: _pax_path(_long_traversal_name()), "reject", "'..' component"),
+    HostileCase("gnu_long_name_traversal", lambda: tar_of(reg(_long_traversal_name()), fmt=tarfile.GNU_FORMAT),
+                "reject", "'..' component"),
+    HostileCase("whiteout_dotdot", lambda: tar_of(reg(".wh..")), "reject", "invalid whiteout"),
+    HostileCase("whiteout_in_parent_dir", lambda: tar_of(reg("../.wh.outside")), "reject", "'..' component"),
+    HostileCase("whiteout_through_symlink_parent",
+                lambda: tar_of(sym("link", "/etc"), reg("link/.wh.passwd")), "reject", "'link' is a symlink"),
+    HostileCase("whiteout_removes_lower_symlink_not_its_target",
+                lambda: tar_of(reg(".wh.escape")), "handled", check=check_absent("escape"),
+                lower=lambda: tar_of(sym("escape", "../outside"))),
+    HostileCase("opaque_under_lower_symlink",
+                lambda: tar_of(reg("d/.wh..wh..opq")), "reject", "'d' is a symlink",
+                lower=lambda: tar_of(sym("d", "../outside"))),
+    HostileCase("opaque_marker_in_root",
+                lambda: tar_of(reg("new", b"upper\n"), reg(".wh..wh..opq")), "handled",
+                check=all_of(check_regular("new", b"upper\n"), check_absent("old", "olddir", ".wh..wh..opq")),
+                lower=lambda: tar_of(reg("old"), dir_("olddir/"), reg("olddir/f"))),
+    HostileCase("setuid_preserved", lambda: tar_of(reg("su", b"#!\n", mode=0o4755), dir_("shared/", mode=0o3777)),
+                "handled", check=all_of(check_mode("su", 0o4755), check_mode("shared", 0o3777))),
+    HostileCase("absurd_mtime", _absurd_mtime, "handled",
+                check=all_of(check_mtime("future", MAX_TIME), check_mtime("past", -(2**31)), check_mtime("nan", 0))),
+    HostileCase("uid_out_of_range", _uid_out_of_range, "reject", "uid 4294967295 out of range"),
+    HostileCase("root_entry_not_a_directory", lambda: tar_of(reg("./", b"x")), "reject",
+                "the root must be a directory"),
+    HostileCase("gnu_sparse_member", _sparse, "reject", "sparse"),
+    HostileCase("xattr_namespaces", _xattrs, "handled", check=_check_xattrs),
+    HostileCase("empty_symlink_target", lambda: tar_of(sym("empty", "")), "reject", "empty symlink target"),
+]
+
+
+# --- more cases: verbatim absolute links, depth, lower-layer links, same-layer whiteouts ---
+
+def _deep_dirs(depth: int) -> list[Member]:
+    return [dir_("/".join(["deep"] + ["d"] * i) + "/") for i in range(depth)]
+
+
+HOSTILE_CASES += [
+    HostileCase("absolute_symlink_kept_verbatim_not_followed",
+                lambda: tar_of(dir_("etc/"), dir_("etc/alternatives/"), sym("etc/alternatives/x", "/usr/bin/y"),
+                               dir_("usr/"), dir_("usr/bin/"), sym("usr/bin/X11", "."),
+                               sym("etc/passwd", "/etc/passwd"), reg("etc/passwd", b"the layer's own\n")),
+                "handled", check=all_of(check_symlink("etc/alternatives/x", "/usr/bin/y"),
+                                        check_symlink("usr/bin/X11", "."),
+                                        check_regular("etc/passwd", b"the layer's own\n"))),
+    HostileCase("deep_dir_then_file_same_name",  # removal must not recurse (or hold an fd) per level
+                lambda: tar_of(*_deep_dirs(250), reg("deep", b"flat\n")), "handled",
+                check=check_regular("deep", b"flat\n")),
+    HostileCase("too_deep", lambda: tar_of(*_deep_dirs(1500)), "reject", "max_depth"),
+    HostileCase("write_through_lower_layer_symlink",
+                lambda: tar_of(reg("d/secret", b"pwned\n")), "reject", "'d' is a symlink",
+                lower=lambda: tar_of(sym("d", "../outside"))),
+    HostileCase("whiteout_of_own_file_keeps_it",
+                lambda: tar_of(reg("mine", b"upper\n"), reg(".wh.mine")), "handled",
+                check=check_regular("mine", b"upper\n"), lower=lambda: tar_of(reg("mine", b"lower\n"))),
+    HostileCase("whiteout_of_own_dir_hides_lower_contents",
+                lambda: tar_of(dir_("d/"), reg("d/new", b"new\n"), reg(".wh.d")), "handled",
+                check=all_of(check_regular("d/new", b"new\n"), check_absent("d/old")),
+                lower=lambda: tar_of(dir_("d/"), reg("d/old", b"old\n"))),
+    HostileCase("opaque_then_dir_replaced_by_file",
+                lambda: tar_of(dir_("d/"), reg("d/.wh..wh..opq"), reg("d", b"a file now\n")), "handled",
+                check=check_regular("d", b"a file now\n"), lower=lambda: tar_of(dir_("d/"), reg("d/old"))),
+]
