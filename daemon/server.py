@@ -30,13 +30,13 @@ from daemon.metrics import DaemonMetrics
 from daemon.protocol import decode, encode, socket_path
 from daemon.requests import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool
 from fsm.definition import FINAL_STATES
-from fsm.runner import Runner
+from fsm.runner import JobAborted, Runner
 from fsm.store import JobBusy, JobNotFound, JobStore
 from safeguards.health import SystemHealthChecker
 from safeguards.manager_lock import LockLost, ManagerLock
 from states.registry import all_workflows, build_services
 from states.services import ImageServices
-from states.submit import resolve_request
+from states.submit import ImageRequest, process_request, resolve_request
 from states.workflow import WORKFLOW_NAME
 from support.errors import ManagerError
 from support.log import get_logger
@@ -270,16 +270,17 @@ class Daemon:
             record.state, record.error = RUNNING, None
             self.spool.save(record)
             runner = self.runner_for(record.device_size_bytes)
+            resolved: ImageRequest | None = None
             if record.job_id is None:
-                request = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url, **record.source)
+                resolved = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url, **record.source)
                 wf = runner.workflow(WORKFLOW_NAME)
-                job, created = self.store.create_or_get(WORKFLOW_NAME, request.idempotency_key, wf.initial,
-                                                        request.job_context())
+                job, created = self.store.create_or_get(WORKFLOW_NAME, resolved.idempotency_key, wf.initial,
+                                                        resolved.job_context())
                 if created:
-                    log.info("job created", job_id=job.id, workflow=WORKFLOW_NAME, key=request.idempotency_key)
+                    log.info("job created", job_id=job.id, workflow=WORKFLOW_NAME, key=resolved.idempotency_key)
                 record.job_id = job.id
                 self.spool.save(record)
-            job = self._run_job(runner, record.job_id)
+            job = self._run_job(runner, record.job_id, resolved)
             if job.state in FINAL_STATES:
                 record.state = DONE
                 record.error = job.error
@@ -293,12 +294,19 @@ class Daemon:
             self.spool.save(record)
             log.error("request failed", request_id=record.id, error=record.error)
 
-    def _run_job(self, runner: Runner, job_id: int) -> Any:
+    def _run_job(self, runner: Runner, job_id: int, resolved: ImageRequest | None = None) -> Any:
+        """Run the job unless final; a fresh request goes through process_request, as
+        process-image does (a complete job whose snapshot is gone is reopened)."""
         with self._job_slot(job_id):
+            if self.stop_event.is_set():
+                return self.store.get(job_id)
+            if resolved is not None:
+                try:
+                    return process_request(runner, resolved)
+                except JobAborted:
+                    return self.store.get(job_id)  # final; its error says how to retry
             job = self.store.get(job_id)
-            if job.state in FINAL_STATES or self.stop_event.is_set():
-                return job
-            return runner.run(job_id)
+            return job if job.state in FINAL_STATES else runner.run(job_id)
 
     def _resume_job(self, job_id: int) -> None:
         try:
