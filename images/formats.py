@@ -40,6 +40,7 @@ LAYER_FORMATS = ("tar", "tar+gzip", "tar+zstd")
 ARCHIVE_FORMATS = ("oci-layout", "docker-save")
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
+HIGH_BYTES = bytes(range(128, 256))
 ZSTD_INPUT_SLICE = 1024  # a 1 KiB zstd slice expands to at most ~32 MiB (RLE blocks)
 
 
@@ -71,9 +72,13 @@ def tar_checksum_ok(block: bytes) -> bool:
         stored = parse_number(block[148:156])
     except PermanentError:
         return False
-    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 0x20
-    return stored in (unsigned, signed)
+    rest = block[:148] + block[156:]
+    unsigned = sum(rest) + 8 * 0x20
+    if stored == unsigned:
+        return True
+    # Signed: every byte over 127 counts 256 less (counted in C: this runs per header).
+    high_bytes = len(rest) - len(rest.translate(None, HIGH_BYTES))
+    return stored == unsigned - 256 * high_bytes
 
 
 def parse_number(field: bytes) -> int:
