@@ -576,7 +576,9 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
     layer = _Layer(Path(root), bounds)
     current = ""
     try:
-        with tarfile.open(fileobj=cast(Any, guarded), mode="r|", bufsize=CHUNK) as tar:
+        # tarfile's default 10 KiB stream buffer: its reader re-slices the whole buffer on
+        # every read (each 512-byte header), so a 1 MiB buffer cost ~30% of the unpack time.
+        with tarfile.open(fileobj=cast(Any, guarded), mode="r|") as tar:
             for member in tar:
                 current = member.name
                 layer.stats.entries += 1
