@@ -62,7 +62,9 @@ def generate_layer(path: Path, size_mb: float, seed: int = 1) -> Path:
                     dirs.append(part)
                     add(_info(part, tarfile.DIRTYPE, 0o755))
         while written < budget:
-            parent = f"{rng.choice(('usr/lib', 'usr/share', 'etc', 'var/lib'))}/pkg{index // FILES_PER_DIR}"
+            # files come grouped by directory, as a walk of a real tree writes them
+            package = index // FILES_PER_DIR
+            parent = f"{('usr/lib', 'usr/share', 'etc', 'var/lib')[package % 4]}/pkg{package}"
             if parent not in dirs:
                 dirs.append(parent)
                 add(_info(parent, tarfile.DIRTYPE, 0o755))
@@ -145,8 +147,9 @@ def timed(unpack: Callable[[Path, Path], None], tar_path: Path, target: Path) ->
 def compare(tar_path: Path, where: Path, rounds: int) -> None:
     mb = content_mb(tar_path)
     results: dict[str, list[tuple[float, float]]] = {"ours": [], "gnu tar": []}
+    order: tuple[tuple[str, Callable[[Path, Path], None]], ...] = (("ours", ours), ("gnu tar", gnu_tar))
     for round_ in range(rounds):
-        for label, unpack in (("ours", ours), ("gnu tar", gnu_tar)):
+        for label, unpack in order if round_ % 2 == 0 else order[::-1]:  # neither always goes first
             target = where / f"{label.replace(' ', '-')}-{round_}"
             results[label].append(timed(unpack, tar_path, target))
             run_command(["rm", "-rf", str(target)], timeout=600)
