@@ -83,14 +83,15 @@ class E2ECase:
     name: str
     build: Callable[[], bytes]
     reason: re.Pattern[str]  # what the job's error must say
+    at_unpacking: bool  # refused by the unpacker (a device exists, orphaned), not by verification
 
 
 CASES = [
-    E2ECase("traversal", traversal, re.compile(r"'\.\.' component")),
-    E2ECase("symlink-write-through", symlink_write_through, re.compile(r"etc/link.*symlink")),
-    E2ECase("hardlink-escape", hardlink_escape, re.compile(r"etc/pw.*absolute path")),
-    E2ECase("truncated-tar", truncated_tar, re.compile(r"truncated|corrupt")),
-    E2ECase("truncated-gzip", truncated_gzip, re.compile(r"truncated|corrupt|gzip", re.IGNORECASE)),
+    E2ECase("traversal", traversal, re.compile(r"'\.\.' component"), True),
+    E2ECase("symlink-write-through", symlink_write_through, re.compile(r"etc/link.*symlink"), True),
+    E2ECase("hardlink-escape", hardlink_escape, re.compile(r"etc/pw.*absolute path"), True),
+    E2ECase("truncated-tar", truncated_tar, re.compile(r"truncated|corrupt"), False),
+    E2ECase("truncated-gzip", truncated_gzip, re.compile(r"truncated|corrupt|gzip", re.IGNORECASE), False),
 ]
 
 
@@ -187,5 +188,11 @@ def test_hostile_image_aborts_cleanly(case: E2ECase, state_dir: Path, tmp_path: 
     devices = {device.name for device in pool.list_devices()}
     unnamed = devices - rows_naming_devices(state_dir / "images.db")
     assert unnamed == set(), f"devices no row names: {unnamed}"
+    if case.at_unpacking:  # the half-unpacked device is kept for gc, never reused
+        with sqlite3.connect(state_dir / "images.db") as db:
+            orphans = {row[0] for row in db.execute("SELECT device_name FROM orphaned_devices")}
+        assert devices and devices <= orphans, (devices, orphans)
+    else:  # refused at verifying, before any device was made
+        assert devices == set(), devices
 
     assert snapshot_outside(tmp_path, state_dir) == before
