@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from support.proc import run_command
 
-MKFS_TIMEOUT = 300.0
+MKFS_TIMEOUT = 120.0
 
 
 def make_filesystem(device: str, *, timeout: float = MKFS_TIMEOUT, label: str | None = None) -> None:

@@ -1,33 +1,47 @@
-"""Mounting by device path (never by UUID: snapshots share their origin's), and reading
-/proc/self/mountinfo to know what is mounted where."""
+"""Mounting by device path (never by UUID or label: a snapshot shares its origin's), and
+reading /proc/self/mountinfo to know what is mounted where.
+
+A mount or unmount that outlives its timeout raises CommandTimeout, a hazard: nothing
+here retries it, because a second umount of a device stuck in the kernel only adds a
+second stuck process."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.errors import ManagerError
 from support.proc import run_command
 
 MOUNT_TIMEOUT = 60.0
+DEFAULT_OPTIONS = ("nodev", "nosuid")
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 @dataclass(frozen=True)
 class MountEntry:
+    """One line of /proc/self/mountinfo, paths unescaped."""
+
     source: str
     target: str
     fstype: str
     options: tuple[str, ...]
 
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
 
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    """mountinfo writes space, tab, newline and backslash as a backslash and three octal digits."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
             i += 4
         else:
             out.append(field[i])
@@ -36,13 +50,13 @@ def _unescape(field: str) -> str:
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Entries of /proc/self/mountinfo: `id parent major:minor root target opts [tags] - fstype source superopts`."""
+    """Entries of mountinfo: `id parent major:minor root target opts [tags...] - fstype source superopts`."""
     entries = []
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
         if not sep:
             continue
-        fields, tail = left.split(), right.split()
+        fields, tail = left.split(" "), right.split(" ")
         if len(fields) < 6 or len(tail) < 2:
             continue
         entries.append(MountEntry(source=_unescape(tail[1]), target=_unescape(fields[4]), fstype=tail[0],
@@ -51,39 +65,55 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
 
 
 def mounts() -> list[MountEntry]:
-    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    """Everything mounted in this process's mount namespace."""
+    return parse_mountinfo(MOUNTINFO.read_text())
 
 
-def is_mounted(target: Path) -> bool:
+def mount_entry(target: str | Path) -> MountEntry | None:
+    """The topmost mount at `target`, or None."""
     resolved = os.path.realpath(target)
-    return any(m.target == resolved for m in mounts())
+    found = [m for m in mounts() if m.target == resolved]
+    return found[-1] if found else None
+
+
+def is_mounted(target: str | Path) -> bool:
+    """Whether something is mounted at `target`."""
+    return mount_entry(target) is not None
 
 
 def mount_point_of(device: str) -> str | None:
+    """Where `device` is mounted (the first place, if several), or None."""
+    resolved = os.path.realpath(device)
     for entry in mounts():
-        if entry.source == device:
+        if entry.source in (device, resolved):
             return entry.target
     return None
 
 
-def mount(device: str, target: Path, *, options: tuple[str, ...] = ("nodev", "nosuid"), read_only: bool = False,
+def mount(device: str, target: str | Path, *, options: Sequence[str] = DEFAULT_OPTIONS, read_only: bool = False,
           fstype: str = "ext4", timeout: float = MOUNT_TIMEOUT) -> None:
+    """Mount the block device at path `device` on `target`. Failure: CommandFailed with mount's stderr."""
+    if not device.startswith("/"):
+        raise ManagerError(f"refusing to mount {device!r}: mount by device path only (snapshots share UUIDs)")
     opts = ",".join((*options, "ro" if read_only else "rw"))
     run_command(["mount", "-t", fstype, "-o", opts, device, str(target)], timeout=timeout)
 
 
-def unmount(target: Path, *, timeout: float = MOUNT_TIMEOUT) -> None:
+def unmount(target: str | Path, *, timeout: float = MOUNT_TIMEOUT) -> None:
     """Unmount `target`; not mounted is fine. A timeout is a hazard and is not retried."""
     if not is_mounted(target):
         return
-    run_command(["umount", str(target)], timeout=timeout)
+    run_command(["umount", os.path.realpath(target)], timeout=timeout)
 
 
 @contextmanager
-def mounted(device: str, target: Path, **kwargs: object) -> Iterator[Path]:
-    """Mount for the body, unmount after (an unmount hazard propagates; nothing retries it)."""
-    mount(device, target, **kwargs)  # type: ignore[arg-type]
+def mounted(device: str, target: str | Path, *, options: Sequence[str] = DEFAULT_OPTIONS, read_only: bool = False,
+            fstype: str = "ext4", timeout: float = MOUNT_TIMEOUT) -> Iterator[Path]:
+    """Mount for the body, unmount after, even when the body raised.
+
+    An unmount hazard propagates (and replaces the body's error, which stays chained)."""
+    mount(device, target, options=options, read_only=read_only, fstype=fstype, timeout=timeout)
     try:
-        yield target
+        yield Path(target)
     finally:
-        unmount(target)
+        unmount(target, timeout=timeout)
