@@ -1,11 +1,18 @@
 """The `blockfile` backend, for kernels without dm-thin: each thin device is a sparse file
-in the pool, attached to a real loop device when active; a snapshot is a reflink copy.
+`thin-<id>.img` in the pool, attached to a real loop device when active; a snapshot is a
+reflink copy of its origin's file (a sparse-aware full copy where reflink is missing).
 
 The pool itself is the guide's two files in the state directory: `pool_data`, a sparse
-file formatted XFS with reflink=1 and loop-mounted at `<dir>/pool` (so snapshots are
-copy-on-write whatever the host filesystem is), and `pool_meta`, a small JSON record of
-the pool's configuration. After a reboot the existing files are re-attached, never
-reformatted.
+file formatted XFS with reflink=1 and loop-mounted (nodev,nosuid) at `<dir>/pool`, so
+snapshots are copy-on-write whatever the host filesystem is; and `pool_meta`, a small
+JSON record of the pool's configuration. After a reboot the existing files are
+re-attached, never reformatted. Where XFS is unavailable the pool is a plain directory
+`<dir>/pool` on the host filesystem (reflink if that filesystem has it, copies if not),
+recorded as such in pool_meta and said in the logs and the status.
+
+Kept honest for the devicemapper backend that implements the same interface: the caller
+chooses thin ids, create never activates, delete refuses an active device and is
+idempotent, deactivate refuses a mounted one.
 """
 
 from __future__ import annotations
@@ -14,28 +21,49 @@ import errno
 import fcntl
 import json
 import os
+import shutil
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from devices import loop
-from devices.base import DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, device_name, device_id_from_name
-from devices.mount import mount, mounts, unmount
+from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, device_id_from_name,
+                          device_name)
+from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.errors import ManagerError
 from support.log import get_logger
-from support.proc import run_command
+from support.proc import CommandFailed, run_command
 
 log = get_logger("devices.blockfile", component="pool-manager")
 
-FICLONE = 0x40049409
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents
+FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNWRITTEN = 0x800
 XFS_MAGIC = b"XFSB"
-MIN_FREE_FRACTION = 0.05
+MODE_XFS = "xfs"
+MODE_DIRECTORY = "directory"
+MIN_FREE_FRACTION = 0.10  # refuse new devices below this share of free pool space
+MAX_THIN_ID = 2**24 - 1  # dm-thin device ids are 24 bits; the same rule here keeps ids portable
 COPY_CHUNK = 8 << 20
+MKFS_XFS_TIMEOUT = 120.0
+PROBE_TIMEOUT = 30.0
+FLUSH_TIMEOUT = 60.0
+IMAGE_SUFFIX = ".img"
 
 
 class BlockfilePool:
+    """A ThinPool of sparse files on loop devices (see the module docstring)."""
+
     backend_name = "blockfile"
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, *, use_xfs: bool = True,
+                 min_free_fraction: float = MIN_FREE_FRACTION) -> None:
+        """`use_xfs=False` makes a new pool a plain directory (as when XFS is unavailable)."""
         self.config = config
+        self.use_xfs = use_xfs
+        self.min_free_fraction = min_free_fraction
         self.directory = Path(config.directory)
         self.data_file = self.directory / "pool_data"
         self.meta_file = self.directory / "pool_meta"
@@ -43,124 +71,282 @@ class BlockfilePool:
 
     # -- the pool ---------------------------------------------------------------------
 
+    def mode(self) -> str:
+        """`xfs` (the loop-mounted pool_data) or `directory` (the fallback), as pool_meta records it."""
+        meta = self._read_meta()
+        return MODE_DIRECTORY if meta and meta.get("mode") == MODE_DIRECTORY else MODE_XFS
+
+    def ensure_pool_exists(self) -> PoolStatus:
+        """Create the pool when missing; after a reboot re-attach and re-mount its existing files."""
+        status = self.get_pool_status()
+        if status.exists:
+            return status
+        log.info("pool does not exist, attempting to create", pool_name=self.config.pool_name)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.mode() == MODE_DIRECTORY:
+            self._open_directory_pool()
+        elif self.data_file.exists():
+            self._reattach_xfs_pool()
+        else:
+            unavailable = self._xfs_unavailable() if self.use_xfs else "XFS disabled for this pool"
+            if unavailable:
+                log.warning("XFS unavailable; the blockfile pool is a plain directory on the host filesystem",
+                            pool_name=self.config.pool_name, reason=unavailable)
+                self._open_directory_pool()
+            else:
+                self._create_xfs_pool()
+        status = self.get_pool_status()
+        if not status.exists:
+            raise ManagerError(f"pool {self.config.pool_name} still missing after setup: {status.raw}")
+        log.info("thin pool created successfully", pool_name=self.config.pool_name, backend=self.backend_name,
+                 mode=self.mode(), detail=status.raw)
+        return status
+
+    def _xfs_unavailable(self) -> str | None:
+        """Why an XFS pool cannot be made here, or None when it can."""
+        if shutil.which("mkfs.xfs") is None:
+            return "mkfs.xfs not found (install xfsprogs)"
+        try:
+            known = Path("/proc/filesystems").read_text().split()
+        except OSError:
+            known = []
+        if "xfs" not in known and not Path(f"/lib/modules/{os.uname().release}").exists():
+            return "the kernel lists no xfs filesystem"
+        return None
+
+    def _create_xfs_pool(self) -> None:
+        log.info("creating new thin pool", pool_name=self.config.pool_name, backend=self.backend_name,
+                 data_size=self.config.data_size_bytes, metadata_size=self.config.metadata_size_bytes)
+        self._refuse_hidden_devices()
+        # Formatted under a temporary name, so a failed mkfs never leaves a pool_data that
+        # a later start would have to refuse as "not a pool".
+        fresh = self.data_file.with_name("pool_data.new")
+        with open(fresh, "wb") as fh:
+            fh.truncate(self.config.data_size_bytes)
+        run_command(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(fresh)], timeout=MKFS_XFS_TIMEOUT)
+        os.replace(fresh, self.data_file)
+        self._write_meta(MODE_XFS)
+        self._attach_and_mount()
+
+    def _reattach_xfs_pool(self) -> None:
+        content = self._pool_file_content()
+        if content == "empty":
+            # No signature and not one written byte (the guide's `fallocate -l 2G pool_data`):
+            # nothing to lose, so it is formatted in place.
+            log.info("pool_data holds no data; formatting it", path=str(self.data_file))
+            run_command(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.data_file)], timeout=MKFS_XFS_TIMEOUT)
+            self._write_meta(MODE_XFS)
+        elif content != MODE_XFS:
+            raise ManagerError(f"{self.data_file} holds {content}, not an XFS pool; refusing to format it")
+        else:
+            log.info("re-attaching existing pool files", pool_name=self.config.pool_name, path=str(self.data_file))
+        if not self.meta_file.exists():
+            self._write_meta(MODE_XFS)
+        self._attach_and_mount()
+
+    def _pool_file_content(self) -> str:
+        """`xfs`, `empty`, or a description of what else pool_data holds (blkid -p and the magic)."""
+        probe = run_command(["blkid", "-p", "-o", "export", str(self.data_file)], timeout=PROBE_TIMEOUT, check=False)
+        found = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+        with open(self.data_file, "rb") as fh:
+            magic = fh.read(len(XFS_MAGIC))
+        if found.get("TYPE") == "xfs" and magic == XFS_MAGIC:
+            return MODE_XFS
+        if found.get("TYPE"):
+            return f"a {found['TYPE']} signature"
+        if probe.returncode == 2 and not _holds_data(self.data_file):
+            return "empty"
+        return "data with no known filesystem signature"
+
+    def _attach_and_mount(self) -> None:
+        """Attach pool_data (reusing a loop that already backs it) and mount it at `pool`."""
+        attached_here = False
+        device = self._pool_loop()
+        if device is None:
+            device = loop.attach(self.data_file)
+            attached_here = True
+        self.mount_point.mkdir(exist_ok=True)
+        if mount_entry(self.mount_point) is None:
+            self._refuse_hidden_devices()
+            try:
+                mount(device, self.mount_point, fstype="xfs")
+            except CommandFailed:
+                if attached_here:  # a clean failure: release the loop this call made
+                    loop.detach(device)
+                raise
+        log.info("pool mounted", device=device, mount_point=str(self.mount_point))
+
+    def _refuse_hidden_devices(self) -> None:
+        """Mounting over (or beside) a non-empty `pool` directory would hide device files."""
+        if self.mount_point.is_dir() and mount_entry(self.mount_point) is None and any(self.mount_point.iterdir()):
+            raise ManagerError(f"{self.mount_point} is not empty and no pool is mounted there; "
+                               "refusing to mount a pool over it (a directory-mode pool without its pool_meta?)")
+
+    def _open_directory_pool(self) -> None:
+        self.mount_point.mkdir(exist_ok=True)
+        if self._read_meta() is None:
+            self._write_meta(MODE_DIRECTORY)
+        reflink = _reflink_works(self.mount_point)
+        log.warning("blockfile pool is a plain directory on the host filesystem", path=str(self.mount_point),
+                    snapshots="reflink" if reflink else "full copies (no reflink on this filesystem)")
+
+    def _read_meta(self) -> dict[str, object] | None:
+        try:
+            with open(self.meta_file, "rb") as fh:
+                head = fh.read(4096).rstrip(b"\0")
+        except FileNotFoundError:
+            return None
+        try:
+            meta = json.loads(head or b"null")
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _write_meta(self, mode: str) -> None:
+        """pool_meta: metadata_size_bytes long (as the guide's file), a JSON record at its head."""
+        meta = {"backend": self.backend_name, "mode": mode, "pool_name": self.config.pool_name,
+                "data_size_bytes": self.config.data_size_bytes, "metadata_size_bytes": self.config.metadata_size_bytes}
+        fresh = self.meta_file.with_name("pool_meta.new")
+        with open(fresh, "wb") as fh:
+            fh.write(json.dumps(meta).encode())
+            fh.truncate(max(self.config.metadata_size_bytes, fh.tell()))
+            os.fsync(fh.fileno())
+        os.replace(fresh, self.meta_file)
+        _fsync_dir(self.directory)
+
     def _pool_loop(self) -> str | None:
         found = loop.find_backing(self.data_file)
         return found[0] if found else None
 
-    def _mounted(self) -> bool:
-        target = os.path.realpath(self.mount_point)
-        return any(m.target == target for m in mounts())
-
-    def ensure_pool_exists(self) -> PoolStatus:
-        """Create the pool when missing; after a reboot re-attach and re-mount its files."""
-        if self._mounted():
-            return self.get_pool_status()
-        log.info("pool does not exist, attempting to create", pool_name=self.config.pool_name)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.data_file.exists():
-            log.info("creating new thin pool", pool_name=self.config.pool_name, backend=self.backend_name,
-                     data_size=self.config.data_size_bytes)
-            # Formatted under a temporary name, so a failed mkfs never leaves a pool_data
-            # that a later start would refuse as "not a pool".
-            fresh = self.data_file.with_name("pool_data.new")
-            with open(fresh, "wb") as fh:
-                fh.truncate(self.config.data_size_bytes)
-            run_command(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(fresh)], timeout=120)
-            os.replace(fresh, self.data_file)
-            self._write_meta()
-        elif self._read_magic() != XFS_MAGIC:
-            raise ManagerError(f"{self.data_file} exists but holds no XFS pool; refusing to format it")
-        else:
-            log.info("re-attaching existing pool files", pool_name=self.config.pool_name, path=str(self.data_file))
-        device = self._pool_loop() or loop.attach(self.data_file)
-        self.mount_point.mkdir(exist_ok=True)
-        mount(device, self.mount_point, fstype="xfs")
-        status = self.get_pool_status()
-        log.info("thin pool created successfully", pool_name=self.config.pool_name, device=device)
-        return status
-
-    def _write_meta(self) -> None:
-        meta = {"backend": self.backend_name, "data_size_bytes": self.config.data_size_bytes,
-                "metadata_size_bytes": self.config.metadata_size_bytes}
-        with open(self.meta_file, "wb") as fh:
-            fh.truncate(self.config.metadata_size_bytes)
-            fh.write(json.dumps(meta).encode())
-            os.fsync(fh.fileno())
-
-    def _read_magic(self) -> bytes:
-        with open(self.data_file, "rb") as fh:
-            return fh.read(4)
-
     def get_pool_status(self) -> PoolStatus:
-        if not self._mounted():
-            return PoolStatus(backend=self.backend_name, exists=False)
+        """The pool as statvfs of its filesystem sees it: one data block = one fs block."""
+        if self.mode() == MODE_DIRECTORY:
+            if not self.mount_point.is_dir():
+                return PoolStatus(backend=self.backend_name, exists=False, raw=f"no directory {self.mount_point}")
+            return self._status_from_statvfs(error=None, raw=f"directory {self.mount_point} on the host filesystem "
+                                                              "(no XFS pool; reflink where the host has it)")
+        entry = mount_entry(self.mount_point)
+        if entry is None:
+            return PoolStatus(backend=self.backend_name, exists=False, raw=f"nothing mounted at {self.mount_point}")
+        error = self._pool_mount_error(entry)
+        return self._status_from_statvfs(error=error, raw=error or f"xfs on {entry.source} ({self.data_file}) "
+                                                                    f"at {self.mount_point}")
+
+    def _pool_mount_error(self, entry: MountEntry) -> str | None:
+        """Why the mount at `pool` is not our pool_data on a loop device, or None."""
+        if entry.fstype != "xfs":
+            return f"{self.mount_point} holds a {entry.fstype} mount of {entry.source}, not the XFS pool"
+        backing = {d.device: d for d in loop.loop_devices()}.get(entry.source)
+        if backing is None:
+            return f"{self.mount_point} is mounted from {entry.source}, which is not a loop device"
+        if backing.backing_deleted or not self.data_file.exists():
+            return f"the pool's backing file {self.data_file} is gone ({entry.source} -> {backing.backing_file})"
+        if entry.source not in loop.find_backing(self.data_file):
+            return f"{entry.source} at {self.mount_point} is backed by {backing.backing_file}, not {self.data_file}"
+        return None
+
+    def _status_from_statvfs(self, *, error: str | None, raw: str) -> PoolStatus:
         st = os.statvfs(self.mount_point)
-        options = next((m.options for m in mounts() if m.target == os.path.realpath(self.mount_point)), ())
         return PoolStatus(
             backend=self.backend_name, exists=True,
-            read_only="ro" in options,
-            error_state=not self.data_file.exists(),
+            read_only=bool(st.f_flag & os.ST_RDONLY),
+            error_state=error is not None,
             out_of_data_space=st.f_bavail == 0,
             used_data_blocks=st.f_blocks - st.f_bfree, total_data_blocks=st.f_blocks,
             used_metadata_blocks=st.f_files - st.f_ffree, total_metadata_blocks=st.f_files,
             data_block_bytes=st.f_frsize,
-            raw=f"xfs on {self._pool_loop()} at {self.mount_point}",
+            raw=raw,
         )
 
     def validate_pool_health(self) -> PoolStatus:
+        """The status, or PoolUnhealthy naming every problem."""
         status = self.get_pool_status()
         if not status.exists:
-            raise PoolUnhealthy(f"pool {self.config.pool_name} does not exist; run `flyio-image-manager setup-pool`")
-        if not status.healthy:
-            problems = [name for name, bad in (("error state", status.error_state), ("read-only", status.read_only),
-                                               ("out of data space", status.out_of_data_space)) if bad]
-            raise PoolUnhealthy(f"pool {self.config.pool_name} is unhealthy: {', '.join(problems)}")
+            raise PoolUnhealthy(f"pool {self.config.pool_name} does not exist ({status.raw}); "
+                                "run `flyio-image-manager setup-pool`")
+        problems = [name for name, bad in (("error state", status.error_state), ("read-only", status.read_only),
+                                           ("out of data space", status.out_of_data_space)) if bad]
+        if problems:
+            raise PoolUnhealthy(f"pool {self.config.pool_name} is unhealthy: {', '.join(problems)} ({status.raw})")
         return status
 
     def teardown_pool(self) -> None:
-        """Deactivate every device, unmount and detach the pool (as a reboot would); files stay."""
-        for device in self.list_devices():
-            if device.active:
-                self.deactivate(device.device_id)
-        if self._mounted():
+        """Unmount and detach every device and the pool, as a reboot would; no file is deleted."""
+        for path in self._device_files():
+            for device in loop.find_backing(path):
+                for target in [m.target for m in mounts() if m.source == device][::-1]:
+                    unmount(target)
+                loop.detach(device)
+        if self.mode() == MODE_XFS:
+            pool_loops = set(loop.find_backing(self.data_file))
+            entry = mount_entry(self.mount_point)
+            data_path = os.path.join(os.path.realpath(self.directory), self.data_file.name)
+            if entry is not None and loop.list_loops().get(entry.source) == data_path:
+                pool_loops.add(entry.source)  # its pool_data was deleted: no inode to match any more
             unmount(self.mount_point)
-        pool_loop = self._pool_loop()
-        if pool_loop:
-            loop.detach(pool_loop)
+            for device in sorted(pool_loops):
+                loop.detach(device)
+        log.info("pool torn down", pool_name=self.config.pool_name, mode=self.mode())
 
     # -- devices ----------------------------------------------------------------------
 
     def _file(self, device_id: int) -> Path:
-        return self.mount_point / f"{device_name(device_id)}.img"
+        if not isinstance(device_id, int) or not 0 <= device_id <= MAX_THIN_ID:
+            raise ManagerError(f"invalid thin device id {device_id!r}: must be an integer 0..{MAX_THIN_ID}")
+        return self.mount_point / f"{device_name(device_id)}{IMAGE_SUFFIX}"
 
-    def _require_space(self) -> None:
+    def _device_files(self) -> Iterator[Path]:
+        if not self.mount_point.is_dir():
+            return
+        for entry in self.mount_point.iterdir():
+            if entry.name.endswith(IMAGE_SUFFIX) and device_id_from_name(entry.name[:-len(IMAGE_SUFFIX)]) is not None:
+                yield entry
+
+    def _require_pool(self) -> PoolStatus:
+        """The status of a pool that exists; otherwise PoolUnhealthy (a device path under an
+        unmounted `pool` directory would silently name nothing)."""
+        status = self.get_pool_status()
+        if not status.exists:
+            raise PoolUnhealthy(f"pool {self.config.pool_name} does not exist ({status.raw}); "
+                                "run `flyio-image-manager setup-pool`")
+        return status
+
+    def _require_room(self) -> None:
+        """Healthy, and free space at or above min_free_fraction of the pool."""
         status = self.validate_pool_health()
-        free = 1 - status.data_used_fraction
-        if free < MIN_FREE_FRACTION:
-            raise PoolUnhealthy(f"pool has too little free space: {free:.1%} free < {MIN_FREE_FRACTION:.0%}")
+        free = status.free_data_bytes
+        total = status.total_data_blocks * status.data_block_bytes
+        if total and free < self.min_free_fraction * total:
+            raise PoolUnhealthy(f"pool has too little free space: {_mib(free)} free of {_mib(total)} "
+                                f"({free / total:.1%} < {self.min_free_fraction:.0%})")
 
     def _create_file(self, device_id: int) -> int:
         try:
-            return os.open(self._file(device_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            return os.open(self._file(device_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                           0o600)
         except FileExistsError:
             raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
 
-    def _sync_dir(self) -> None:
-        fd = os.open(self.mount_point, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _abandon(self, device_id: int, fd: int) -> None:
+        """Remove a device file this call created but could not finish (no half-made device stays)."""
+        os.close(fd)
+        self._file(device_id).unlink(missing_ok=True)
 
     def create_thin(self, device_id: int, size_bytes: int) -> None:
-        self._require_space()
+        """A new sparse `thin-<id>.img` of size_bytes (O_EXCL: DeviceExists if the id is taken)."""
+        if size_bytes <= 0:
+            raise ManagerError(f"invalid size {size_bytes} for {device_name(device_id)}")
+        self._require_room()
         fd = self._create_file(device_id)
         try:
             os.ftruncate(fd, size_bytes)
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._sync_dir()
+        except BaseException:
+            self._abandon(device_id, fd)
+            raise
+        os.close(fd)
+        _fsync_dir(self.mount_point)
+        log.info("thin device created", device_name=device_name(device_id), size=size_bytes)
 
     def create_snapshot(self, device_id: int, origin_id: int) -> None:
         """A reflink copy of origin (a full sparse copy where reflink is missing).
@@ -168,65 +354,106 @@ class BlockfilePool:
         The origin must not be mounted read-write: a clone of a live filesystem is not
         crash-consistent. An active origin is flushed first (the dm equivalent: suspend)."""
         origin = self._file(origin_id)
-        if not origin.exists():
+        self._require_room()
+        if not origin.is_file():
             raise ManagerError(f"snapshot origin {device_name(origin_id)} does not exist in the pool")
         for dev in loop.find_backing(origin):
-            for m in mounts():
-                if m.source == dev and "rw" in m.options:
-                    raise ManagerError(f"snapshot origin {device_name(origin_id)} is mounted read-write at {m.target}")
-            run_command(["blockdev", "--flushbufs", dev], timeout=60)
-        self._require_space()
-        src = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
+            for entry in mounts():
+                if entry.source == dev and not entry.read_only:
+                    raise ManagerError(f"snapshot origin {device_name(origin_id)} ({dev}) is mounted read-write "
+                                       f"at {entry.target}; unmount it first")
+            run_command(["blockdev", "--flushbufs", dev], timeout=FLUSH_TIMEOUT)
+        src = os.open(origin, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
+            os.fsync(src)  # the origin's own data durable before a snapshot of it exists
             dst = self._create_file(device_id)
             try:
-                try:
-                    fcntl.ioctl(dst, FICLONE, src)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                        raise
-                    _sparse_copy(src, dst)
+                method = _clone_or_copy(src, dst)
                 os.fsync(dst)
-            finally:
-                os.close(dst)
+            except BaseException:
+                self._abandon(device_id, dst)
+                raise
+            os.close(dst)
         finally:
             os.close(src)
-        self._sync_dir()
+        _fsync_dir(self.mount_point)
+        log.info("snapshot created", device_name=device_name(device_id), origin=device_name(origin_id), method=method)
 
     def activate(self, device_id: int, size_bytes: int) -> str:
+        """Attach the device's file to a loop device (or return the one already attached).
+
+        A size larger than the file grows it (sparse: the new range reads zeros, as a
+        longer dm table would); a smaller one is refused, it would cut a filesystem short."""
         path = self._file(device_id)
-        if not path.exists():
+        self._require_pool()
+        if not path.is_file():
             raise ManagerError(f"device {device_name(device_id)} does not exist in the pool")
         existing = loop.find_backing(path)
-        return existing[0] if existing else loop.attach(path)
+        if existing:
+            return existing[0]
+        current = path.stat().st_size
+        if size_bytes < current:
+            raise ManagerError(f"cannot activate {device_name(device_id)} at {size_bytes} bytes: it holds {current}")
+        if size_bytes > current:
+            os.truncate(path, size_bytes)
+        device = loop.attach(path)
+        log.debug("device activated", device_name=device_name(device_id), device=device)
+        return device
 
     def deactivate(self, device_id: int) -> None:
+        """Detach the device's loop; inactive is fine; a mounted device is refused."""
         for dev in loop.find_backing(self._file(device_id)):
+            mounted_at = [m.target for m in mounts() if m.source == dev]
+            if mounted_at:
+                raise ManagerError(f"device {device_name(device_id)} ({dev}) is mounted at {mounted_at[0]}; "
+                                   "unmount it first")
             loop.detach(dev)
+            log.debug("device deactivated", device_name=device_name(device_id), device=dev)
 
     def delete(self, device_id: int) -> None:
+        """Delete the device's file; absent is fine; an active device is refused (the caller deactivates)."""
         path = self._file(device_id)
-        if loop.find_backing(path):
-            raise ManagerError(f"device {device_name(device_id)} is active; deactivate it first")
-        path.unlink(missing_ok=True)
-        if self._mounted():
-            self._sync_dir()
+        self._require_pool()
+        active = loop.find_backing(path)
+        if active:
+            raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.mount_point)
+        log.info("thin device deleted", device_name=device_name(device_id))
 
     def list_devices(self) -> list[DeviceInfo]:
-        if not self._mounted():
-            return []
-        loops = loop.list_loops()
-        mounted_at = {m.source: m.target for m in mounts()}
+        """Every `thin-<id>.img` in the pool, with the loop that backs it and where that is mounted."""
+        self._require_pool()
+        loops = loop.loop_devices()
+        all_mounts = mounts()
         devices = []
-        for entry in sorted(self.mount_point.iterdir()):
-            device_id = device_id_from_name(entry.name.removesuffix(".img"))
-            if device_id is None or not entry.name.endswith(".img"):
-                continue
-            backing = sorted(dev for dev, file in loops.items() if file == str(entry.resolve()))
-            path = backing[0] if backing else None
-            devices.append(DeviceInfo(device_id=device_id, name=device_name(device_id), active=bool(backing),
-                                      path=path, mounted_at=mounted_at.get(path) if path else None))
-        return devices
+        for path in self._device_files():
+            device_id = device_id_from_name(path.name.removesuffix(IMAGE_SUFFIX))
+            assert device_id is not None  # _device_files yields only our names
+            st = path.stat(follow_symlinks=False)
+            identity = (os.major(st.st_dev), os.minor(st.st_dev))
+            backing = sorted(d.device for d in loops if d.backing_inode == st.st_ino and d.backing_dev == identity
+                             and not d.backing_deleted)
+            dev = backing[0] if backing else None
+            mounted_at = next((m.target for m in all_mounts if dev and m.source == dev), None)
+            devices.append(DeviceInfo(device_id=device_id, name=device_name(device_id), active=dev is not None,
+                                      path=dev, mounted_at=mounted_at))
+        return sorted(devices, key=lambda d: d.device_id)
+
+
+def _clone_or_copy(src: int, dst: int) -> str:
+    """Reflink src into dst (FICLONE); where the filesystem cannot, copy its data extents."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return "reflink"
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+            raise
+    _sparse_copy(src, dst)
+    return "copy"
 
 
 def _sparse_copy(src: int, dst: int) -> None:
@@ -238,7 +465,7 @@ def _sparse_copy(src: int, dst: int) -> None:
         try:
             start = os.lseek(src, offset, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:
+            if exc.errno == errno.ENXIO:  # no data after offset: the rest is a hole
                 break
             raise
         end = os.lseek(src, start, os.SEEK_HOLE)
@@ -249,3 +476,61 @@ def _sparse_copy(src: int, dst: int) -> None:
                 break
             position += copied
         offset = end
+
+
+def _holds_data(path: Path) -> bool:
+    """Whether any byte of the file was ever written: holes and fallocated-but-unwritten
+    extents do not count (FIEMAP; ext4's SEEK_DATA reports unwritten extents as data).
+    Where FIEMAP is unsupported the answer is the safe one: yes."""
+    header = struct.Struct("=QQIIII")  # struct fiemap
+    extent = struct.Struct("=QQQQQIIII")  # struct fiemap_extent
+    batch = 128
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = 0
+        while True:
+            request = bytearray(header.pack(start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC, 0, batch, 0))
+            request += bytes(extent.size * batch)
+            try:
+                fcntl.ioctl(fd, FS_IOC_FIEMAP, request)
+            except OSError:
+                return True
+            mapped = header.unpack_from(request)[3]
+            if mapped == 0:
+                return False
+            for i in range(mapped):
+                logical, _, length, _, _, flags, _, _, _ = extent.unpack_from(request, header.size + i * extent.size)
+                if not flags & FIEMAP_EXTENT_UNWRITTEN:
+                    return True
+                if flags & FIEMAP_EXTENT_LAST:
+                    return False
+                start = logical + length
+    finally:
+        os.close(fd)
+
+
+def _reflink_works(directory: Path) -> bool:
+    """Whether FICLONE works in `directory` (probed on two small temporary files)."""
+    a, b = directory / ".reflink-probe-a", directory / ".reflink-probe-b"
+    try:
+        a.write_bytes(b"\0" * 4096)
+        with open(a, "rb") as src, open(b, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        a.unlink(missing_ok=True)
+        b.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"
