@@ -266,8 +266,9 @@ class _Layer:
         os.rmdir(name, dir_fd=parent_fd)
 
     def replaced_by_non_dir(self, parts: tuple[str, ...]) -> bool:
-        """True when `parts` is now a regular file, fifo, ... that this layer wrote (a symlink
-        there is not "replaced": walking into it stays refused, as for any entry)."""
+        """True when `parts` is now a non-directory that this layer wrote (a file, fifo, or
+        its own symlink: never walked into). A lower layer's symlink there is not
+        "replaced": walking into it stays refused, as for any entry."""
         if "/".join(parts) not in self.written:
             return False
         try:
@@ -280,7 +281,7 @@ class _Layer:
             return False
         finally:
             os.close(fd)
-        return not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode)
+        return not stat.S_ISDIR(mode)
 
     def prune_lower(self, parts: tuple[str, ...]) -> None:
         """Hide the lower contents of directory `parts`: remove what this layer did not write."""
@@ -435,7 +436,9 @@ class _Layer:
         finally:
             os.close(fd)
         if is_dir:
-            self.prune_lower(victim)
+            # Like an opaque marker, applied once at the end: pruning here would list the
+            # directory again for every repeated whiteout of it (O(N^2) for a hostile layer).
+            self.opaque.add("/".join(victim))
 
     def check_file_size(self, member: tarfile.TarInfo) -> None:
         if member.size > self.limits.max_file_bytes:

@@ -320,3 +320,26 @@ def test_replaced_directory_forgets_its_subdirectories_metadata(tmp_path: Path) 
     unpack(data, tmp_path / "root")
     assert stat.S_IMODE(os.lstat(tmp_path / "root/a").st_mode) == 0o750
     assert stat.S_IMODE(os.lstat(tmp_path / "root/a/b").st_mode) == 0o755  # made for a/b/c, not the old a/b
+
+
+def test_whiteout_of_own_dir_then_symlink_there(tmp_path: Path) -> None:
+    """The layer's own `d/` is whited out (hides lower d/*), then `d` becomes the layer's own
+    symlink: nothing to prune, nothing followed."""
+    root = tmp_path / "root"
+    unpack(tar_bytes(directory("d"), file("d/old", b"old\n")), root)
+    unpack(tar_bytes(directory("d"), file(".wh.d", b""), symlink("d", "/etc")), root)
+    assert os.readlink(root / "d") == "/etc"
+
+
+def test_repeated_whiteouts_of_a_big_directory_stay_cheap(tmp_path: Path) -> None:
+    import time
+
+    count = 5_000
+    root = tmp_path / "root"
+    unpack(tar_bytes(directory("d"), file("d/lower", b"lower\n")), root)
+    data = tar_bytes(directory("d"), *(file(f"d/f{i}", b"") for i in range(count)),
+                     *(file(".wh.d", b"") for _ in range(count)))
+    started = time.monotonic()
+    unpack(data, root)
+    assert time.monotonic() - started < 20
+    assert not os.path.lexists(root / "d/lower") and len(os.listdir(root / "d")) == count
