@@ -27,7 +27,8 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         path = services.pool.activate(device_id, services.device_size_bytes)
         with ctx.transaction() as session:
             set_layer_device_state(session, device_id, "unpacking")
-        bar = services.progress(f"unpack layer {index + 1}", blob.stat().st_size)
+        # The unpacker reports bytes of (decompressed) tar read; verification counted them.
+        bar = services.progress(f"unpack layer {index + 1}", layer.get("tar_bytes") or blob.stat().st_size)
         try:
             with mounted(path, target):
                 with open_layer_stream(blob, layer["format"], services.limits) as stream:

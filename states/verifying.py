@@ -21,11 +21,12 @@ def run(ctx: StepContext, services: ImageServices) -> str:
             # An OCI layout or `docker save` archive holds the image's layers itself.
             for digest in layers_of_archive(path, result.format, services.blobs, services.limits):
                 inner = verify_blob(services.blobs.path(digest), digest, services.limits)
-                verified.append({"digest": digest, "format": inner.format,
+                verified.append({"digest": digest, "format": inner.format, "tar_bytes": inner.uncompressed_bytes,
                                  "size": services.blobs.path(digest).stat().st_size,
                                  "source": f"{blob['url']}#{digest}", "etag": None})
         else:
-            verified.append({"digest": result.digest, "format": result.format, "size": path.stat().st_size,
+            verified.append({"digest": result.digest, "format": result.format, "tar_bytes": result.uncompressed_bytes,
+                             "size": path.stat().st_size,
                              "source": blob["url"], "etag": blob.get("etag")})
         ctx.check_stop()
     chains = chain_ids([layer["digest"] for layer in verified])
@@ -33,7 +34,8 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         for layer in verified:
             record_layer(session, digest=layer["digest"], size_bytes=layer["size"], fmt=layer["format"],
                          source=layer["source"], etag=layer["etag"])
-    ctx.data["layers"] = [{"digest": layer["digest"], "format": layer["format"], "chain_id": chain}
+    ctx.data["layers"] = [{"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
+                           "tar_bytes": layer["tar_bytes"]}
                           for layer, chain in zip(verified, chains)]
     ctx.data["layer_index"] = 0
     ctx.data["devices"] = {}
