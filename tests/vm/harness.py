@@ -30,7 +30,8 @@ EXIT_MARKER = "FLYIO-GUEST-EXIT="
 SCRIPT_DIR = ".flyio-guest"
 GUEST_PATH = "/work/main/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The guest's root is read-only: keep caches and bytecode out of it.
-GUEST_ENV = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PATH": GUEST_PATH, "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+GUEST_ENV = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PATH": GUEST_PATH, "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+             "PY_COLORS": "0", "TERM": "dumb"}
 
 
 @dataclass(frozen=True)

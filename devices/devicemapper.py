@@ -1,0 +1,320 @@
+"""The `devicemapper` backend: a dm-thin pool on two loop-backed files, as in the guide.
+
+    pool_meta, pool_data   files in the state directory (sparse; 1 MB + 2 GB by default)
+    /dev/mapper/pool       `0 <data sectors> thin-pool <meta loop> <data loop> 2048 32768`
+    /dev/mapper/thin-<id>  `0 <sectors> thin /dev/mapper/pool <id>`, one per active device
+
+After a reboot or kernel panic the loops and the pool are gone but the files are not:
+ensure_pool_exists() re-attaches the existing files and reloads the same table, so the
+thin devices and their data come back. Only a brand-new pool gets zeroed metadata
+(the kernel formats metadata whose superblock is all zeros).
+
+Every dmsetup/losetup call goes through support.proc.run_command with a timeout; one
+that outlives it raises CommandTimeout, a hazard (a D-state dm call is how kernels hang).
+Errors are matched on the errno text dmsetup prints (EEXIST, ENODATA, ENXIO, EBUSY).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+
+from devices import loop
+from devices.base import DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, device_id_from_name, device_name
+from devices.dmstatus import DmStatusError, parse_pool_status
+from devices.mount import mounts
+from support.errors import ManagerError
+from support.log import get_logger
+from support.proc import CommandFailed, CommandResult, run_command
+
+log = get_logger("devices.devicemapper", component="pool-manager")
+
+DMSETUP_TIMEOUT = 30.0
+THIN_LS_TIMEOUT = 60.0
+SECTOR = 512
+DATA_BLOCK_SECTORS = 2048  # 1 MiB data blocks, the guide's table
+LOW_WATER_MARK = 32768
+MIN_FREE_FRACTION = 0.10
+THIN_SUPERBLOCK_MAGIC = 27022010
+SUPERBLOCK_MAGIC_OFFSET = 32
+BUSY_RETRIES = 3
+
+EEXIST = "File exists"
+ENODATA = "No data available"
+ENXIO = ("No such device or address", "No such device")
+EBUSY = "Device or resource busy"
+
+
+class DevicemapperPool:
+    backend_name = "devicemapper"
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.directory = Path(config.directory)
+        self.meta_file = self.directory / "pool_meta"
+        self.data_file = self.directory / "pool_data"
+        self.pool_name = config.pool_name
+        self.pool_path = f"/dev/mapper/{self.pool_name}"
+
+    # -- dmsetup ----------------------------------------------------------------------
+
+    def _dmsetup(self, *args: str, check: bool = True, timeout: float = DMSETUP_TIMEOUT) -> CommandResult:
+        return run_command(["dmsetup", *args], timeout=timeout, check=check)
+
+    def _message(self, text: str) -> None:
+        self._dmsetup("message", self.pool_name, "0", text)
+
+    @staticmethod
+    def _udev_running() -> bool:
+        return Path("/run/udev/control").exists()
+
+    def _create_mapping(self, name: str, table: str) -> None:
+        """`dmsetup create`; without udev the /dev/mapper node is made by `dmsetup mknodes`."""
+        if self._udev_running():
+            self._dmsetup("create", "--verifyudev", name, "--table", table)
+        else:
+            self._dmsetup("create", name, "--table", table)
+            self._dmsetup("mknodes", name)
+
+    def _is_active(self, name: str) -> bool:
+        result = self._dmsetup("info", "-c", "--noheadings", "-o", "name", name, check=False)
+        return result.returncode == 0 and result.stdout.strip() == name
+
+    def _remove(self, name: str) -> None:
+        """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times."""
+        for attempt in range(BUSY_RETRIES):
+            try:
+                self._dmsetup("remove", name)
+                if not self._udev_running():
+                    self._dmsetup("mknodes", name)  # drops the stale /dev/mapper node
+                return
+            except CommandFailed as exc:
+                if any(text in str(exc) for text in ENXIO) or not self._is_active(name):
+                    return
+                if EBUSY not in str(exc) or attempt == BUSY_RETRIES - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    # -- the pool ---------------------------------------------------------------------
+
+    def ensure_pool_exists(self) -> PoolStatus:
+        """Create the pool when missing; after a reboot re-attach the existing files."""
+        status = self.get_pool_status()
+        if status.exists:
+            return status
+        log.info("pool does not exist, attempting to create", pool_name=self.pool_name)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.meta_file.exists() and not self.data_file.exists():
+            log.info("creating new thin pool", pool_name=self.pool_name, backend=self.backend_name,
+                     data_size=self.config.data_size_bytes, metadata_size=self.config.metadata_size_bytes)
+            self._create_files()
+        elif not (self.meta_file.exists() and self.data_file.exists()):
+            present = self.meta_file if self.meta_file.exists() else self.data_file
+            raise ManagerError(f"only {present} exists; refusing to build a pool around half of one")
+        else:
+            self._check_existing_metadata()
+            log.info("re-attaching existing pool files", pool_name=self.pool_name, path=str(self.directory))
+        attached: list[str] = []
+        try:
+            meta_dev = self._loop_for(self.meta_file, attached)
+            data_dev = self._loop_for(self.data_file, attached)
+            data_sectors = self.data_file.stat().st_size // SECTOR
+            table = f"0 {data_sectors} thin-pool {meta_dev} {data_dev} {DATA_BLOCK_SECTORS} {LOW_WATER_MARK}"
+            self._create_mapping(self.pool_name, table)
+        except BaseException:
+            for device in attached:
+                loop.detach(device)
+            raise
+        status = self.get_pool_status()
+        log.info("thin pool created successfully", pool_name=self.pool_name, metadata_device=meta_dev,
+                 data_device=data_dev)
+        return status
+
+    def _create_files(self) -> None:
+        """Sparse files under temporary names, renamed into place only when complete."""
+        for path, size in ((self.data_file, self.config.data_size_bytes), (self.meta_file, self.config.metadata_size_bytes)):
+            fresh = path.with_name(path.name + ".new")
+            with open(fresh, "wb") as fh:
+                fh.truncate(size)
+                # All-zero superblock: the kernel formats fresh metadata instead of reading garbage.
+                fh.write(b"\0" * 4096)
+                os.fsync(fh.fileno())
+            os.replace(fresh, path)
+
+    def _check_existing_metadata(self) -> None:
+        """Refuse files that are not dm-thin metadata (e.g. a blockfile pool's pool_meta):
+        the kernel would reject them, or with an all-zero block silently format them."""
+        with open(self.meta_file, "rb") as fh:
+            head = fh.read(4096)
+        if len(head) < SUPERBLOCK_MAGIC_OFFSET + 8 or not any(head):
+            return  # never used (a crash before the first create): formatting it loses nothing
+        magic = struct.unpack_from("<Q", head, SUPERBLOCK_MAGIC_OFFSET)[0]
+        if magic != THIN_SUPERBLOCK_MAGIC:
+            raise ManagerError(f"{self.meta_file} exists but holds no dm-thin metadata; refusing to use it")
+
+    @staticmethod
+    def _loop_for(path: Path, attached: list[str]) -> str:
+        existing = loop.find_backing(path)
+        if existing:
+            return existing[0]
+        device = loop.attach(path)
+        attached.append(device)
+        return device
+
+    def get_pool_status(self) -> PoolStatus:
+        """`dmsetup status pool`, parsed; exists=False when there is no such mapping."""
+        result = self._dmsetup("status", self.pool_name, check=False)
+        if result.returncode != 0:
+            text = (result.stderr or result.stdout)
+            if "No such device" in text or "not exist" in text or "No such file" in text:
+                return PoolStatus(backend=self.backend_name, exists=False)
+            raise CommandFailed(result)
+        line = result.stdout.strip()
+        try:
+            parsed = parse_pool_status(line)
+        except DmStatusError as exc:
+            raise ManagerError(f"{self.pool_name} is not a thin-pool this manager can use: {exc}") from None
+        return PoolStatus(
+            backend=self.backend_name, exists=True,
+            needs_check=parsed.needs_check, read_only=parsed.read_only, error_state=parsed.failed,
+            out_of_data_space=parsed.out_of_data_space, transaction_id=parsed.transaction_id,
+            used_data_blocks=parsed.used_data_blocks, total_data_blocks=parsed.total_data_blocks,
+            used_metadata_blocks=parsed.used_metadata_blocks, total_metadata_blocks=parsed.total_metadata_blocks,
+            data_block_bytes=DATA_BLOCK_SECTORS * SECTOR, raw=line,
+        )
+
+    def validate_pool_health(self) -> PoolStatus:
+        """Status, or PoolUnhealthy naming every problem."""
+        status = self.get_pool_status()
+        if not status.exists:
+            raise PoolUnhealthy(f"pool {self.pool_name} does not exist; run `flyio-image-manager setup-pool`")
+        if not status.healthy:
+            problems = [name for name, bad in (("error state (Fail)", status.error_state),
+                                               ("needs_check", status.needs_check),
+                                               ("read-only", status.read_only),
+                                               ("out of data space", status.out_of_data_space)) if bad]
+            raise PoolUnhealthy(f"pool {self.pool_name} is unhealthy: {', '.join(problems)}")
+        return status
+
+    def teardown_pool(self) -> None:
+        """Remove every thin mapping, the pool, and detach its loops (as a reboot would); files stay."""
+        for device in self._active_ids():
+            self.deactivate(device)
+        self._remove(self.pool_name)
+        for path in (self.meta_file, self.data_file):
+            for device in loop.find_backing(path):
+                loop.detach(device)
+
+    # -- devices ----------------------------------------------------------------------
+
+    def _require_space(self) -> None:
+        status = self.validate_pool_health()
+        free = 1 - status.data_used_fraction
+        if free < MIN_FREE_FRACTION:
+            raise PoolUnhealthy(f"pool has too little free space: {free:.1%} free < {MIN_FREE_FRACTION:.0%}")
+
+    def create_thin(self, device_id: int, size_bytes: int) -> None:
+        """`create_thin <id>` (the size is given at activation; dm-thin stores none)."""
+        self._require_space()
+        try:
+            self._message(f"create_thin {device_id}")
+        except CommandFailed as exc:
+            if EEXIST in str(exc):
+                raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
+            raise
+
+    def create_snapshot(self, device_id: int, origin_id: int) -> None:
+        """`create_snap <id> <origin>`; an active origin is suspended around it (resumed in finally)
+        so its in-flight writes are either in the snapshot or after it, never half."""
+        self._require_space()
+        origin = device_name(origin_id)
+        suspended = False
+        try:
+            if self._is_active(origin):
+                self._dmsetup("suspend", origin)
+                suspended = True
+            self._message(f"create_snap {device_id} {origin_id}")
+        except CommandFailed as exc:
+            if EEXIST in str(exc):
+                raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
+            if ENODATA in str(exc):
+                raise ManagerError(f"snapshot origin {origin} does not exist in the pool") from None
+            raise
+        finally:
+            if suspended:
+                self._dmsetup("resume", origin)
+
+    def activate(self, device_id: int, size_bytes: int) -> str:
+        """`dmsetup create thin-<id>`; an already active device just gets its path back."""
+        name = device_name(device_id)
+        path = f"/dev/mapper/{name}"
+        if self._is_active(name):
+            if not Path(path).exists():
+                self._dmsetup("mknodes", name)
+            return path
+        sectors = size_bytes // SECTOR
+        try:
+            self._create_mapping(name, f"0 {sectors} thin {self.pool_path} {device_id}")
+        except CommandFailed as exc:
+            if ENODATA in str(exc):
+                raise ManagerError(f"device {name} does not exist in the pool") from None
+            raise
+        return path
+
+    def deactivate(self, device_id: int) -> None:
+        """Remove the mapping; the device's data stays in the pool. Idempotent."""
+        self._remove(device_name(device_id))
+
+    def delete(self, device_id: int) -> None:
+        """`delete <id>`: free its blocks. Absent is fine (ENODATA); active is refused."""
+        name = device_name(device_id)
+        if self._is_active(name):
+            raise ManagerError(f"device {name} is active; deactivate it first")
+        try:
+            self._message(f"delete {device_id}")
+        except CommandFailed as exc:
+            if ENODATA not in str(exc):
+                raise
+
+    def _active_ids(self) -> list[int]:
+        result = self._dmsetup("ls", "--target", "thin", check=False)
+        ids = []
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            device_id = device_id_from_name(fields[0]) if fields else None
+            if device_id is not None:
+                ids.append(device_id)
+        return sorted(ids)
+
+    def pool_device_ids(self) -> list[int]:
+        """Thin ids in the pool's metadata, read by `thin_ls` from a reserved metadata
+        snapshot (the live metadata changes under a reader otherwise)."""
+        meta = loop.find_backing(self.meta_file)
+        if not meta or not self.get_pool_status().exists:
+            return []
+        self._message("reserve_metadata_snap")
+        try:
+            out = run_command(["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", meta[0]],
+                              timeout=THIN_LS_TIMEOUT).stdout
+        finally:
+            self._message("release_metadata_snap")
+        return sorted(int(tok) for tok in out.split() if tok.isdigit())
+
+    def list_devices(self) -> list[DeviceInfo]:
+        """Every thin device: active mappings named thin-*, plus inactive ids from pool metadata."""
+        active = set(self._active_ids())
+        try:
+            in_pool = set(self.pool_device_ids())
+        except ManagerError as exc:
+            log.warning("cannot read thin ids from pool metadata; listing active devices only", error=str(exc))
+            in_pool = set()
+        mounted_at = {m.source: m.target for m in mounts()}
+        devices = []
+        for device_id in sorted(active | in_pool):
+            name = device_name(device_id)
+            path = f"/dev/mapper/{name}" if device_id in active else None
+            devices.append(DeviceInfo(device_id=device_id, name=name, active=device_id in active, path=path,
+                                      mounted_at=mounted_at.get(path) if path else None))
+        return devices
