@@ -239,9 +239,13 @@ class BlockfilePool:
         backing = {d.device: d for d in loop.loop_devices()}.get(entry.source)
         if backing is None:
             return f"{self.mount_point} is mounted from {entry.source}, which is not a loop device"
-        if backing.backing_deleted or not self.data_file.exists():
+        try:
+            st = self.data_file.stat()
+        except FileNotFoundError:
+            st = None
+        if backing.backing_deleted or st is None:
             return f"the pool's backing file {self.data_file} is gone ({entry.source} -> {backing.backing_file})"
-        if entry.source not in loop.find_backing(self.data_file):
+        if (backing.backing_inode, backing.backing_dev) != (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))):
             return f"{entry.source} at {self.mount_point} is backed by {backing.backing_file}, not {self.data_file}"
         return None
 

@@ -16,7 +16,7 @@ import pytest
 from devices.base import DeviceExists, PoolConfig, PoolUnhealthy
 from devices.blockfile import BlockfilePool
 from devices.filesystem import make_filesystem
-from devices.loop import detach, find_backing, list_loops
+from devices.loop import attach, detach, find_backing, list_loops
 from devices.mount import mount_entry, mounted, mounts, unmount
 from support.errors import ManagerError
 
@@ -202,6 +202,17 @@ def test_reboot_reattaches_the_existing_pool_file(pool: BlockfilePool, state: Pa
     assert status.healthy and (state / "pool_data").stat().st_ino == data_inode
     assert [(d.device_id, d.active) for d in pool.list_devices()] == [(1, False), (2, False)]
     assert read_file(pool.activate(1, SIZE), tmp_path / "m", "kept.txt") == b"survives the reboot"
+
+
+def test_a_pool_file_left_attached_but_unmounted_reuses_its_loop(pool: BlockfilePool, state: Path) -> None:
+    """A crash between losetup and mount: the next start mounts the loop that is there."""
+    pool.ensure_pool_exists()
+    pool.teardown_pool()
+    left = attach(state / "pool_data")
+    assert pool.ensure_pool_exists().healthy
+    assert find_backing(state / "pool_data") == [left]
+    entry = mount_entry(state / "pool")
+    assert entry is not None and entry.source == left
 
 
 def test_new_devices_are_refused_when_the_pool_is_nearly_full(pool: BlockfilePool, state: Path) -> None:
