@@ -90,8 +90,8 @@ class BlockfilePool:
         else:
             unavailable = self._xfs_unavailable() if self.use_xfs else "XFS disabled for this pool"
             if unavailable:
-                log.warning("XFS unavailable; the blockfile pool is a plain directory on the host filesystem",
-                            pool_name=self.config.pool_name, reason=unavailable)
+                log.warning("XFS unavailable for the blockfile pool", pool_name=self.config.pool_name,
+                            reason=unavailable)
                 self._open_directory_pool()
             else:
                 self._create_xfs_pool()
