@@ -84,6 +84,10 @@ if [ "$failures" -gt 0 ]; then
   exit 1
 fi
 rm -f "${state_dir}/pool_data" "${state_dir}/pool_meta"
+# The blockfile pool's directory mode (no XFS) keeps device files in pool/ itself.
+if [ -d "${state_dir}/pool" ] && ! findmnt -rn "${state_dir}/pool" >/dev/null 2>&1; then
+  rm -f "${state_dir}"/pool/thin-*.img
+fi
 
 cli=(flyio-image-manager)
 command -v flyio-image-manager >/dev/null 2>&1 || cli=("$(dirname "$0")/../.venv/bin/python" -m cli)
