@@ -138,3 +138,4 @@ for _command in (process_image, setup_pool, images_cmd, snapshots_cmd, delete_sn
 from cli import db_cmds  # noqa: E402,F401  (backup, check-db)
 from cli import daemon_cmds  # noqa: E402,F401  (daemon, shutdown, submit)
 from cli import monitor_cmd  # noqa: E402,F401  (monitor)
+from cli import gc  # noqa: E402,F401  (gc)

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
+from support.errors import ManagerError
 from support.proc import run_command
 
 MKFS_TIMEOUT = 120.0
+# Operators on slow disks raise it; tests lower it to make a real mkfs time out.
+MKFS_TIMEOUT_ENV = "FLYIO_MKFS_TIMEOUT"
 
 
-def make_filesystem(device: str, *, timeout: float = MKFS_TIMEOUT, label: str | None = None) -> None:
-    """An ext4 filesystem on `device`. A timeout raises CommandTimeout (a hazard).
+def mkfs_timeout() -> float:
+    """$FLYIO_MKFS_TIMEOUT (seconds) when set, else MKFS_TIMEOUT."""
+    value = os.environ.get(MKFS_TIMEOUT_ENV)
+    if not value:
+        return MKFS_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ManagerError(f"{MKFS_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ManagerError(f"{MKFS_TIMEOUT_ENV}={value!r} must be positive")
+    return seconds
+
+
+def make_filesystem(device: str, *, timeout: float | None = None, label: str | None = None) -> None:
+    """An ext4 filesystem on `device`. A timeout (default mkfs_timeout()) raises
+    CommandTimeout (a hazard).
 
     lazy_itable_init=0 so no background kernel thread keeps writing to a device we are
     about to snapshot; nodiscard because discards on dm-thin are slow and unneeded on a
@@ -16,4 +36,4 @@ def make_filesystem(device: str, *, timeout: float = MKFS_TIMEOUT, label: str | 
     argv = ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
     if label:
         argv += ["-L", label]
-    run_command([*argv, device], timeout=timeout)
+    run_command([*argv, device], timeout=mkfs_timeout() if timeout is None else timeout)

@@ -1,0 +1,195 @@
+"""The guide's Garbage Collection Procedure: find thin devices no live row names, and
+(only when forced) unmount, deactivate and delete them, one at a time.
+
+An orphan is a device the pool lists that neither `unpacked_images` nor `snapshots`
+names, whether or not an aborted job recorded it in `orphaned_devices` (a crash between
+create and commit leaves one with no row at all). A cleanup that fails is counted and
+left alone: the next step on a device that just failed is how kernels hang, so gc never
+retries; the operator reboots and runs gc again.
+
+Counts in the summary:
+  total_devices  devices the pool lists
+  orphaned       of those, devices no live row names
+  cleaned        orphans unmounted, deactivated and deleted (their rows marked cleaned)
+  failed         orphans whose cleanup stopped at a step that failed
+  skipped        `orphaned_devices` rows whose device is already gone from the pool
+                 (marked cleaned when forced; nothing to do on the device)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from catalog.models import OrphanedDevice
+from catalog.records import live_device_names, utcnow
+from devices.base import DeviceInfo, ThinPool
+from devices.mount import MOUNT_TIMEOUT, mounts, unmount
+from fsm.definition import FINAL_STATES
+from fsm.models import Job
+from fsm.ownership import owner_alive
+from support.errors import ManagerError
+from support.log import get_logger
+
+log = get_logger("catalog.gc")
+
+SOME_FAILED = "Some devices could not be cleaned - manual intervention may be required"
+CONSIDER_REBOOT = "Consider rebooting the system if devices are stuck in D-state"
+
+
+@dataclass
+class GcReport:
+    """What one gc run found and did."""
+
+    dry_run: bool
+    total_devices: int = 0
+    db_records: int = 0
+    orphaned: int = 0
+    cleaned: int = 0
+    failed: int = 0
+    skipped: int = 0
+    orphans: list[DeviceInfo] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # device name -> the step's error
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+class GcRefused(ManagerError):
+    """gc --force must not run now (jobs running, D-state processes)."""
+
+
+def running_jobs(engine: Engine) -> list[Job]:
+    """Unfinished jobs a live process owns: gc --force must not pull devices from under them."""
+    now = utcnow()
+    with Session(engine) as session:
+        jobs = session.scalars(select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.id)).all()
+        return [job for job in jobs if owner_alive(job.owner_pid, job.owner_boot_id, job.lease_expires_at, now)]
+
+
+def refuse_if_jobs_running(engine: Engine) -> None:
+    """GcRefused naming the first running job, if any."""
+    jobs = running_jobs(engine)
+    if jobs:
+        job = jobs[0]
+        raise GcRefused(f"job {job.id} ({job.state}) is being run by pid {job.owner_pid}; "
+                        f"stop it before gc --force ({len(jobs)} running job(s))")
+
+
+def find_orphans(pool: ThinPool, live_names: set[str]) -> list[DeviceInfo]:
+    """Devices the pool holds that no live row names, lowest id first."""
+    return [device for device in pool.list_devices() if device.name not in live_names]
+
+
+def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
+                    operation: Callable[[str], AbstractContextManager[Any]] | None = None,
+                    unmount_timeout: float = MOUNT_TIMEOUT) -> GcReport:
+    """Steps 1-4 of the guide's procedure, logging its lines. With dry_run nothing is
+    written to the database or done to a device. `operation` (the Operation Guard)
+    wraps each device's cleanup so it never runs beside another dm-heavy step."""
+    report = GcReport(dry_run=dry_run)
+    log.info("Step 1: Querying devicemapper for thin devices")
+    devices = pool.list_devices()
+    report.total_devices = len(devices)
+    log.info("Found thin devices in devicemapper", count=report.total_devices)
+
+    log.info("Step 2: Querying database for device records")
+    with Session(engine) as session:
+        live_names = live_device_names(session)
+        recorded = list(session.scalars(select(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None))))
+        uncleaned_rows = {(row.id, row.device_name) for row in recorded}
+    report.db_records = len(live_names)
+    log.info("Found device records in database", count=report.db_records)
+
+    log.info("Step 3: Identifying orphaned devices")
+    report.orphans = [device for device in devices if device.name not in live_names]
+    report.orphaned = len(report.orphans)
+    for device in report.orphans:
+        log.warning("Found orphaned device", device_id=device.device_id, device_name=device.name,
+                    mounted=device.mounted_at is not None)
+    in_pool = {device.name for device in devices}
+    gone_rows = [row_id for row_id, name in uncleaned_rows if name not in in_pool]
+    report.skipped = len(gone_rows)
+
+    if dry_run:
+        log.info("DRY RUN: Skipping cleanup")
+        return report
+
+    log.info("Step 4: Cleaning up orphaned devices")
+    guard = operation or (lambda _name: nullcontext())
+    for device in report.orphans:
+        with guard("gc-cleanup"):
+            error = _clean_device(pool, device, unmount_timeout)
+        if error is None:
+            report.cleaned += 1
+            _mark_cleaned(engine, device_name=device.name)
+            log.info("Successfully cleaned up orphaned device", device_id=device.device_id, device_name=device.name)
+        else:
+            report.failed += 1
+            report.failures[device.name] = error
+    if gone_rows:
+        _mark_cleaned(engine, row_ids=gone_rows)
+    return report
+
+
+def _clean_device(pool: ThinPool, device: DeviceInfo, unmount_timeout: float) -> str | None:
+    """Unmount (if mounted), deactivate, delete; None on success, else the failed step's
+    error. Each step has its own timeout (inside the pool's calls, or `unmount_timeout`)."""
+    fields = {"device_id": device.device_id, "device_name": device.name}
+    log.info("Attempting to clean up orphaned device", **fields)
+    steps: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("Step 1: Attempting unmount", lambda: _unmount_all(device, unmount_timeout)),
+        ("Step 2: Attempting deactivate", lambda: pool.deactivate(device.device_id)),
+        ("Step 3: Attempting delete from thin pool", lambda: pool.delete(device.device_id)),
+    )
+    for message, step in steps:
+        log.debug(message, **fields)
+        try:
+            step()
+        except ManagerError as exc:
+            log.error("failed to clean up orphaned device", step=message.split(":")[0], error=str(exc), **fields)
+            return f"{message.split(': ')[1].lower()}: {exc}"
+    return None
+
+
+def _unmount_all(device: DeviceInfo, timeout: float) -> None:
+    """Unmount every mount of the device's block device (it may be mounted twice),
+    newest first; not mounted is fine."""
+    targets = [m.target for m in mounts() if device.path and m.source == device.path]
+    if device.mounted_at and device.mounted_at not in targets:
+        targets.append(device.mounted_at)
+    for target in reversed(targets):
+        unmount(target, timeout=timeout)
+
+
+def _mark_cleaned(engine: Engine, *, device_name: str | None = None, row_ids: list[int] | None = None) -> None:
+    """Stamp `cleaned_at` on the orphan rows of a device (or the given rows)."""
+    statement = update(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None)).values(cleaned_at=utcnow())
+    if device_name is not None:
+        statement = statement.where(OrphanedDevice.device_name == device_name)
+    if row_ids is not None:
+        statement = statement.where(OrphanedDevice.id.in_(row_ids))
+    with Session(engine) as session, session.begin():
+        session.execute(statement)
+
+
+def log_summary(report: GcReport) -> None:
+    """The guide's closing lines for a dry run, a clean run, or one with failures."""
+    log.info("=== Garbage Collection Summary ===")
+    log.info("Summary", cleaned=report.cleaned, failed=report.failed, orphaned=report.orphaned,
+             skipped=report.skipped, total_devices=report.total_devices)
+    if report.dry_run:
+        log.info("DRY RUN complete - no changes were made")
+        log.info("Run with --force to actually clean up orphaned devices")
+        return
+    if report.failed:
+        log.warning(SOME_FAILED)
+        log.warning(CONSIDER_REBOOT)
+        return
+    log.info("Garbage collection complete")

@@ -1,0 +1,73 @@
+"""`flyio-image-manager gc [--dry-run] [--force]`: the guide's Garbage Collection Procedure.
+
+A dry run (the default) opens the database without migrating it and only reads; --force
+takes the manager lock, refuses while a job runs or a dm/loop process is stuck in D
+state, then cleans. The logic is catalog/gc.py; this parses and prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from catalog.gc import GcRefused, collect_garbage, log_summary, refuse_if_jobs_running
+from cli.app import common_options, exclusive, open_store, options_of
+from cli.main import register
+from devices.base import ThinPool
+from devices.select import BACKENDS, open_pool
+from fsm.database import open_engine
+from safeguards.guard import GuardConfig, OperationGuard
+from safeguards.health import SystemHealthChecker
+from support.errors import ManagerError
+from support.log import get_logger
+from support.paths import database_path
+
+log = get_logger("catalog.gc")
+
+
+@click.command("gc", help="Find thin devices no database row names; with --force, delete them.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Only list orphaned devices (the default).")
+@click.option("--force", is_flag=True, help="Unmount, deactivate and delete orphaned devices.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
+@common_options
+@click.pass_context
+def gc_cmd(ctx: click.Context, dry_run: bool, force: bool, backend: str) -> None:
+    if dry_run and force:
+        raise ManagerError("--dry-run and --force exclude each other; choose one")
+    state_dir = options_of(ctx).state_dir
+    db = database_path(state_dir)
+    if not db.exists():
+        raise ManagerError(f"database {db} does not exist; without it every device would look orphaned")
+    if not force:
+        log.info("Running in DRY RUN mode - no changes will be made")
+        report = collect_garbage(open_engine(db), _attached_pool(state_dir, backend), dry_run=True)
+        log_summary(report)
+        return
+    log.warning("Running in FORCE mode - orphaned devices will be deleted")
+    log.warning("IMPORTANT: Ensure no FSMs are currently running before proceeding")
+    log.warning("IMPORTANT: This command should only be run when the system is idle")
+    with exclusive(state_dir, "gc"):
+        store = open_store(state_dir)
+        refuse_if_jobs_running(store.engine)
+        dstate = SystemHealthChecker(pool_status=None).check_dstate()
+        if not dstate.passed:
+            raise GcRefused(f"{dstate.reading}; reboot before running gc --force")
+        guard = OperationGuard(GuardConfig(max_concurrent=1, state_dir=state_dir))
+        report = collect_garbage(store.engine, _attached_pool(state_dir, backend), dry_run=False,
+                                 operation=guard.operation)
+    log_summary(report)
+    if not report.ok:
+        ctx.exit(1)
+
+
+def _attached_pool(state_dir: Path, backend: str) -> ThinPool:
+    """The pool, which must already exist: gc neither creates nor re-attaches one."""
+    pool = open_pool(state_dir, backend)
+    status = pool.get_pool_status()
+    if not status.exists:
+        raise ManagerError(f"the thin pool ({pool.backend_name}) is not attached; run setup-pool first")
+    return pool
+
+
+register(gc_cmd)
