@@ -314,3 +314,55 @@ def test_gc_without_a_database_refuses(tmp_path: Path) -> None:
 def test_dry_run_and_force_exclude_each_other(tmp_path: Path) -> None:
     refused = gc(tmp_path, "--dry-run", "--force")
     assert refused.returncode == 1 and "exclude each other" in refused.stderr
+
+
+# --- a cleanup that fails is counted, left alone, and cleaned by a later run -------------
+
+@needs_root
+def test_a_busy_mount_fails_its_cleanup_and_a_later_run_cleans_it(tmp_path: Path) -> None:
+    from devices.filesystem import make_filesystem
+    from migrations import upgrade_database
+
+    state_dir = tmp_path / "state"
+    target = tmp_path / "busy"
+    target.mkdir()
+    busy: subprocess.Popen[bytes] | None = None
+    try:
+        assert manager(state_dir, "setup-pool", "--backend", "blockfile", "--data-size", "512M").returncode == 0
+        upgrade_database(state_dir / "images.db")
+        pool = pool_of(state_dir)
+        pool.create_thin(42, 64 * 1024**2)
+        device = pool.activate(42, 64 * 1024**2)
+        make_filesystem(device)
+        subprocess.run(["mount", device, str(target)], check=True, timeout=60)
+        # A process working inside the mount: umount says "target is busy" (Popen: it must
+        # outlive this call).
+        busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], cwd=target)
+
+        failed = gc(state_dir, "--force")
+        assert failed.returncode == 1, failed.stderr[-2000:]
+        assert FOUND.findall(failed.stderr) == [("42", "thin-42", "true")]
+        assert summary(failed.stderr) == {"cleaned": 0, "failed": 1, "orphaned": 1, "skipped": 0,
+                                          "total_devices": 1}
+        assert "Some devices could not be cleaned - manual intervention may be required" in failed.stderr
+        assert "Consider rebooting the system if devices are stuck in D-state" in failed.stderr
+        assert "Garbage collection complete" not in failed.stderr
+        assert "Successfully cleaned up" not in failed.stderr
+        assert device_names(state_dir) == {"thin-42"}
+        assert os.path.ismount(target)
+
+        busy.kill()
+        busy.wait(timeout=10)
+        busy = None
+        cleaned = gc(state_dir, "--force")
+        assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+        assert summary(cleaned.stderr)["cleaned"] == 1
+        assert not os.path.ismount(target)
+        assert device_names(state_dir) == set()
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait(timeout=10)
+        if os.path.ismount(target):
+            subprocess.run(["umount", str(target)], check=False, timeout=60)
+        teardown(state_dir)
