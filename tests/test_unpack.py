@@ -343,3 +343,17 @@ def test_repeated_whiteouts_of_a_big_directory_stay_cheap(tmp_path: Path) -> Non
     unpack(data, root)
     assert time.monotonic() - started < 20
     assert not os.path.lexists(root / "d/lower") and len(os.listdir(root / "d")) == count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting security.capability and chown to another uid need root")
+def test_file_capability_and_setgid_survive_the_chown(tmp_path: Path) -> None:
+    # A v2 VFS capability (cap_net_bind_service, effective): binary, not valid UTF-8.
+    capability = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
+    data = tar_bytes(file("usr/bin/ping", b"\x7fELF", mode=0o2755, uid=1000, gid=1001,
+                          pax={"SCHILY.xattr.security.capability": capability.decode("utf-8", "surrogateescape")}))
+    stats = unpack(data, tmp_path / "root")
+    target = tmp_path / "root/usr/bin/ping"
+    st = os.lstat(target)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1001, 0o2755)
+    assert os.getxattr(target, "security.capability") == capability
+    assert stats.skipped == {}
