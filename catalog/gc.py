@@ -27,7 +27,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from catalog.models import OrphanedDevice
-from catalog.records import live_device_names, utcnow
+from catalog.records import live_device_names, uncleaned_orphans, utcnow
 from devices.base import DeviceInfo, ThinPool
 from devices.mount import MOUNT_TIMEOUT, mounts, unmount
 from fsm.definition import FINAL_STATES
@@ -82,11 +82,6 @@ def refuse_if_jobs_running(engine: Engine) -> None:
                         f"stop it before gc --force ({len(jobs)} running job(s))")
 
 
-def find_orphans(pool: ThinPool, live_names: set[str]) -> list[DeviceInfo]:
-    """Devices the pool holds that no live row names, lowest id first."""
-    return [device for device in pool.list_devices() if device.name not in live_names]
-
-
 def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
                     operation: Callable[[str], AbstractContextManager[Any]] | None = None,
                     unmount_timeout: float = MOUNT_TIMEOUT) -> GcReport:
@@ -94,6 +89,9 @@ def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
     written to the database or done to a device. `operation` (the Operation Guard)
     wraps each device's cleanup so it never runs beside another dm-heavy step."""
     report = GcReport(dry_run=dry_run)
+    # The pool first, then the database: a job commits a device's row before creating the
+    # device (intent first), so any device listed here already has its row when we read
+    # the rows; the other order could see a new device without its row and call it orphaned.
     log.info("Step 1: Querying devicemapper for thin devices")
     devices = pool.list_devices()
     report.total_devices = len(devices)
@@ -102,8 +100,7 @@ def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
     log.info("Step 2: Querying database for device records")
     with Session(engine) as session:
         live_names = live_device_names(session)
-        recorded = list(session.scalars(select(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None))))
-        uncleaned_rows = {(row.id, row.device_name) for row in recorded}
+        uncleaned_rows = {(row.id, row.device_name) for row in uncleaned_orphans(session)}
     report.db_records = len(live_names)
     log.info("Found device records in database", count=report.db_records)
 
@@ -152,7 +149,7 @@ def _clean_device(pool: ThinPool, device: DeviceInfo, unmount_timeout: float) ->
         log.debug(message, **fields)
         try:
             step()
-        except ManagerError as exc:
+        except (ManagerError, OSError) as exc:
             log.error("failed to clean up orphaned device", step=message.split(":")[0], error=str(exc), **fields)
             return f"{message.split(': ')[1].lower()}: {exc}"
     return None
