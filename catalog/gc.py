@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, create_engine, select, update
 from sqlalchemy.orm import Session
 
 from catalog.models import OrphanedDevice
@@ -59,6 +60,13 @@ class GcReport:
     @property
     def ok(self) -> bool:
         return self.failed == 0
+
+
+def open_read_only(db_path: Path) -> Engine:
+    """An engine that can only read `db_path` (SQLite `mode=ro`): a dry run must not change
+    the file, not even by checkpointing a WAL a crashed process left behind, which
+    closing the last read-write connection would do."""
+    return create_engine(f"sqlite:///file:{db_path}?mode=ro&uri=true", connect_args={"timeout": 5})
 
 
 class GcRefused(ManagerError):

@@ -1,6 +1,6 @@
 """`flyio-image-manager gc [--dry-run] [--force]`: the guide's Garbage Collection Procedure.
 
-A dry run (the default) opens the database without migrating it and only reads; --force
+A dry run (the default) opens the database read-only (no migration, no checkpoint); --force
 takes the manager lock, refuses while a job runs or a dm/loop process is stuck in D
 state, then cleans. The logic is catalog/gc.py; this parses and prints."""
 
@@ -10,12 +10,11 @@ from pathlib import Path
 
 import click
 
-from catalog.gc import GcRefused, collect_garbage, log_summary, refuse_if_jobs_running
+from catalog.gc import GcRefused, collect_garbage, log_summary, open_read_only, refuse_if_jobs_running
 from cli.app import common_options, exclusive, open_store, options_of
 from cli.main import register
 from devices.base import ThinPool
 from devices.select import BACKENDS, open_pool
-from fsm.database import open_engine
 from safeguards.guard import GuardConfig, OperationGuard
 from safeguards.health import SystemHealthChecker
 from support.errors import ManagerError
@@ -41,7 +40,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, force: bool, backend: str) -> None
         raise ManagerError(f"database {db} does not exist; without it every device would look orphaned")
     if not force:
         log.info("Running in DRY RUN mode - no changes will be made")
-        report = collect_garbage(open_engine(db), _attached_pool(state_dir, backend), dry_run=True)
+        report = collect_garbage(open_read_only(db), _attached_pool(state_dir, backend), dry_run=True)
         log_summary(report)
         return
     log.warning("Running in FORCE mode - orphaned devices will be deleted")

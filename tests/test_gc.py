@@ -94,6 +94,18 @@ def traversal_tar() -> bytes:
     return buffer.getvalue()
 
 
+def leave_wal_of_a_crashed_writer(db: Path) -> None:
+    """A process that allocates a thin id, commits and dies before closing: its frames stay
+    in the WAL, and the next read-write connection to close would checkpoint them into the
+    file. (An allocated id that is never used is harmless: ids are never reused.)"""
+    script = ("import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+              "db.execute('UPDATE device_id_counter SET next_device_id = next_device_id + 1'); db.commit(); "
+              "os._exit(0)")
+    subprocess.run([sys.executable, "-c", script, str(db)], check=True, timeout=60)
+    wal = db.with_name(db.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0
+
+
 def tree_digest(device: str, target: Path) -> str:
     """Mount `device` read-only and hash every path, type, size and file content in it."""
     from demo.samples import snapshot_tree
@@ -159,6 +171,7 @@ def test_gc_finds_and_removes_exactly_the_orphans(state_dir: Path, tmp_path: Pat
     assert len(live) >= 2  # the good image's layer device and its snapshot
 
     db = state_dir / "images.db"
+    leave_wal_of_a_crashed_writer(db)
     db_bytes = db.read_bytes()
     dry = gc(state_dir, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-3000:]
