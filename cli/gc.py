@@ -6,6 +6,8 @@ state, then cleans. The logic is catalog/gc.py; this parses and prints."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import click
@@ -18,7 +20,7 @@ from devices.select import BACKENDS, open_pool
 from safeguards.guard import GuardConfig, OperationGuard
 from safeguards.health import SystemHealthChecker
 from support.errors import ManagerError
-from support.log import get_logger
+from support.log import configure_logging, get_logger
 from support.paths import database_path
 
 log = get_logger("catalog.gc")
@@ -34,7 +36,12 @@ log = get_logger("catalog.gc")
 def gc_cmd(ctx: click.Context, dry_run: bool, force: bool, backend: str) -> None:
     if dry_run and force:
         raise ManagerError("--dry-run and --force exclude each other; choose one")
-    state_dir = options_of(ctx).state_dir
+    options = options_of(ctx)
+    state_dir = options.state_dir
+    # The log is this command's report: on stdout, so the guide's
+    # `gc --dry-run | grep "orphaned="` works; errors stay one line on stderr.
+    configure_logging(log_format=options.log_format, stream=sys.stdout,
+                      level=logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO)
     db = database_path(state_dir)
     if not db.exists():
         raise ManagerError(f"database {db} does not exist; without it every device would look orphaned")

@@ -54,9 +54,10 @@ def gc(state_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return manager(state_dir, "gc", "--backend", "blockfile", *flags)
 
 
-def summary(stderr: str) -> dict[str, int]:
-    found = SUMMARY.findall(stderr)
-    assert len(found) == 1, stderr[-3000:]
+def summary(report: str) -> dict[str, int]:
+    """The counts of gc's Summary line (gc logs its report on stdout)."""
+    found = SUMMARY.findall(report)
+    assert len(found) == 1, report[-3000:]
     return dict(zip(("cleaned", "failed", "orphaned", "skipped", "total_devices"), map(int, found[0])))
 
 
@@ -174,33 +175,33 @@ def test_gc_finds_and_removes_exactly_the_orphans(state_dir: Path, tmp_path: Pat
     leave_wal_of_a_crashed_writer(db)
     db_bytes = db.read_bytes()
     dry = gc(state_dir, "--dry-run")
-    assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "Running in DRY RUN mode - no changes will be made" in dry.stderr
-    assert {name for _, name, _ in FOUND.findall(dry.stderr)} == orphans
-    assert summary(dry.stderr) == {"cleaned": 0, "failed": 0, "orphaned": 2, "skipped": 0,
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert "Running in DRY RUN mode - no changes will be made" in dry.stdout
+    assert {name for _, name, _ in FOUND.findall(dry.stdout)} == orphans
+    assert summary(dry.stdout) == {"cleaned": 0, "failed": 0, "orphaned": 2, "skipped": 0,
                                    "total_devices": len(all_devices)}
-    assert re.search(rf"Found device records in database\s+count={len(live)}$", dry.stderr, re.MULTILINE)
+    assert re.search(rf"Found device records in database\s+count={len(live)}$", dry.stdout, re.MULTILINE)
     for line in ("DRY RUN: Skipping cleanup", "DRY RUN complete - no changes were made",
                  "Run with --force to actually clean up orphaned devices"):
-        assert line in dry.stderr
-    assert "Step 4" not in dry.stderr
+        assert line in dry.stdout
+    assert "Step 4" not in dry.stdout
     assert db.read_bytes() == db_bytes
     assert device_names(state_dir) == all_devices
     # A plain `gc` is a dry run too.
-    assert summary(gc(state_dir).stderr)["cleaned"] == 0
+    assert summary(gc(state_dir).stdout)["cleaned"] == 0
     assert device_names(state_dir) == all_devices
 
     force = gc(state_dir, "--force", "--verbose")
-    assert force.returncode == 0, force.stderr[-3000:]
+    assert force.returncode == 0, force.stdout[-3000:]
     for line in ("Running in FORCE mode - orphaned devices will be deleted",
                  "IMPORTANT: Ensure no FSMs are currently running before proceeding",
                  "IMPORTANT: This command should only be run when the system is idle",
                  "Step 4: Cleaning up orphaned devices", "Garbage collection complete"):
-        assert line in force.stderr
+        assert line in force.stdout
     for name in orphans:
         for step in ("Attempting to clean up orphaned device", "DEBUG[", "Successfully cleaned up orphaned device"):
-            assert re.search(rf"{re.escape(step)}.*device_name={name}\b", force.stderr), (step, name)
-    assert summary(force.stderr) == {"cleaned": 2, "failed": 0, "orphaned": 2, "skipped": 0,
+            assert re.search(rf"{re.escape(step)}.*device_name={name}\b", force.stdout), (step, name)
+    assert summary(force.stdout) == {"cleaned": 2, "failed": 0, "orphaned": 2, "skipped": 0,
                                      "total_devices": len(all_devices)}
     assert device_names(state_dir) == live
     assert all(cleaned_at is not None for cleaned_at in orphan_rows(state_dir).values())
@@ -208,7 +209,7 @@ def test_gc_finds_and_removes_exactly_the_orphans(state_dir: Path, tmp_path: Pat
     # The completed image is untouched: its snapshot still mounts with the same tree.
     assert tree_digest(good_fields["snapshot_device"], tmp_path / "mnt-after") == before_tree
     again = gc(state_dir, "--dry-run")
-    assert summary(again.stderr)["orphaned"] == 0
+    assert summary(again.stdout)["orphaned"] == 0
     # No orphans left: the next job has nothing to say about gc.
     rerun = process(state_dir, sample_bucket.name, sample_bucket.endpoint_url, GOOD_KEY)
     assert rerun.returncode == 0 and ORPHAN_HINT not in rerun.stderr
@@ -227,13 +228,13 @@ def test_rows_of_devices_already_gone_are_skipped_and_marked(state_dir: Path, s3
     pool.delete(device_id)  # an operator removed it by hand
 
     dry = gc(state_dir, "--dry-run")
-    assert summary(dry.stderr) == {"cleaned": 0, "failed": 0, "orphaned": 0, "skipped": 1, "total_devices": 0}
+    assert summary(dry.stdout) == {"cleaned": 0, "failed": 0, "orphaned": 0, "skipped": 1, "total_devices": 0}
     assert orphan_rows(state_dir) == {name: None}
     force = gc(state_dir, "--force")
-    assert force.returncode == 0, force.stderr[-2000:]
-    assert summary(force.stderr)["skipped"] == 1
+    assert force.returncode == 0, force.stdout[-2000:]
+    assert summary(force.stdout)["skipped"] == 1
     assert orphan_rows(state_dir)[name] is not None
-    assert summary(gc(state_dir, "--force").stderr)["skipped"] == 0
+    assert summary(gc(state_dir, "--force").stdout)["skipped"] == 0
 
 
 # --- a mkfs timeout is a hazard: the device is left active for gc ------------------------
@@ -257,8 +258,8 @@ def test_mkfs_timeout_leaves_an_active_device_for_gc(state_dir: Path, sample_buc
     assert loop.find_backing(image_file) == [device.path]
 
     force = gc(state_dir, "--force")
-    assert force.returncode == 0, force.stderr[-3000:]
-    assert summary(force.stderr) == {"cleaned": 1, "failed": 0, "orphaned": 1, "skipped": 0, "total_devices": 1}
+    assert force.returncode == 0, force.stdout[-3000:]
+    assert summary(force.stdout) == {"cleaned": 1, "failed": 0, "orphaned": 1, "skipped": 0, "total_devices": 1}
     assert device_names(state_dir) == set()
     assert not image_file.exists()
     assert device.path not in {d.device for d in loop.loop_devices()
@@ -296,7 +297,7 @@ def test_force_is_refused_while_the_manager_lock_is_held(tmp_path: Path, sleeper
     error_lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, refused.stderr
     assert f"pid {sleeper.pid}" in error_lines[0] and "process-image" in error_lines[0]
-    assert "Step 1" not in refused.stderr
+    assert "Step 1" not in refused.stdout
     assert lock.read_text() == content
 
 
@@ -313,7 +314,7 @@ def test_force_is_refused_while_a_live_process_runs_a_job(tmp_path: Path, sleepe
     assert refused.returncode == 1
     assert re.search(rf"^error: job {job.id} \(downloading\) is being run by pid {sleeper.pid}", refused.stderr,
                      re.MULTILINE), refused.stderr
-    assert "Step 1" not in refused.stderr
+    assert "Step 1" not in refused.stdout
     assert not (state_dir / "fsm" / "flyio-manager.lock").exists()  # released after the refusal
 
 
@@ -353,14 +354,14 @@ def test_a_busy_mount_fails_its_cleanup_and_a_later_run_cleans_it(tmp_path: Path
         busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], cwd=target)
 
         failed = gc(state_dir, "--force")
-        assert failed.returncode == 1, failed.stderr[-2000:]
-        assert FOUND.findall(failed.stderr) == [("42", "thin-42", "true")]
-        assert summary(failed.stderr) == {"cleaned": 0, "failed": 1, "orphaned": 1, "skipped": 0,
+        assert failed.returncode == 1, failed.stdout[-2000:]
+        assert FOUND.findall(failed.stdout) == [("42", "thin-42", "true")]
+        assert summary(failed.stdout) == {"cleaned": 0, "failed": 1, "orphaned": 1, "skipped": 0,
                                           "total_devices": 1}
-        assert "Some devices could not be cleaned - manual intervention may be required" in failed.stderr
-        assert "Consider rebooting the system if devices are stuck in D-state" in failed.stderr
-        assert "Garbage collection complete" not in failed.stderr
-        assert "Successfully cleaned up" not in failed.stderr
+        assert "Some devices could not be cleaned - manual intervention may be required" in failed.stdout
+        assert "Consider rebooting the system if devices are stuck in D-state" in failed.stdout
+        assert "Garbage collection complete" not in failed.stdout
+        assert "Successfully cleaned up" not in failed.stdout
         assert device_names(state_dir) == {"thin-42"}
         assert os.path.ismount(target)
 
@@ -368,8 +369,8 @@ def test_a_busy_mount_fails_its_cleanup_and_a_later_run_cleans_it(tmp_path: Path
         busy.wait(timeout=10)
         busy = None
         cleaned = gc(state_dir, "--force")
-        assert cleaned.returncode == 0, cleaned.stderr[-2000:]
-        assert summary(cleaned.stderr)["cleaned"] == 1
+        assert cleaned.returncode == 0, cleaned.stdout[-2000:]
+        assert summary(cleaned.stdout)["cleaned"] == 1
         assert not os.path.ismount(target)
         assert device_names(state_dir) == set()
     finally:

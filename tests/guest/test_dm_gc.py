@@ -90,16 +90,16 @@ def test_gc_on_dm_thin(state_dir: Path, tmp_path: Path) -> None:
 
     db_bytes = db.read_bytes()
     dry = gc(state_dir, "--dry-run")
-    assert dry.returncode == 0, dry.stderr[-3000:]
-    assert re.search(r"Found orphaned device\s+device_id=50 device_name=thin-50 mounted=true", dry.stderr)
-    assert re.search(r"Found orphaned device\s+device_id=51 device_name=thin-51 mounted=false", dry.stderr)
-    assert SUMMARY.search(dry.stderr).groups() == ("0", "0", "2", "0", "3")
+    assert dry.returncode == 0, dry.stdout[-3000:]
+    assert re.search(r"Found orphaned device\s+device_id=50 device_name=thin-50 mounted=true", dry.stdout)
+    assert re.search(r"Found orphaned device\s+device_id=51 device_name=thin-51 mounted=false", dry.stdout)
+    assert SUMMARY.search(dry.stdout).groups() == ("0", "0", "2", "0", "3")
     assert db.read_bytes() == db_bytes
     assert dm_names() == {f"thin-{live_id}", "thin-50"}
 
     force = gc(state_dir, "--force", "--verbose")
-    assert force.returncode == 0, force.stderr[-3000:]
-    assert SUMMARY.search(force.stderr).groups() == ("2", "0", "2", "0", "3")
+    assert force.returncode == 0, force.stdout[-3000:]
+    assert SUMMARY.search(force.stdout).groups() == ("2", "0", "2", "0", "3")
     assert dm_names() == {f"thin-{live_id}"}
     assert {d.device_id for d in pool.list_devices()} == {live_id}
     assert not os.path.ismount(tmp_path / "mnt")
