@@ -70,10 +70,12 @@ def open_runner(db_path: Path) -> Runner:
     return Runner(JobStore(open_engine(db_path)), {ENGINE_TEST.name: ENGINE_TEST})
 
 
-def race(db_path: Path, job_id: int, start_at: float) -> int:
-    """Wait until `start_at`, then try to run the job; print who won."""
+def race(db_path: Path, job_id: int, go_file: Path) -> int:
+    """Say "ready", wait for `go_file` to appear, then try to run the job; print who won."""
     runner = open_runner(db_path)
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    while not go_file.exists():
+        time.sleep(0.001)
     from fsm import JobBusy
     try:
         job = runner.run(job_id)
@@ -86,9 +88,9 @@ def race(db_path: Path, job_id: int, start_at: float) -> int:
 
 def main(argv: list[str]) -> int:
     """`python -m tests.engine_workflow DB EFFECTS JOBS [PREFIX]` : resume, then start JOBS jobs;
-    `python -m tests.engine_workflow race DB JOB_ID START_AT` : race to run one job."""
+    `python -m tests.engine_workflow race DB JOB_ID GO_FILE` : race to run one job."""
     if argv[0] == "race":
-        return race(Path(argv[1]), int(argv[2]), float(argv[3]))
+        return race(Path(argv[1]), int(argv[2]), Path(argv[3]))
     db_path, effects, jobs = Path(argv[0]), argv[1], int(argv[2])
     prefix = argv[3] if len(argv) > 3 else "job"
     runner = open_runner(db_path)

@@ -74,9 +74,12 @@ def test_two_processes_racing_to_resume_one_job_exactly_one_wins(tmp_path: Path)
     db, effects = tmp_path / "images.db", tmp_path / "effects.log"
     runner = open_runner(db)
     job, _ = runner.store.create_or_get(ENGINE_TEST.name, "race", ENGINE_TEST.initial,
-                                        {"effects": str(effects), "rounds": 2, "max_sleep": 0.2})
-    start_at = time.time() + 2.0
-    procs = [_spawn("race", str(db), str(job.id), str(start_at)) for _ in range(2)]
+                                        {"effects": str(effects), "rounds": 2, "max_sleep": 0.5})
+    go = tmp_path / "go"
+    procs = [_spawn("race", str(db), str(job.id), str(go)) for _ in range(2)]
+    for proc in procs:  # both loaded and waiting: the race starts at the same instant under any load
+        assert proc.stdout is not None and proc.stdout.readline().decode().strip() == "ready"
+    go.touch()
     outputs = sorted(p.communicate(timeout=60)[0].decode().strip() for p in procs)
     assert outputs == ["busy", "won complete"], outputs
     assert runner.store.get(job.id).state == "complete"
