@@ -1,6 +1,20 @@
-"""A QEMU guest with a device-mapper kernel for tests (see tests/vm/harness.py)."""
+"""A QEMU guest with a device-mapper kernel for tests (see tests/vm/README.md)."""
 
-from tests.vm.assets import AssetsUnavailable, ensure_assets
-from tests.vm.harness import GuestResult, RunningGuest, run_in_guest, start_guest
+from tests.vm.harness import (
+    AssetsUnavailable,
+    GuestAssets,
+    GuestResult,
+    RunningGuest,
+    VmAssets,
+    VmCommandError,
+    VmError,
+    default_cache_dir,
+    ensure_assets,
+    run_in_guest,
+    start_guest,
+)
 
-__all__ = ["AssetsUnavailable", "GuestResult", "RunningGuest", "ensure_assets", "run_in_guest", "start_guest"]
+__all__ = [
+    "AssetsUnavailable", "GuestAssets", "GuestResult", "RunningGuest", "VmAssets", "VmCommandError", "VmError",
+    "default_cache_dir", "ensure_assets", "run_in_guest", "start_guest",
+]
