@@ -167,7 +167,7 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 R=/host
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot $R || { echo "FLYIO-GUEST-EXIT=254"; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot $R || { echo "FLYIO-GUEST-EXIT=254"; poweroff -f; }
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -176,7 +176,7 @@ mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/run
-mkdir -p "$R$share" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none share "$R$share" \
+mkdir -p "$R$share" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap share "$R$share" \
   || { echo "FLYIO-GUEST-EXIT=253"; poweroff -f; }
 chroot $R /bin/sh "$script"
 rc=$?
