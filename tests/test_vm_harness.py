@@ -213,7 +213,10 @@ def test_guest_runs_argv_in_cwd_with_env_and_propagates_exit_code(assets: VmAsse
     the share is writable at the same path, and the exit code comes back."""
     script = (
         'printf "<%s>\\n" "$@"; echo "cwd=$(pwd)"; echo "foo=$FOO"; echo "python=$(command -v python3)"; '
-        'python3 -c "import sys, sqlite3; print(\'py\', sys.version_info[:2])"; '
+        # SQLite in WAL mode on the share: needs the share's cache=mmap (shared mmap of -shm).
+        'python3 -c "import sys, sqlite3; db = sqlite3.connect(\'wal.db\'); '
+        'print(\'py\', sys.version_info[:2], db.execute(\'pragma journal_mode=wal\').fetchone()[0]); '
+        'db.execute(\'create table t(x)\'); db.commit()"; '
         'touch /usr/.flyio-vm-probe 2>/dev/null && echo root-writable || echo root-read-only; '
         'echo from-guest > written.txt; exit 7'
     )
@@ -225,7 +228,7 @@ def test_guest_runs_argv_in_cwd_with_env_and_propagates_exit_code(assets: VmAsse
     assert f"cwd={tmp_path}" in lines
     assert "foo=x y;$(false)" in lines
     assert f"python={shutil.which('python3', path=guest_env()['PATH'])}" in lines
-    assert f"py {tuple(sys.version_info[:2])}" in lines
+    assert f"py {tuple(sys.version_info[:2])} wal" in lines
     assert "root-read-only" in lines
     assert (tmp_path / "written.txt").read_text() == "from-guest\n"
     assert not (tmp_path / ".flyio-vm").exists(), "the per-run folder is removed afterwards"

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.vm.harness import AssetsUnavailable, GuestResult, VmError, run_in_guest
+from tests.vm.harness import ROOT_CACHES, SHARE_CACHES, AssetsUnavailable, GuestResult, VmError, run_in_guest
 
 EXIT_TIMEOUT = 124
 EXIT_NO_MARKER = 125
@@ -28,8 +28,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
     parser.add_argument("--cwd", default=None, help="working directory in the guest (default: the current one)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment variable")
-    parser.add_argument("--root-cache", choices=("none", "loose"), default="none",
-                        help="9p cache mode of the read-only host root (loose: faster imports)")
+    parser.add_argument("--root-cache", choices=ROOT_CACHES, default="loose",
+                        help="9p cache mode of the read-only host root (none: always re-read from the host)")
+    parser.add_argument("--share-cache", choices=SHARE_CACHES, default="mmap",
+                        help="9p cache mode of the share (mmap: shared mmap works, e.g. SQLite WAL)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -57,7 +59,8 @@ def _run(args: argparse.Namespace, share: Path) -> GuestResult:
     env = dict(item.split("=", 1) for item in args.env)
     stream = _Stream()
     result = run_in_guest(args.command, share_dir=share, timeout=args.timeout, memory_mb=args.memory,
-                          cpus=args.cpus, env=env, cwd=args.cwd, root_cache=args.root_cache, on_output=stream)
+                          cpus=args.cpus, env=env, cwd=args.cwd, root_cache=args.root_cache,
+                          share_cache=args.share_cache, on_output=stream)
     if not stream.at_line_start:  # the kernel's last message has no newline
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -586,13 +586,14 @@ def _safe_share(share_dir: Path | str) -> Path:
 
 
 def qemu_command(assets: VmAssets, *, share: Path, script: Path, nonce: str, memory_mb: int = 1024,
-                 cpus: int = 2, root_cache: str = "none") -> list[str]:
+                 cpus: int = 2, root_cache: str = "loose", share_cache: str = "mmap") -> list[str]:
     """The QEMU argv real-kernel.md measured: TCG, serial console on stdio, two 9p shares."""
     append = " ".join([
         "console=ttyS0", "quiet", "panic=-1",
         # Nothing to mitigate in a throwaway guest, and TCG pays dearly for each mitigation.
         "mitigations=off",
-        f"flyio.run={nonce}", f"flyio.share={share}", f"flyio.script={script}", f"flyio.rootcache={root_cache}",
+        f"flyio.run={nonce}", f"flyio.share={share}", f"flyio.script={script}",
+        f"flyio.rootcache={root_cache}", f"flyio.sharecache={share_cache}",
     ])
     return [
         "qemu-system-x86_64",
@@ -690,6 +691,19 @@ class RunningGuest:
             time.sleep(interval)
         return False
 
+    def wait_for_output(self, text: str, timeout: float, interval: float = 0.05) -> bool:
+        """Wait until `text` appears on the console. False when the guest ended first or
+        `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output:
+                return True
+            if not self.running:
+                self._reader.join(timeout=10)
+                return text in self.output
+            time.sleep(interval)
+        return False
+
     def wait(self, timeout: float) -> GuestResult:
         """Wait until the guest powers off; past `timeout` seconds (counted from now)
         SIGKILL QEMU and report timed_out."""
@@ -740,18 +754,28 @@ class RunningGuest:
         self.kill()
 
 
+ROOT_CACHES = ("loose", "none")
+SHARE_CACHES = ("mmap", "none")
+
+
 def start_guest(argv: Sequence[str], *, share_dir: Path | str, memory_mb: int = 1024, cpus: int = 2,
-                env: Mapping[str, str] | None = None, cwd: str | None = None, root_cache: str = "none",
-                on_output: Callable[[str], None] | None = None, assets: VmAssets | None = None) -> RunningGuest:
+                env: Mapping[str, str] | None = None, cwd: str | None = None, root_cache: str = "loose",
+                share_cache: str = "mmap", on_output: Callable[[str], None] | None = None,
+                assets: VmAssets | None = None) -> RunningGuest:
     """Boot a guest that runs `argv` chrooted in the host's root, in `cwd` (default: the
     current directory), with guest_env(env); it powers off when the command ends.
 
-    `root_cache="loose"` lets the guest cache the read-only host root (faster Python
-    imports; host changes made while the guest runs may go unseen).
-    `on_output` receives the console text as it arrives (from a reader thread).
+    root_cache: 9p cache of the read-only host root. "loose" (default) caches it in the
+    guest: Python imports are several times faster, but a host file changed while the
+    guest runs may be seen stale. "none" reads everything through (real-kernel.md's mount).
+    share_cache: "mmap" (default) is cache=none plus shared writable mmap, which SQLite's
+    WAL needs; "none" is the plain mount (WAL databases then fail with "disk I/O error").
+    on_output: receives the console text as it arrives (called from a reader thread).
     """
-    if root_cache not in ("none", "loose"):
-        raise ValueError(f"root_cache must be none or loose, not {root_cache!r}")
+    if root_cache not in ROOT_CACHES:
+        raise ValueError(f"root_cache must be one of {ROOT_CACHES}, not {root_cache!r}")
+    if share_cache not in SHARE_CACHES:
+        raise ValueError(f"share_cache must be one of {SHARE_CACHES}, not {share_cache!r}")
     share = _safe_share(share_dir)
     assets = assets or ensure_assets()
     nonce = uuid.uuid4().hex[:12]
@@ -760,7 +784,7 @@ def start_guest(argv: Sequence[str], *, share_dir: Path | str, memory_mb: int = 
     script = run_dir / "command.sh"
     script.write_text(command_script(argv, guest_env(env), cwd or os.getcwd(), nonce))
     qemu = qemu_command(assets, share=share, script=script, nonce=nonce, memory_mb=memory_mb, cpus=cpus,
-                        root_cache=root_cache)
+                        root_cache=root_cache, share_cache=share_cache)
     try:
         return RunningGuest(qemu, nonce=nonce, run_dir=run_dir, on_output=on_output)
     except OSError as exc:
@@ -770,11 +794,13 @@ def start_guest(argv: Sequence[str], *, share_dir: Path | str, memory_mb: int = 
 
 def run_in_guest(argv: Sequence[str], *, share_dir: Path | str, timeout: float, memory_mb: int = 1024,
                  cpus: int = 2, env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 root_cache: str = "none", on_output: Callable[[str], None] | None = None) -> GuestResult:
+                 root_cache: str = "loose", share_cache: str = "mmap",
+                 on_output: Callable[[str], None] | None = None) -> GuestResult:
     """Boot a guest, run `argv` in it, return its exit code and console. `timeout` covers
-    boot and command; past it QEMU is SIGKILLed and the result says timed_out."""
+    boot and command; past it QEMU is SIGKILLed and the result says timed_out.
+    The other arguments are start_guest's."""
     guest = start_guest(argv, share_dir=share_dir, memory_mb=memory_mb, cpus=cpus, env=env, cwd=cwd,
-                        root_cache=root_cache, on_output=on_output)
+                        root_cache=root_cache, share_cache=share_cache, on_output=on_output)
     with guest:
         return guest.wait(timeout)
 

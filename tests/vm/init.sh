@@ -13,7 +13,8 @@
 #                         marker cannot fool the host
 #   flyio.share=PATH      absolute path of the writable share, on host and guest alike
 #   flyio.script=PATH     the command script (inside the share), run with /bin/sh
-#   flyio.rootcache=MODE  9p cache mode of the read-only host root (none|loose)
+#   flyio.rootcache=MODE  9p cache mode of the read-only host root (loose|none)
+#   flyio.sharecache=MODE 9p cache mode of the writable share (mmap|none)
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -23,13 +24,14 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-run=unknown share="" script="" rootcache=none
+run=unknown share="" script="" rootcache=loose sharecache=mmap
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     flyio.run=*) run="${arg#flyio.run=}" ;;
     flyio.share=*) share="${arg#flyio.share=}" ;;
     flyio.script=*) script="${arg#flyio.script=}" ;;
     flyio.rootcache=*) rootcache="${arg#flyio.rootcache=}" ;;
+    flyio.sharecache=*) sharecache="${arg#flyio.sharecache=}" ;;
   esac
 done
 
@@ -69,7 +71,7 @@ mount -t tmpfs tmpfs "$R/run" || fail "cannot mount tmpfs on /run"
 # but shared mmap works, which SQLite's WAL index (images.db-shm) needs: under cache=none
 # every SQLite open in WAL mode fails with "disk I/O error".
 mkdir -p "$R$share" 2>/dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap share "$R$share" \
+mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=$sharecache" share "$R$share" \
   || fail "cannot mount the writable share on $share (9p tag share)"
 
 # Own line: the firmware leaves its last line unterminated.
