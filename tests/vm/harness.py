@@ -440,7 +440,24 @@ def ensure_initramfs(cache: Path, tree: Path, version: str) -> VmAssets:
     order = module_load_order(tree / "lib" / "modules" / version)
     _write_atomically(initrd, build_initramfs(order))
     _write_atomically(manifest, json.dumps({"modules": [name for name, _ in order]}).encode())
+    prune_initramfs(cache, keep=initrd)
     return VmAssets(version, kernel, initrd, tuple(name for name, _ in order))
+
+
+def prune_initramfs(cache: Path, keep: Path, min_age: float = 600.0) -> None:
+    """Remove initramfs images (and manifests) other than `keep`, built before init.sh or
+    busybox last changed. Only those older than `min_age` seconds: a test session that
+    started before the change may be about to boot the one it resolved (QEMU reads the
+    file once, at start, so a running guest does not care)."""
+    now = time.time()
+    for path in cache.glob("initramfs-*"):
+        if path.stem == keep.stem or not path.name.endswith((".img", ".json")):
+            continue
+        try:
+            if now - path.stat().st_mtime > min_age:
+                path.unlink()
+        except OSError:
+            pass  # another session pruned it first
 
 
 def build_initramfs(order: Sequence[tuple[str, Path]]) -> bytes:
