@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from safeguards.manager_lock import LockHeld, LockLost, ManagerLock, read_lock
+from safeguards.manager_lock import LockHeld, LockLost, ManagerLock, current_boot_id, read_lock
 from support.paths import lock_path
 from support.proc import run_command
 
@@ -185,3 +185,19 @@ def test_eight_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path: Path
             done.touch()
             outcomes = sorted(f.result() for f in futures)
         assert outcomes == ["LOST"] * 7 + ["WON"], f"round {round_number}: {outcomes}"
+
+
+def test_lock_from_before_a_reboot_is_stale_even_if_its_pid_now_lives(tmp_path: Path) -> None:
+    """After a power cut early pids repeat: the old holder's pid can be a live, unrelated
+    process (seen in the QEMU power-cut test: it was the new process-image's parent)."""
+    path = lock_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    live = os.getppid()
+    path.write_text(json.dumps({"pid": live, "timestamp": int(time.time()), "command": "process-image",
+                                "boot_id": "00000000-0000-0000-0000-000000000000"}))
+    with ManagerLock(path, "process-image"):
+        assert json.loads(path.read_text())["boot_id"] == current_boot_id() != ""
+    path.write_text(json.dumps({"pid": live, "timestamp": int(time.time()), "command": "process-image",
+                                "boot_id": current_boot_id()}))
+    with pytest.raises(LockHeld, match=f"pid {live}"):  # same boot, live pid: held
+        ManagerLock(path, "process-image").acquire()
