@@ -10,6 +10,9 @@ origin's data; with copies (`blockfile-directory` on a host without reflink) the
 Then the median latency of create_thin, create_snapshot, activate (fresh and again),
 deactivate and delete on small devices.
 
+`--backend devicemapper` on a host without device-mapper boots a QEMU guest (tests/vm)
+and runs there; use `--sizes-mb 10,200` (TCG writes slowly).
+
 Backends are entries of BACKENDS: a function from (PoolConfig) to a ThinPool; add one
 there (e.g. devicemapper) and every figure is measured the same way.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +46,32 @@ def blockfile_directory(config: PoolConfig) -> ThinPool:
     return BlockfilePool(config, use_xfs=False)
 
 
+def devicemapper(config: PoolConfig) -> ThinPool:
+    """dm-thin; on a host without device-mapper, main() re-runs the benchmark in a QEMU guest."""
+    from devices.devicemapper import DevicemapperPool
+
+    return DevicemapperPool(config)
+
+
 BACKENDS: dict[str, Callable[[PoolConfig], ThinPool]] = {
     "blockfile": blockfile,
     "blockfile-directory": blockfile_directory,
+    "devicemapper": devicemapper,
 }
+
+
+def run_in_vm(argv: list[str], timeout: float = 3600) -> None:
+    """This benchmark with `argv`, inside a dm-thin guest (tests/vm); pool files on a share.
+    TCG emulation: compare shapes (growth with size), not absolute milliseconds."""
+    from tests.vm import run_in_guest
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench-snapshot-vm-", dir="/var/tmp") as share:
+        result = run_in_guest([sys.executable, "-m", "bench.snapshot", *argv, "--work-dir", share],
+                              share_dir=share, timeout=timeout, cwd=str(repo), root_cache="loose")
+    print(result.command_output.strip())
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark in the guest failed (returncode {result.returncode}, timed out: {result.timed_out})")
 
 
 @contextmanager
@@ -130,6 +156,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="samples per figure (the median is printed)")
     parser.add_argument("--work-dir", default=None, help="where the pool files go (default: a new temp dir)")
     args = parser.parse_args()
+    if args.backend == "devicemapper" and not Path("/dev/mapper/control").exists():
+        run_in_vm(sys.argv[1:])
+        return
     sizes = [int(float(s) * MiB) for s in args.sizes_mb.split(",")]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-snapshot-"))
     # Room for the largest origin twice over (a copying backend duplicates it) plus the 10% floor.
