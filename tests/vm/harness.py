@@ -649,7 +649,9 @@ class RunningGuest:
 
     def _read(self) -> None:
         stream = self.process.stdout
-        assert stream is not None
+        # Popen's default buffering gives a BufferedReader: read1 returns what is there
+        # instead of waiting for a full buffer, so the console streams live.
+        assert isinstance(stream, io.BufferedReader)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""  # a chunk may end inside an escape sequence: hold that back
         while chunk := stream.read1(65536):
