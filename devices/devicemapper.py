@@ -294,7 +294,14 @@ class DevicemapperPool:
         meta = loop.find_backing(self.meta_file)
         if not meta or not self.get_pool_status().exists:
             return []
-        self._message("reserve_metadata_snap")
+        try:
+            self._message("reserve_metadata_snap")
+        except CommandFailed as exc:
+            if EEXIST not in str(exc) and "Invalid argument" not in str(exc):
+                raise
+            # One left reserved by a process that died between reserve and release.
+            self._message("release_metadata_snap")
+            self._message("reserve_metadata_snap")
         try:
             out = run_command(["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", meta[0]],
                               timeout=THIN_LS_TIMEOUT).stdout

@@ -156,3 +156,21 @@ def test_refuses_foreign_metadata_file(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no dm-thin metadata"):
         pool.ensure_pool_exists()
     assert not pool.get_pool_status().exists
+
+
+def test_needs_check_pool_is_reported_and_refused(pool: DevicemapperPool) -> None:
+    """The superblock's needs_check flag (what the kernel sets after a metadata error)
+    comes back as needs_check + read-only; health validation and creates refuse it."""
+    from tests.guest.capture_dm_status import set_needs_check
+
+    pool.ensure_pool_exists()
+    pool.create_thin(1, THIN_SIZE)
+    pool.teardown_pool()
+    set_needs_check(pool.meta_file)
+    status = pool.ensure_pool_exists()
+    assert status.exists and status.needs_check and status.read_only and not status.healthy
+    with pytest.raises(PoolUnhealthy, match="needs_check"):
+        pool.validate_pool_health()
+    with pytest.raises(PoolUnhealthy, match="needs_check"):
+        pool.create_thin(2, THIN_SIZE)
+    assert [d.device_id for d in pool.list_devices()] in ([1], []), "listing must not fail on a read-only pool"
