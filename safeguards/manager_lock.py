@@ -1,9 +1,9 @@
 """The guide's Manager Lock: one flyio-image-manager process per host.
 
 `<state-dir>/fsm/flyio-manager.lock` is created with O_CREAT|O_EXCL and holds
-{"pid", "timestamp", "command", "boot_id"}. The lock is stale when it was written
-before the last reboot (its boot_id is not the kernel's: after a power cut early pids
-repeat, and the old holder's pid may now be an unrelated live process), when its pid is dead (or a zombie,
+{"pid", "timestamp", "command"}. The lock is stale when its timestamp predates this
+boot (`btime` in /proc/stat: after a power cut early pids repeat, and the old holder's
+pid may now be an unrelated live process), when its pid is dead (or a zombie,
 or is this very process, which does not hold it: a pid reused after a restart), when
 its timestamp is older than `stale_after` (5 minutes) even if the pid is alive, or
 when its content is unreadable for longer than a grace period (a writer may be
@@ -67,7 +67,6 @@ class LockInfo:
     pid: int
     timestamp: float
     command: str
-    boot_id: str = ""  # empty in locks written before boot ids were recorded
 
     @property
     def since(self) -> str:
@@ -79,18 +78,20 @@ def read_lock(path: Path) -> LockInfo | None:
     """The lock's content, or None when absent or unreadable (for status displays)."""
     try:
         data = json.loads(Path(path).read_bytes())
-        return LockInfo(pid=int(data["pid"]), timestamp=float(data["timestamp"]), command=str(data["command"]),
-                        boot_id=str(data.get("boot_id", "")))
+        return LockInfo(pid=int(data["pid"]), timestamp=float(data["timestamp"]), command=str(data["command"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def current_boot_id() -> str:
-    """This boot's random id (the kernel makes a new one at every boot); "" if unreadable."""
+def boot_time() -> float | None:
+    """When this system booted (`btime` of /proc/stat, epoch seconds); None if unreadable."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _process_running(pid: int) -> bool:
@@ -156,8 +157,7 @@ class ManagerLock:
         raise LockHeld(f"could not take the manager lock {self.path}: it kept changing hands")
 
     def _content(self) -> bytes:
-        return json.dumps({"pid": os.getpid(), "timestamp": int(time.time()), "command": self.command,
-                           "boot_id": current_boot_id()}).encode()
+        return json.dumps({"pid": os.getpid(), "timestamp": int(time.time()), "command": self.command}).encode()
 
     def _create(self) -> bool:
         """O_CREAT|O_EXCL: exactly one creator of an absent path wins."""
@@ -190,8 +190,10 @@ class ManagerLock:
             reason = "unreadable" if age > self.unreadable_grace else None
             return _Verdict(reason, None, age)
         age = now - info.timestamp
-        if info.boot_id and current_boot_id() and info.boot_id != current_boot_id():
-            return _Verdict(f"written before the last reboot (boot {info.boot_id[:8]})", info, age)
+        booted = boot_time()
+        # The timestamp is whole seconds and btime is rounded: a second of slack.
+        if booted is not None and info.timestamp < booted - 1:
+            return _Verdict("written before this boot (pid reused after a reboot)", info, age)
         if info.pid == os.getpid() and str(self.path.resolve()) not in _HELD_HERE:
             return _Verdict(f"pid {info.pid} is this process, which does not hold it (pid reused)", info, age)
         if not _process_running(info.pid):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from safeguards.manager_lock import LockHeld, LockLost, ManagerLock, current_boot_id, read_lock
+from safeguards.manager_lock import LockHeld, LockLost, ManagerLock, boot_time, read_lock
 from support.paths import lock_path
 from support.proc import run_command
 
@@ -187,17 +187,19 @@ def test_eight_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path: Path
         assert outcomes == ["LOST"] * 7 + ["WON"], f"round {round_number}: {outcomes}"
 
 
-def test_lock_from_before_a_reboot_is_stale_even_if_its_pid_now_lives(tmp_path: Path) -> None:
+
+def test_lock_from_before_this_boot_is_stale_even_if_its_pid_now_lives(tmp_path: Path) -> None:
     """After a power cut early pids repeat: the old holder's pid can be a live, unrelated
-    process (seen in the QEMU power-cut test: it was the new process-image's parent)."""
+    process (seen in the QEMU power-cut test: it was the new process-image's parent).
+    The guide's format has no boot id, so the timestamp is compared with btime."""
     path = lock_path(tmp_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     live = os.getppid()
-    path.write_text(json.dumps({"pid": live, "timestamp": int(time.time()), "command": "process-image",
-                                "boot_id": "00000000-0000-0000-0000-000000000000"}))
-    with ManagerLock(path, "process-image"):
-        assert json.loads(path.read_text())["boot_id"] == current_boot_id() != ""
-    path.write_text(json.dumps({"pid": live, "timestamp": int(time.time()), "command": "process-image",
-                                "boot_id": current_boot_id()}))
-    with pytest.raises(LockHeld, match=f"pid {live}"):  # same boot, live pid: held
-        ManagerLock(path, "process-image").acquire()
+    booted = boot_time()
+    assert booted is not None and booted < time.time()
+    never_by_age = 10.0**9  # so only the boot-time rule can make it stale
+    write_lock(path, live, booted - 30)  # 30 s before this boot, pid alive
+    with ManagerLock(path, "process-image", stale_after=never_by_age):
+        assert read_lock(path).pid == os.getpid()
+    write_lock(path, live, booted + 5)  # this boot, live pid: held
+    with pytest.raises(LockHeld, match=f"pid {live}"):
+        ManagerLock(path, "process-image", stale_after=never_by_age).acquire()
