@@ -611,6 +611,7 @@ def qemu_command(assets: VmAssets, *, share: Path, script: Path, nonce: str, mem
         "mitigations=off",
         f"flyio.run={nonce}", f"flyio.share={share}", f"flyio.script={script}",
         f"flyio.rootcache={root_cache}", f"flyio.sharecache={share_cache}",
+        f"flyio.repo={REPO}",  # kept visible if it lies under the guest's tmpfs /tmp or /run
     ])
     return [
         "qemu-system-x86_64",

@@ -24,7 +24,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-run=unknown share="" script="" rootcache=loose sharecache=mmap
+run=unknown share="" script="" rootcache=loose sharecache=mmap repo=""
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     flyio.run=*) run="${arg#flyio.run=}" ;;
@@ -32,6 +32,7 @@ for arg in $(cat /proc/cmdline); do
     flyio.script=*) script="${arg#flyio.script=}" ;;
     flyio.rootcache=*) rootcache="${arg#flyio.rootcache=}" ;;
     flyio.sharecache=*) sharecache="${arg#flyio.sharecache=}" ;;
+    flyio.repo=*) repo="${arg#flyio.repo=}" ;;
   esac
 done
 
@@ -63,8 +64,17 @@ mount -t devtmpfs devtmpfs "$R/dev" || fail "cannot mount devtmpfs in the chroot
 mkdir -p "$R/dev/pts" "$R/dev/shm"
 mount -t devpts devpts "$R/dev/pts"
 mount -t tmpfs tmpfs "$R/dev/shm"
+# A checkout under /tmp or /run (CI clones anywhere) would vanish under the tmpfs mounts:
+# keep a handle on it first and bind it back at the same path afterwards (read-only).
+case "$repo" in
+  /tmp/*|/run/*) mkdir -p /keep-repo && mount -o bind "$R$repo" /keep-repo || fail "cannot keep the checkout $repo" ;;
+  *) repo="" ;;
+esac
 mount -t tmpfs tmpfs "$R/tmp" || fail "cannot mount tmpfs on /tmp"
 mount -t tmpfs tmpfs "$R/run" || fail "cannot mount tmpfs on /run"
+if [ -n "$repo" ]; then
+  mkdir -p "$R$repo" && mount -o bind /keep-repo "$R$repo" || fail "cannot bind the checkout back on $repo"
+fi
 # After the tmpfs mounts: a share under /tmp needs its mount point created in the tmpfs;
 # elsewhere it already exists on the (read-only) host root. cache=mmap: write() still goes
 # straight to the host file, so what the guest wrote survives a power cut (QEMU killed),
