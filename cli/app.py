@@ -76,6 +76,23 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def image_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Where an image comes from, as process-image and submit both take it."""
+    from states.submit import DEFAULT_BUCKET
+
+    for option in reversed([
+        click.option("--s3-key", default=None, help="One object: an image of one layer (e.g. images/node/5.tar)."),
+        click.option("--image", default=None, help="A family: images/<family>/<n>.tar applied in numeric order."),
+        click.option("--s3-prefix", default=None, help="A family by key prefix (e.g. images/node/)."),
+        click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path."),
+        click.option("--bucket", default=DEFAULT_BUCKET, show_default=True),
+        click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None,
+                     help="S3-compatible endpoint (env AWS_ENDPOINT_URL)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def options_of(ctx: click.Context) -> AppOptions:
     root = ctx.find_root()
     if not isinstance(root.obj, AppOptions):

@@ -7,13 +7,13 @@ import json
 
 import click
 
-from cli.app import common_options, exclusive, open_store, options_of, show_progress
+from cli.app import common_options, exclusive, image_source_options, open_store, options_of, show_progress
 from cli.main import register
 from catalog.queries import delete_snapshot, list_images, list_snapshots
 from devices.select import BACKENDS, open_pool
 from fsm.runner import Runner
 from states.registry import all_workflows, build_services
-from states.submit import DEFAULT_BUCKET, process_request, resolve_request
+from states.submit import process_request, resolve_request
 from support.log import get_logger
 from support.sizes import parse_size
 
@@ -21,12 +21,7 @@ log = get_logger("cli")
 
 
 @click.command("process-image", help="Download, verify, unpack and snapshot one image, as a durable job.")
-@click.option("--s3-key", default=None, help="One object: an image of one layer (e.g. images/node/5.tar).")
-@click.option("--image", default=None, help="A family: images/<family>/<n>.tar applied in numeric order.")
-@click.option("--s3-prefix", default=None, help="A family by key prefix (e.g. images/node/).")
-@click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path.")
-@click.option("--bucket", default=DEFAULT_BUCKET, show_default=True)
-@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None, help="S3-compatible endpoint (env AWS_ENDPOINT_URL).")
+@image_source_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
               help="Pool backend (env FLYIO_BACKEND).")
 @click.option("--device-size", default="4G", show_default=True, help="Virtual size of each thin device.")

@@ -7,12 +7,11 @@ import time
 
 import click
 
-from cli.app import common_options, open_store, options_of
+from cli.app import common_options, image_source_options, open_store, options_of
 from cli.main import register
 from daemon.protocol import DaemonNotRunning, request
 from daemon.server import Daemon, DaemonConfig
 from devices.select import BACKENDS
-from states.submit import DEFAULT_BUCKET
 from support.errors import ManagerError
 from support.sizes import parse_size
 
@@ -65,12 +64,7 @@ def shutdown_cmd(ctx: click.Context, wait: bool, timeout: float) -> None:
 
 
 @click.command("submit", help="Queue a process-image request on the running daemon; prints the request id.")
-@click.option("--s3-key", default=None, help="One object: an image of one layer (e.g. images/node/5.tar).")
-@click.option("--image", default=None, help="A family: images/<family>/<n>.tar applied in numeric order.")
-@click.option("--s3-prefix", default=None, help="A family by key prefix (e.g. images/node/).")
-@click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path.")
-@click.option("--bucket", default=DEFAULT_BUCKET, show_default=True)
-@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None, help="S3-compatible endpoint (env AWS_ENDPOINT_URL).")
+@image_source_options
 @click.option("--device-size", default=None, help="Virtual size of each thin device (default: the daemon's).")
 @click.option("--wait", is_flag=True, help="Poll until the job is final and print process-image's result line.")
 @click.option("--timeout", default=3600.0, show_default=True, type=float, help="With --wait: give up after this long.")
