@@ -13,6 +13,8 @@ from catalog.models import (DeviceIdCounter, Image, ImageLayer, Layer, OrphanedD
 from devices.base import device_name
 
 FIRST_DEVICE_ID = 1
+# The guide's words for a device left for gc; logged wherever one is met.
+ORPHAN_HINT = "orphaned device detected; run 'flyio-image-manager gc' to clean up"
 
 
 def utcnow() -> datetime:

@@ -129,13 +129,17 @@ def open_runner(state_dir: Path, will_run_jobs: bool = True) -> Runner:
     """A runner of the product's workflows with real services (pool, S3, safeguards).
 
     A runner that will run jobs first makes sure the pool exists (after a reboot it is
-    recreated from its files), as the guide's first process-image does."""
+    recreated from its files and the catalog reconciled with it), as the guide's first
+    process-image does."""
     from states.registry import all_workflows, build_services
 
+    from catalog.reconcile import ensure_pool
+
     services = build_services(state_dir, backend=default_backend(), show_progress=show_progress())
+    store = open_store(state_dir)
     if will_run_jobs:
-        services.pool.ensure_pool_exists()
-    return Runner(open_store(state_dir), all_workflows(services))
+        ensure_pool(services.pool, store.engine)
+    return Runner(store, all_workflows(services))
 
 
 def default_backend() -> str:

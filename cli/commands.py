@@ -10,6 +10,7 @@ import click
 from cli.app import common_options, exclusive, image_source_options, open_store, options_of, show_progress
 from cli.main import register
 from catalog.queries import delete_snapshot, list_images, list_snapshots
+from catalog.reconcile import ensure_pool
 from devices.select import BACKENDS, open_pool
 from fsm.runner import Runner
 from states.registry import all_workflows, build_services
@@ -36,8 +37,9 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
         services = build_services(options.state_dir, backend=backend, device_size_bytes=parse_size(device_size),
                                   show_progress=show_progress())
         log.info("safeguards initialized")
-        services.pool.ensure_pool_exists()
-        runner = Runner(open_store(options.state_dir), all_workflows(services))
+        store = open_store(options.state_dir)
+        ensure_pool(services.pool, store.engine)
+        runner = Runner(store, all_workflows(services))
         job = process_request(runner, request)
     data = json.loads(job.context or "{}")
     result = {"job_id": job.id, "state": job.state, "image": request.name,
@@ -76,9 +78,9 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
     config = PoolConfig(directory=str(state_dir), data_size_bytes=parse_size(data_size),
                         metadata_size_bytes=parse_size(metadata_size))
     with exclusive(state_dir, "setup-pool"):
-        open_store(state_dir)
+        store = open_store(state_dir)
         pool = open_pool(state_dir, backend, config)
-        status = pool.ensure_pool_exists()
+        status = ensure_pool(pool, store.engine)
         status = pool.validate_pool_health()
     click.echo(f"pool ready: backend={status.backend} data={status.used_data_blocks}/{status.total_data_blocks} "
                f"metadata={status.used_metadata_blocks}/{status.total_metadata_blocks}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from catalog.reconcile import ensure_pool
 from daemon.metrics import DaemonMetrics
 from daemon.protocol import decode, encode, socket_path
 from daemon.requests import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool
@@ -94,7 +95,7 @@ class Daemon:
             self._install_signal_handlers()
             self.services = build_services(self.config.state_dir, backend=self.config.backend,
                                            device_size_bytes=self.config.device_size_bytes, show_progress=False)
-            self.services.pool.ensure_pool_exists()
+            ensure_pool(self.services.pool, self.store.engine)
             self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts)
             if self.config.metrics_port is not None:
                 try:

@@ -1,11 +1,12 @@
-"""mkfs.ext4 the way thin devices need it: no discard, inode tables and journal written now."""
+"""mkfs.ext4 the way thin devices need it (no discard, inode tables and journal written now),
+and the write-back check a layer passes before it is trusted."""
 
 from __future__ import annotations
 
 import os
 
-from support.errors import ManagerError
-from support.proc import run_command
+from support.errors import HazardError, ManagerError
+from support.proc import CommandFailed, run_command
 
 MKFS_TIMEOUT = 120.0
 # Operators on slow disks raise it; tests lower it to make a real mkfs time out.
@@ -37,3 +38,18 @@ def make_filesystem(device: str, *, timeout: float | None = None, label: str | N
     if label:
         argv += ["-L", label]
     run_command([*argv, device], timeout=mkfs_timeout() if timeout is None else timeout)
+
+
+SYNC_TIMEOUT = 120.0
+
+
+def flush_filesystem(mount_point: str | os.PathLike[str], *, timeout: float = SYNC_TIMEOUT) -> None:
+    """syncfs(2) on the filesystem mounted at `mount_point`, through `sync --file-system`.
+
+    Writes that failed in writeback (EIO from a thin pool out of data space or a failing
+    disk) are reported here; umount would drop them silently and a broken layer would be
+    marked ready. A failure or a timeout raises HazardError: the device misbehaved."""
+    try:
+        run_command(["sync", "--file-system", os.fspath(mount_point)], timeout=timeout)
+    except CommandFailed as exc:
+        raise HazardError(f"writing back {os.fspath(mount_point)} failed: {exc}") from exc

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.errors import ManagerError
+from support.errors import HazardError, ManagerError
 from support.proc import run_command
 
 MOUNT_TIMEOUT = 60.0
@@ -109,11 +109,17 @@ def unmount(target: str | Path, *, timeout: float = MOUNT_TIMEOUT) -> None:
 @contextmanager
 def mounted(device: str, target: str | Path, *, options: Sequence[str] = DEFAULT_OPTIONS, read_only: bool = False,
             fstype: str = "ext4", timeout: float = MOUNT_TIMEOUT) -> Iterator[Path]:
-    """Mount for the body, unmount after, even when the body raised.
+    """Mount for the body, unmount after, also when the body raised an ordinary error.
 
-    An unmount hazard propagates (and replaces the body's error, which stays chained)."""
+    A HazardError from the body leaves the filesystem mounted (fail-dumb: an unmount of a
+    device that just failed can hang in D state; gc unmounts it later). An unmount hazard
+    propagates (and replaces the body's error, which stays chained)."""
     mount(device, target, options=options, read_only=read_only, fstype=fstype, timeout=timeout)
     try:
         yield Path(target)
-    finally:
+    except HazardError:
+        raise
+    except BaseException:
         unmount(target, timeout=timeout)
+        raise
+    unmount(target, timeout=timeout)

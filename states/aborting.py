@@ -3,10 +3,9 @@ row for gc. Runs inside the abort's transaction; touches no device (fail-dumb)."
 
 from __future__ import annotations
 
-from catalog.records import orphan_device, unfinished_devices_of_job
+from catalog.records import ORPHAN_HINT, orphan_device, unfinished_devices_of_job
 from devices.base import device_name
 from fsm.context import StepContext
-from states.pending import ORPHAN_HINT
 from support.log import get_logger
 
 log = get_logger("states.aborting")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from catalog.records import count_uncleaned_orphans
+from catalog.records import ORPHAN_HINT, count_uncleaned_orphans
 from fsm.context import StepContext
 from states.services import ImageServices
 from support.errors import PermanentError
 from support.log import get_logger
 
 log = get_logger("states.pending")
-
-ORPHAN_HINT = "orphaned device detected; run 'flyio-image-manager gc' to clean up"
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:

@@ -1,19 +1,30 @@
 """unpacking: the current layer applied onto its device, mounted nodev,nosuid, by the safe
-extractor; then unmounted and deactivated, and the chain marked ready for reuse."""
+extractor; then written back (syncfs: a write the device failed surfaces here), unmounted
+and deactivated, and the chain marked ready for reuse.
+
+An I/O error or a read-only filesystem while unpacking is the device's fault, not the
+tar's: a hazard. The device stays mounted as it is and the abort records it for gc."""
 
 from __future__ import annotations
 
+import errno
+
 from catalog.records import set_layer_device_state
 from devices.base import device_name
+from devices.filesystem import flush_filesystem
 from devices.mount import mounted
 from fsm.context import StepContext
 from images.formats import open_layer_stream
-from images.unpack import unpack_layer
+from images.unpack import UnpackFailed, unpack_layer
 from states.layers import current_index, current_layer, device_of_chain
 from states.services import ImageServices
+from support.errors import HazardError
 from support.log import get_logger
 
 log = get_logger("states.unpacking")
+
+UNPACK_FAILED = "failed to unpack layer; leaving device mounted for manual/GC cleanup"
+DEVICE_ERRNOS = (errno.EIO, errno.EROFS)
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
@@ -31,8 +42,16 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         bar = services.progress(f"unpack layer {index + 1}", layer.get("tar_bytes") or blob.stat().st_size)
         try:
             with mounted(path, target):
-                with open_layer_stream(blob, layer["format"], services.limits) as stream:
-                    stats = unpack_layer(stream, target, limits=services.limits, on_progress=bar.advance_to)
+                try:
+                    with open_layer_stream(blob, layer["format"], services.limits) as stream:
+                        stats = unpack_layer(stream, target, limits=services.limits, on_progress=bar.advance_to)
+                    flush_filesystem(target)
+                except (UnpackFailed, HazardError) as exc:
+                    if not _is_device_fault(exc):
+                        raise
+                    log.error(UNPACK_FAILED, device_id=device_id, device_name=device_name(device_id),
+                              mount_point=str(target), error=str(exc))
+                    raise HazardError(f"{UNPACK_FAILED}: {exc}", device_name=device_name(device_id)) from exc
         finally:
             bar.close()
         services.pool.deactivate(device_id)
@@ -43,3 +62,10 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     log.info("layer unpacked", layer=index + 1, device_name=device_name(device_id), entries=stats.entries,
              bytes=stats.bytes_written, seconds=round(stats.seconds, 2))
     return "layer_unpacked"
+
+
+def _is_device_fault(exc: UnpackFailed | HazardError) -> bool:
+    """A hazard, or a write the filesystem refused with EIO/EROFS: the device, not the tar."""
+    if isinstance(exc, HazardError):
+        return True
+    return isinstance(exc.__cause__, OSError) and exc.__cause__.errno in DEVICE_ERRNOS

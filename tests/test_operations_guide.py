@@ -86,10 +86,18 @@ def test_pool_recovery_after_a_reboot_keeps_images(state_dir: Path, sample_bucke
     teardown(state_dir)  # what a reboot does to loop devices and mounts
 
     # "Simply run process-image - pool will be auto-created" (from the existing files).
-    second = process(state_dir, sample_bucket, "images/node/5.tar")
+    second = process(state_dir, sample_bucket, "images/node/5.tar", "--log-format", "json")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "pool does not exist, attempting to create" in second.stderr
-    assert "re-attaching existing pool files" in second.stderr
+    events = {event["msg"]: event for event in map(json.loads, second.stderr.splitlines())}
+    assert "pool does not exist, attempting to create" in events
+    assert "re-attaching existing pool files" in events
+
+    # The catalog was reconciled with the pool that came back: the VM snapshot from before
+    # the reboot is active again, nothing is missing, nothing unnamed.
+    old_name = fields(first.stdout)["snapshot"]
+    assert events["snapshot re-activated"]["device_name"] == old_name
+    counts = events["catalog reconciled with the pool"]
+    assert (counts["reactivated"], counts["missing"], counts["unnamed"], counts["failed"]) == (1, 0, 0, 0), counts
 
     # The image from before the reboot is intact: its device is in the pool and mounts.
     names = sqlite(state_dir / "images.db", "SELECT device_name FROM unpacked_images;").split()
@@ -98,7 +106,9 @@ def test_pool_recovery_after_a_reboot_keeps_images(state_dir: Path, sample_bucke
     from devices.blockfile import BlockfilePool
 
     pool = BlockfilePool(PoolConfig(directory=str(state_dir)))
-    old_snapshot = int(fields(first.stdout)["snapshot"].removeprefix("thin-"))
+    old_snapshot = int(old_name.removeprefix("thin-"))
+    active = {d.device_id: d.active for d in pool.list_devices()}
+    assert active[old_snapshot], "the old snapshot was not re-activated"
     device = pool.activate(old_snapshot, 64 * 1024**2)
     mount_snapshot(device, tmp_path / "old")
     try:
