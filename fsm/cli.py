@@ -21,6 +21,7 @@ from fsm.graph import render_graph
 from fsm.models import Job, JobEvent
 from fsm.runner import Runner
 from fsm.store import JobStore, load_context
+from support.errors import ManagerError
 
 
 @dataclass(frozen=True)
@@ -153,13 +154,13 @@ def make_fsm_group(app: FsmApp) -> click.Group:
         workflows = app.workflows()
         name = workflow_name or next(iter(workflows))
         if name not in workflows:
-            raise click.ClickException(f"unknown workflow {name!r}; known: {', '.join(workflows)}")
+            raise ManagerError(f"unknown workflow {name!r}; known: {', '.join(workflows)}")
+        if fmt == "png" and output is None:
+            raise ManagerError("--format png needs --output FILE")
         data = render_graph(workflows[name], fmt)
         if output is not None:
             output.write_bytes(data)
             click.echo(f"wrote {output}")
-        elif fmt == "png":
-            raise click.ClickException("--format png needs --output FILE")
         else:
             click.echo(data.decode())
 

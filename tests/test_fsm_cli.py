@@ -47,6 +47,12 @@ def make_layer(path: Path) -> Path:
     return path
 
 
+def job_rows(state_dir: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of jobs and job_events, in id order (a byte comparison would trip on WAL files)."""
+    with sqlite3.connect(state_dir / "images.db") as db:
+        return {table: db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall() for table in ("jobs", "job_events")}
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "state"
@@ -78,11 +84,52 @@ def test_aborting_a_completed_job_is_refused_and_changes_nothing(state_dir: Path
     job, _ = store.create_or_get(WORKFLOW_NAME, "done-key", "pending", {})
     with store.transaction() as session:
         session.get(type(job), job.id).state = "complete"
-    before = (state_dir / "images.db").read_bytes()
+    before = job_rows(state_dir)
     one_line_error(fsm(state_dir, "abort", str(job.id)), f"job {job.id} is complete", "only unfinished jobs")
-    assert store.get(job.id).state == "complete"
+    assert job_rows(state_dir) == before
+    assert before["jobs"][0][0] == job.id and "complete" in before["jobs"][0]
     assert store.history(job.id) == []
-    del before
+
+
+def test_list_filters_by_state(state_dir: Path) -> None:
+    store = open_store(state_dir)
+    pending, _ = store.create_or_get(WORKFLOW_NAME, "still-pending", "pending", {})
+    done, _ = store.create_or_get(WORKFLOW_NAME, "already-done", "pending", {})
+    with store.transaction() as session:
+        session.get(type(done), done.id).state = "complete"
+
+    def listed(*args: str) -> list[tuple[int, str]]:
+        result = fsm(state_dir, "list", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return [(job["id"], job["state"]) for job in json.loads(result.stdout)]
+
+    assert sorted(listed()) == [(pending.id, "pending"), (done.id, "complete")]
+    assert listed("--state", "complete") == [(done.id, "complete")]
+    assert listed("--state", "pending") == [(pending.id, "pending")]
+    assert listed("--state", "aborted") == []
+    text = fsm(state_dir, "list", "--state", "complete")
+    assert "already-done" in text.stdout and "still-pending" not in text.stdout
+
+
+def test_graph_as_svg(state_dir: Path, tmp_path: Path) -> None:
+    result = fsm(state_dir, "graph", "--format", "svg")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.lstrip().startswith("<?xml") and "<svg" in result.stdout
+    for state in ("pending", "downloading", "unpacking", "snapshotting", "complete", "aborted"):
+        assert f">{state}</text>" in result.stdout, state
+    out = tmp_path / "graph.svg"
+    written = fsm(state_dir, "graph", "--format", "svg", "--output", str(out))
+    assert written.returncode == 0 and f"wrote {out}" in written.stdout
+    assert out.read_text().strip() == result.stdout.strip()
+
+
+def test_graph_as_png(state_dir: Path, tmp_path: Path) -> None:
+    one_line_error(fsm(state_dir, "graph", "--format", "png"), "--format png needs --output FILE")
+    out = tmp_path / "graph.png"
+    result = fsm(state_dir, "graph", "--format", "png", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
 def test_a_corrupt_database_is_a_one_line_error_and_is_left_alone(state_dir: Path) -> None:
