@@ -106,10 +106,10 @@ def state_dir_of(ctx: click.Context) -> Path:
 
 def open_store(state_dir: Path) -> JobStore:
     """The job store on `<state-dir>/images.db`, migrated to the newest schema first."""
-    from daemon.database import quick_check_once
+    from daemon.database import integrity_check_once
 
     db_path = database_path(state_dir)
-    quick_check_once(state_dir)  # once per process: a corrupt file stops here, naming the backup
+    integrity_check_once(state_dir)  # once per process: a corrupt file stops here, naming the backup
     upgrade_database(db_path)
     return JobStore(open_engine(db_path))
 

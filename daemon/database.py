@@ -1,6 +1,6 @@
 """Database maintenance: an online backup (SQLite's backup API, safe while jobs write)
-and integrity checks (a cheap quick_check when a command opens the store, the full
-integrity_check on demand)."""
+and integrity checks (the full integrity_check when a command opens the store and on
+demand; a quick_check of a fresh backup copy)."""
 
 from __future__ import annotations
 
@@ -66,15 +66,18 @@ _checked: set[Path] = set()
 _checked_lock = threading.Lock()
 
 
-def quick_check_once(state_dir: Path) -> None:
-    """Run `PRAGMA quick_check` on `<state-dir>/images.db` once per process (a missing
-    database is fine: it is about to be created). Raises DatabaseCorrupt naming the backup."""
+def integrity_check_once(state_dir: Path) -> None:
+    """Run `PRAGMA integrity_check` on `<state-dir>/images.db` once per process (a missing
+    database is fine: it is about to be created). Raises DatabaseCorrupt naming the backup.
+
+    The full check, not quick_check: it also finds indexes that disagree with their
+    tables, and on this small database it costs about 2 ms (4 MiB; 22 ms at 40 MiB)."""
     db = database_path(state_dir)
     key = db.resolve()
     with _checked_lock:
         if key in _checked or not db.exists() or db.stat().st_size == 0:
             return
-        result = check_integrity(db)
+        result = check_integrity(db, full=True)
         if not result.ok:
             raise DatabaseCorrupt(f"database {db} failed its integrity check ({result.summary(1)}); {restore_hint(state_dir)}")
         _checked.add(key)

@@ -133,3 +133,28 @@ def test_check_db_and_backup_of_a_missing_database_are_one_line_errors(tmp_path:
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "does not exist" in done.stderr
     assert not (tmp_path / "empty" / "images.db").exists()
+
+
+def test_startup_check_is_the_full_integrity_check(tmp_path: Path) -> None:
+    """An index whose entries disagree with its table: quick_check passes it, integrity_check
+    (what every command runs on startup) does not, and the command names the backup."""
+    state_dir = tmp_path / "state"
+    writer = subprocess.run([sys.executable, "-c", WRITER, str(state_dir), "40"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert writer.returncode == 0, writer.stderr
+    db = state_dir / "images.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE INDEX ix_audit ON jobs (idempotency_key)")
+        # Say the index is on another column: its entries no longer match the rows.
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("UPDATE sqlite_master SET sql = 'CREATE INDEX ix_audit ON jobs (state)' WHERE name = 'ix_audit'")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert integrity(db) != "ok"
+    done = manager(state_dir, "fsm", "list")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: database {db} failed its integrity check ("), done.stderr
+    assert "ix_audit" in lines[0]
+    assert lines[0].endswith(f"restore the backup: cp {state_dir / 'images.db.backup'} {db} "
+                             "(see OPERATIONS.md, Database Corruption)")
