@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -10,6 +13,7 @@ from sqlalchemy.orm import Session
 from catalog.models import Image, Snapshot, UnpackedImage
 from catalog.records import orphan_device
 from devices.base import ThinPool
+from safeguards.setup import build_cleanup_guard
 from support.errors import HazardError, ManagerError
 from support.log import get_logger
 
@@ -35,16 +39,24 @@ def list_snapshots(engine: Engine) -> list[dict[str, Any]]:
                  "created_at": snap.created_at} for snap, name in session.execute(query)]
 
 
-def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int) -> str:
-    """Deactivate and delete the snapshot's device, then its row; a hazard leaves an orphan row."""
+def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int,
+                    operation: Callable[[str], AbstractContextManager[Any]] | None = None) -> str:
+    """Deactivate and delete the snapshot's device, then its row; a hazard leaves an orphan row.
+
+    The device steps run inside `operation`, by default the cleanup Operation Guard of the
+    state dir that holds the database (`<state-dir>/images.db`)."""
+    if operation is None:
+        assert engine.url.database, "delete_snapshot needs a file database"
+        operation = build_cleanup_guard(Path(engine.url.database).parent)
     with Session(engine) as session, session.begin():
         snap = session.get(Snapshot, snapshot_id)
         if snap is None:
             raise ManagerError(f"snapshot {snapshot_id} not found")
         device_id, name, image_id = snap.device_id, snap.device_name, snap.image_id
     try:
-        pool.deactivate(device_id)
-        pool.delete(device_id)
+        with operation("delete-snapshot"):
+            pool.deactivate(device_id)
+            pool.delete(device_id)
     except HazardError as exc:
         with Session(engine) as session, session.begin():
             orphan_device(session, device_id=device_id, reason=f"delete-snapshot failed: {exc}", job_id=None)

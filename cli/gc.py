@@ -17,8 +17,8 @@ from cli.app import common_options, exclusive, open_store, options_of
 from cli.main import register
 from devices.base import ThinPool
 from devices.select import BACKENDS, open_pool
-from safeguards.guard import GuardConfig, OperationGuard
 from safeguards.health import SystemHealthChecker
+from safeguards.setup import build_cleanup_guard
 from support.errors import ManagerError
 from support.log import configure_logging, get_logger
 from support.paths import database_path
@@ -59,9 +59,8 @@ def gc_cmd(ctx: click.Context, dry_run: bool, force: bool, backend: str) -> None
         dstate = SystemHealthChecker(pool_status=None).check_dstate()
         if not dstate.passed:
             raise GcRefused(f"{dstate.reading}; reboot before running gc --force")
-        guard = OperationGuard(GuardConfig(max_concurrent=1, state_dir=state_dir))
         report = collect_garbage(store.engine, _attached_pool(state_dir, backend), dry_run=False,
-                                 operation=guard.operation)
+                                 operation=build_cleanup_guard(state_dir))
     log_summary(report)
     if not report.ok:
         ctx.exit(1)

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
 from transitions import MachineError
 
 from fsm.context import StepContext, StopRequested
-from fsm.definition import ABORT_EVENT, ABORTED, COMPLETE, FINAL_STATES, StateSpec, Workflow
+from fsm.definition import ABORT_EVENT, ABORTED, COMPLETE, FINAL_STATES, GuardPolicy, StateSpec, Workflow
 from fsm.machine import build_machine, fire
 from fsm.models import Job, JobEvent
 from fsm.ownership import Owner, owner_alive
 from fsm.store import JobBusy, JobStore, LostOwnership, load_context, utcnow
-from support.errors import ManagerError
+from support.errors import ManagerError, NotReadyError
 from support.log import get_logger
 
 log = get_logger("fsm.runner")
@@ -62,6 +62,22 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+
+
+class _Backoff:
+    """The waits of one job on one failing precondition: doubling, capped, given up after a total."""
+
+    def __init__(self, policy: GuardPolicy) -> None:
+        self.policy, self.waited, self.wait = policy, 0.0, policy.initial_wait
+
+    def next_wait(self) -> float | None:
+        """Seconds to wait now, or None when `give_up_after` is spent."""
+        if self.waited >= self.policy.give_up_after:
+            return None
+        wait = self.wait
+        self.waited += wait
+        self.wait = min(wait * 2, self.policy.max_wait)
+        return wait
 
 
 @dataclass(frozen=True)
@@ -232,13 +248,13 @@ class Runner:
             ctx.state = spec.name
             started_at = utcnow()
             try:
-                event = self._run_step(spec, ctx)
+                event = self._run_step_when_ready(wf, spec, ctx)
             except (StopRequested, LostOwnership):
                 raise
             except Exception as exc:  # anything not retried away ends the job, with its reason kept
                 self._abort(ctx, _abort_reason(exc, ctx.attempt, spec), started_at=started_at, error=exc)
                 return
-            if not self._fire_with_guards(wf, model, ctx, event, started_at):
+            if event is None or not self._fire_with_guards(wf, model, ctx, event, started_at):
                 return
 
     def _move_to_resume_point(self, wf: Workflow, ctx: StepContext) -> None:
@@ -252,12 +268,23 @@ class Runner:
         log.info("job resumed from its resume point", job_id=ctx.job_id, interrupted_in=ctx.state, state=target)
         ctx.state = target
 
+    def _run_step_when_ready(self, wf: Workflow, spec: StateSpec, ctx: StepContext) -> str | None:
+        """The step's event. While the step says NotReadyError (the Operation Guard's health
+        check) the job waits as on a failing guard and runs the step again; None: left waiting."""
+        backoff = _Backoff(wf.guard_policy)
+        while True:
+            try:
+                return self._run_step(spec, ctx)
+            except NotReadyError as exc:
+                if not self._wait(ctx, backoff, str(exc), state=spec.name):
+                    return None
+
     def _run_step(self, spec: StateSpec, ctx: StepContext) -> str:
         policy = spec.retry
         retrying = Retrying(
             stop=stop_after_attempt(policy.max_attempts),
             wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
-            retry=retry_if_exception_type(policy.transient),
+            retry=retry_if_exception_type(policy.transient) & retry_if_not_exception_type(NotReadyError),
             sleep=self._sleep,
             reraise=True,
             before_sleep=lambda rs: log.warning(
@@ -276,7 +303,7 @@ class Runner:
     def _fire_with_guards(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime) -> bool:
         """Fire the step's event; wait with backoff while a guard says no. False: stop driving."""
         from_state = model.state
-        waited, wait = 0.0, wf.guard_policy.initial_wait
+        backoff = _Backoff(wf.guard_policy)
         while True:
             try:
                 moved = fire(model, event, ctx)
@@ -295,14 +322,20 @@ class Runner:
             if reason is None:
                 self._abort(ctx, f"workflow error: no transition for {event} from {from_state}", started_at=started_at)
                 return False
-            if waited >= wf.guard_policy.give_up_after:
-                log.warning("job left waiting; `fsm resume` picks it up", job_id=ctx.job_id, state=from_state, reason=reason)
+            if not self._wait(ctx, backoff, reason, state=from_state, event=event):
                 return False
-            self.store.set_progress(ctx.job_id, self.owner, error=f"waiting: {reason}")
-            log.warning("guard failed, job waits", job_id=ctx.job_id, state=from_state, event=event, reason=reason, wait_s=round(wait, 2))
-            self._sleep(wait)
-            waited += wait
-            wait = min(wait * 2, wf.guard_policy.max_wait)
+
+    def _wait(self, ctx: StepContext, backoff: _Backoff, reason: str, **fields: str) -> bool:
+        """Record `waiting: <reason>` and sleep the next backoff; False once it is spent
+        (the job is left waiting, unowned, for `fsm resume`)."""
+        wait = backoff.next_wait()
+        if wait is None:
+            log.warning("job left waiting; `fsm resume` picks it up", job_id=ctx.job_id, reason=reason, **fields)
+            return False
+        self.store.set_progress(ctx.job_id, self.owner, error=f"waiting: {reason}")
+        log.warning("guard failed, job waits", job_id=ctx.job_id, reason=reason, wait_s=round(wait, 2), **fields)
+        self._sleep(wait)
+        return True
 
     def _abort(self, ctx: StepContext, reason: str, *, started_at: datetime, error: BaseException | None = None) -> None:
         wf = self.workflow(ctx.workflow)

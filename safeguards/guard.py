@@ -5,8 +5,8 @@
     with guard.operation("unpack-image"):
         unpack()
 
-In order: the health check runs (a failure raises HealthCheckFailed, a TransientError,
-so the job waits and retries); a slot of a BoundedSemaphore is taken (threads of this
+In order: the health check runs (a failure raises HealthCheckFailed, a NotReadyError:
+the job waits, `waiting: health check failed before ...`, and runs the step again); a slot of a BoundedSemaphore is taken (threads of this
 process); an flock on `<state-dir>/fsm/dm-operations.lock` is taken (other processes:
 the daemon and a CLI never run dm operations at once). Both waits share one deadline,
 `acquire_timeout`; missing it raises GuardTimeout naming the holder. Start, finish
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from safeguards.health import HealthReport
-from support.errors import TransientError
+from support.errors import NotReadyError, TransientError
 from support.log import StructLogger, get_logger
 
 T = TypeVar("T")
@@ -36,8 +36,8 @@ T = TypeVar("T")
 FLOCK_POLL_SECONDS = 0.05
 
 
-class HealthCheckFailed(TransientError):
-    """The pre-operation health check failed; try again later."""
+class HealthCheckFailed(NotReadyError):
+    """The pre-operation health check failed; the job waits and tries again later."""
 
 
 class GuardTimeout(TransientError):

@@ -3,8 +3,9 @@
 Each check returns a CheckResult with a short reading ("available 3.1% < 5%").
 `check_all()` runs the five; `as_guard()` is the condition of every transition into a
 device state: a failure makes the job wait with the summary as its reason and retry
-with backoff, never abort. Every limit is a field of HealthThresholds; everything read
-comes through a ProcReader, so tests can point the checks at a tree of real-format
+with backoff, never abort. Every limit is a field of HealthThresholds; an operator sets the
+main ones with FLYIO_HEALTH_* variables (`thresholds_from_env`, the checker's default);
+everything read comes through a ProcReader, so tests can point the checks at a tree of real-format
 files with chosen values.
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from devices.base import PoolStatus
@@ -65,6 +67,40 @@ class HealthThresholds:
     kernel_ignore_patterns: tuple[str, ...] = KERNEL_IGNORE_PATTERNS
     kernel_include_user_messages: bool = False  # lines programs write to /dev/kmsg (facility != kernel)
     kernel_lookback_seconds: float = 0.0     # first check ever: also report this much earlier log
+
+
+# The operator's overrides of HealthThresholds: variable -> (field, unit). Percents are
+# 0-100 (the field holds the fraction); seconds are >= 0.
+THRESHOLD_VARIABLES: dict[str, tuple[str, str]] = {
+    "FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT": ("min_memory_available", "percent"),
+    "FLYIO_HEALTH_MAX_IOWAIT_PERCENT": ("max_iowait", "percent"),
+    "FLYIO_HEALTH_BLOCK_POOL_DATA_PERCENT": ("block_pool_data_used", "percent"),
+    "FLYIO_HEALTH_WARN_POOL_DATA_PERCENT": ("warn_pool_data_used", "percent"),
+    "FLYIO_HEALTH_BLOCK_POOL_METADATA_PERCENT": ("block_pool_metadata_used", "percent"),
+    "FLYIO_HEALTH_IOWAIT_WINDOW_SECONDS": ("iowait_window_seconds", "seconds"),
+    "FLYIO_HEALTH_DSTATE_CONFIRM_SECONDS": ("dstate_confirm_seconds", "seconds"),
+}
+
+
+def thresholds_from_env(environ: Mapping[str, str] | None = None) -> HealthThresholds:
+    """HealthThresholds with every FLYIO_HEALTH_* variable that is set applied; the one
+    place they are read. A bad value is a ManagerError naming the variable."""
+    env = os.environ if environ is None else environ
+    changes: dict[str, float] = {}
+    for variable, (name, unit) in THRESHOLD_VARIABLES.items():
+        raw = env.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        limit = 100.0 if unit == "percent" else float("inf")
+        if not (math.isfinite(value) and 0 <= value <= limit):
+            expected = "a percent from 0 to 100" if unit == "percent" else "a number of seconds >= 0"
+            raise ManagerError(f"{variable}={raw!r} is not {expected}")
+        changes[name] = value / 100 if unit == "percent" else value
+    return replace(HealthThresholds(), **changes)
 
 
 @dataclass(frozen=True)
@@ -140,7 +176,7 @@ class SystemHealthChecker:
     def __init__(self, pool_status: Callable[[], PoolStatus] | None, thresholds: HealthThresholds | None = None,
                  state_dir: Path | None = None, reader: ProcReader | None = None) -> None:
         self.pool_status = pool_status
-        self.thresholds = thresholds or HealthThresholds()
+        self.thresholds = thresholds or thresholds_from_env()
         self.reader = reader or ProcReader()
         # Without a state dir the cursor lives in memory (monitor, daemon housekeeping).
         self.cursor_path = (state_dir / "fsm" / "kmsg.cursor") if state_dir else None

@@ -15,10 +15,20 @@ from safeguards.health import HealthThresholds, SystemHealthChecker
 def build_safeguards(
     state_dir: Path, pool: ThinPool, thresholds: HealthThresholds | None = None
 ) -> tuple[Callable[[], str | None], Callable[[str], AbstractContextManager[Any]]]:
-    """(health guard for the workflow's transitions, operation guard for dm-heavy steps)."""
-    checker = SystemHealthChecker(pool_status=pool.get_pool_status, thresholds=thresholds or HealthThresholds(),
-                                  state_dir=state_dir)
-    # The guard's own pre-check would repeat the transition guard's; the transition
-    # guard is where a failing check makes the job wait instead of fail.
-    guard = OperationGuard(GuardConfig(max_concurrent=1, state_dir=state_dir))
+    """(health guard for the workflow's transitions, operation guard for dm-heavy steps).
+
+    One checker for both: the transition into a device state is checked, and so is each
+    dm-heavy operation right before it takes the guard (the guide's "runs health check
+    before acquiring lock"). Either failing makes the job wait, never abort. Thresholds
+    default to HealthThresholds with the operator's FLYIO_HEALTH_* variables applied."""
+    checker = SystemHealthChecker(pool_status=pool.get_pool_status, thresholds=thresholds, state_dir=state_dir)
+    guard = OperationGuard(GuardConfig(max_concurrent=1, health_check=checker.check_all, state_dir=state_dir))
     return checker.as_guard(), guard.operation
+
+
+def build_cleanup_guard(state_dir: Path) -> Callable[[str], AbstractContextManager[Any]]:
+    """The Operation Guard for gc and delete-snapshot: serialized with every dm-heavy step
+    of every process on `state_dir` (the same flock), without the health check: freeing
+    devices is the remedy for a full pool, which the check would refuse (gc --force makes
+    its own D-state check first)."""
+    return OperationGuard(GuardConfig(max_concurrent=1, state_dir=state_dir)).operation

@@ -17,6 +17,11 @@ class TransientError(ManagerError):
     """Worth retrying: the same call may succeed later."""
 
 
+class NotReadyError(TransientError):
+    """Not now: a precondition of the step does not hold yet (a failing health check).
+    The job waits as on a failing guard (`waiting: ...`, backoff) and never aborts for it."""
+
+
 class PermanentError(ManagerError):
     """Retrying cannot help: the input or the request is wrong."""
 

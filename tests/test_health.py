@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -465,3 +467,49 @@ def test_real_kmsg_line_is_caught_once(tmp_path: Path) -> None:
     assert cursor["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     fresh = SystemHealthChecker(None, HealthThresholds(kernel_include_user_messages=True), state_dir=tmp_path / "c")
     assert marker not in fresh.check_kernel_log().detail  # a first check starts from now
+
+
+# -- thresholds from the operator's environment --------------------------------------------
+
+
+def monitor_once(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`monitor --once` as an operator runs it, on a fresh state dir, with these variables."""
+    state_dir = tmp_path / "state"
+    repo = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "cli", "--state-dir", str(state_dir)]
+    subprocess.run([*base, "fsm", "list"], cwd=repo, capture_output=True, timeout=60, check=True)  # creates the db
+    return subprocess.run([*base, "monitor", "--once", "--backend", "blockfile"], cwd=repo, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_a_threshold_variable_reaches_the_real_checks(tmp_path: Path) -> None:
+    shown = monitor_once(tmp_path, FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT="99.9")
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if "memory_pressure" in line)
+    assert "FAIL" in line and "< 99.9%" in line, line
+    default = monitor_once(tmp_path)
+    line = next(line for line in default.stdout.splitlines() if "memory_pressure" in line)
+    assert "PASS" in line, line
+
+
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("FLYIO_HEALTH_MAX_IOWAIT_PERCENT", "lots", "is not a percent from 0 to 100"),
+    ("FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT", "150", "is not a percent from 0 to 100"),
+    ("FLYIO_HEALTH_DSTATE_CONFIRM_SECONDS", "-1", "is not a number of seconds >= 0"),
+])
+def test_a_bad_threshold_variable_is_one_line_naming_it(tmp_path: Path, variable: str, value: str,
+                                                       expected: str) -> None:
+    shown = monitor_once(tmp_path, **{variable: value})
+    assert shown.returncode == 1
+    assert shown.stderr.strip().splitlines() == [f"error: {variable}={value!r} {expected}"], shown.stderr
+
+
+def test_thresholds_from_env_converts_percents_and_keeps_the_rest() -> None:
+    from safeguards.health import THRESHOLD_VARIABLES, thresholds_from_env
+
+    assert thresholds_from_env({}) == HealthThresholds()
+    changed = thresholds_from_env({"FLYIO_HEALTH_MAX_IOWAIT_PERCENT": "20", "FLYIO_HEALTH_BLOCK_POOL_DATA_PERCENT": "90",
+                                   "FLYIO_HEALTH_IOWAIT_WINDOW_SECONDS": "1.5", "UNRELATED": "x"})
+    assert (changed.max_iowait, changed.block_pool_data_used, changed.iowait_window_seconds) == (0.2, 0.9, 1.5)
+    assert changed.min_memory_available == HealthThresholds().min_memory_available
+    assert all(hasattr(HealthThresholds(), name) for name, _unit in THRESHOLD_VARIABLES.values())

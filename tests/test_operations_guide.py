@@ -143,8 +143,21 @@ def test_pool_full_scenario_delete_snapshot(state_dir: Path, sample_bucket: Samp
     assert done.returncode == 0, done.stderr[-2000:]
     listing = manager(state_dir, "snapshots", "--json")
     snapshot = json.loads(listing.stdout)[0]
-    deleted = manager(state_dir, "delete-snapshot", str(snapshot["id"]))
-    assert deleted.returncode == 0, deleted.stderr
+    # delete-snapshot runs inside the Operation Guard: while another process holds the
+    # dm-operations lock it waits, and the device stays.
+    from safeguards.guard import GuardConfig, OperationGuard
+
+    deleting: subprocess.Popen[str] | None = None
+    with OperationGuard(GuardConfig(state_dir=state_dir)).operation("unpack-image"):
+        deleting = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "delete-snapshot",
+                                     str(snapshot["id"])], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        time.sleep(2)
+        assert deleting.poll() is None, deleting.communicate()
+        assert len(json.loads(manager(state_dir, "snapshots", "--json").stdout)) == 1
+    out, err = deleting.communicate(timeout=120)
+    assert deleting.returncode == 0, err
+    assert f"deleted snapshot {snapshot['id']}" in out
     assert json.loads(manager(state_dir, "snapshots", "--json").stdout) == []
     images = json.loads(manager(state_dir, "images", "--json").stdout)
     assert images[0]["activation_status"] == "inactive"

@@ -115,3 +115,60 @@ def test_a_failing_health_check_makes_a_real_job_wait(pool_state_dir: Path, samp
     assert waited.error is not None and waited.error.startswith("waiting: memory_pressure")
     assert services.pool.list_devices() == []  # type: ignore[attr-defined]
     assert waited.owner_pid is None  # stopped at a safe point: `fsm resume` picks it up
+
+
+@needs_root
+def test_the_operation_guard_checks_health_and_the_job_waits_then_completes(
+        pool_state_dir: Path, sample_bucket: SampleBucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The product's Operation Guard runs the health check before it takes the lock. With the
+    transition guard out of the way, the guard is what holds the job: in creating_device,
+    `waiting: health check failed before create-device: ...`, not aborted, no device made.
+    The threshold comes from the operator's variable through the real builder."""
+    from cli.app import open_store
+    from fsm.runner import Runner
+    from safeguards.guard import HealthCheckFailed
+    from states.registry import all_workflows, build_services
+    from states.submit import resolve_request
+    from states.workflow import WORKFLOW_NAME
+
+    monkeypatch.setenv("FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT", "99.9")
+    services = build_services(pool_state_dir, backend="blockfile", device_size_bytes=64 * 1024**2)
+    with pytest.raises(HealthCheckFailed, match=r"before probe: .*memory_pressure: available .*< 99\.9%"):
+        with services.operation("probe"):
+            pass
+    assert "< 99.9%" in (services.health_guard() or "")
+    unguarded = dataclasses.replace(services, health_guard=lambda: None)
+    request = resolve_request(bucket=sample_bucket.name, s3_key="images/golang/1.tar",
+                              endpoint_url=sample_bucket.endpoint_url)
+    stop = threading.Event()
+    runner = Runner(open_store(pool_state_dir), all_workflows(unguarded), stop_event=stop)
+    worker = threading.Thread(target=lambda: runner.start(WORKFLOW_NAME, request.idempotency_key,
+                                                          request.job_context()))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        job = None
+        while time.monotonic() < deadline:
+            jobs = runner.store.list_jobs()
+            job = jobs[0] if jobs else None
+            if job is not None and (job.error or "").startswith("waiting:"):
+                break
+            time.sleep(0.2)
+        assert job is not None and job.error, "the job never waited"
+        time.sleep(3)  # several waits: still waiting, not retried into an abort
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert not worker.is_alive()
+    waited = runner.store.get(job.id)
+    assert waited.state == "creating_device", waited.state
+    assert waited.error is not None
+    assert waited.error.startswith("waiting: health check failed before create-device: memory_pressure: available")
+    assert services.pool.list_devices() == []
+    assert "aborted" not in [e.to_state for e in runner.store.history(job.id)]
+
+    # Healthy again (the variable unset): the same job goes on to complete.
+    monkeypatch.delenv("FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT")
+    healthy = build_services(pool_state_dir, backend="blockfile", device_size_bytes=64 * 1024**2)
+    done = Runner(open_store(pool_state_dir), all_workflows(healthy)).run(job.id)
+    assert done.state == "complete", done.error
