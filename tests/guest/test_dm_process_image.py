@@ -1,11 +1,13 @@
 """process-image end to end on the devicemapper backend, INSIDE the QEMU guest:
-SeaweedFS on the guest's 127.0.0.1, the 3-layer `whiteout` sample family at ~1 MB,
-64M thin devices, and the mounted snapshot compared with demo.samples.expected_tree.
+SeaweedFS on the guest's 127.0.0.1, the golang and node families (layers 1-3 shared) and
+the 3-layer `whiteout` family at ~1 MB, 64M thin devices, and the mounted snapshots
+compared with demo.samples.expected_tree.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,32 +38,55 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     pool.teardown_pool()
 
 
-def test_process_image_on_dm_thin(state_dir: Path, tmp_path: Path) -> None:
-    from demo.s3server import start_s3_server
-    from images.source import make_s3_client
-
-    samples = tmp_path / "samples"
-    build_families(samples, SCALE_MB, families=(FAMILY,))
-    with start_s3_server(tmp_path / "s3", timeout=240) as server:
-        client = make_s3_client(server.endpoint_url, anonymous=True)
-        client.create_bucket(Bucket="guest-samples")
-        upload_families(client, "guest-samples", samples)
-        # A subprocess like an operator's run (not run_command: its output is the subject).
-        done = subprocess.run(
-            [sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image", "--image", FAMILY,
-             "--bucket", "guest-samples", "--endpoint-url", server.endpoint_url,
-             "--backend", "devicemapper", "--device-size", "64M"],
-            cwd=REPO, capture_output=True, text=True, timeout=900)
+def process(state_dir: Path, family: str, bucket: str, endpoint_url: str) -> dict[str, str]:
+    # A subprocess like an operator's run (not run_command: its output is the subject).
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image", "--image", family,
+         "--bucket", bucket, "--endpoint-url", endpoint_url, "--backend", "devicemapper", "--device-size", "64M"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = dict(pair.split("=", 1) for pair in done.stdout.strip().splitlines()[-1].split())
     assert result["state"] == "complete"
     assert result["snapshot_device"].startswith("/dev/mapper/thin-")
-    for line in ("pool does not exist, attempting to create", "creating new thin pool", "thin pool created successfully"):
-        assert line in done.stderr
-    assert "thin-pool" in run_command(["dmsetup", "table", "pool"], timeout=10).stdout
+    return {**result, "log": done.stderr}
 
-    target = tmp_path / "mnt"
-    target.mkdir()
-    with mounted(result["snapshot_device"], target, read_only=True, options=(*DEFAULT_OPTIONS, "noload")):
-        actual = snapshot_tree(target)
-    assert diff_trees(expected_tree(family_layers(FAMILY, SCALE_MB)), actual) == []
+
+def test_process_image_on_dm_thin(state_dir: Path, tmp_path: Path) -> None:
+    """golang, then node (layers 1-3 shared: thin snapshot chains reused, stored once), then
+    the whiteout family; each mounted snapshot equals the tree built without the unpacker."""
+    from demo.s3server import start_s3_server
+    from images.source import make_s3_client
+
+    families = ("golang", "node", FAMILY)
+    samples = tmp_path / "samples"
+    build_families(samples, SCALE_MB, families=families)
+    with start_s3_server(tmp_path / "s3", timeout=240) as server:
+        client = make_s3_client(server.endpoint_url, anonymous=True)
+        client.create_bucket(Bucket="guest-samples")
+        upload_families(client, "guest-samples", samples)
+        results = {family: process(state_dir, family, "guest-samples", server.endpoint_url) for family in families}
+
+    first = results["golang"]["log"]
+    for line in ("pool does not exist, attempting to create", "creating new thin pool", "thin pool created successfully"):
+        assert line in first
+    assert "thin-pool" in run_command(["dmsetup", "table", "pool"], timeout=10).stdout
+    # node shares golang's layers 1-3; the whiteout family starts from the same layer 1.
+    reused = {family: results[family]["log"].count("layer already unpacked; reusing its device") for family in families}
+    assert reused == {"golang": 0, "node": 3, FAMILY: 1}
+
+    # Stored once: one thin device per distinct layer chain (5 + 2 + 2) plus one snapshot per image,
+    # and the pool holds exactly the devices the catalog names.
+    with sqlite3.connect(state_dir / "images.db") as db:
+        chains = [row[0] for row in db.execute("SELECT device_name FROM unpacked_images WHERE state='ready'")]
+        snapshots = [row[0] for row in db.execute("SELECT device_name FROM snapshots WHERE state='ready'")]
+    layer_count = sum(len(family_layers(family, SCALE_MB)) for family in families)
+    assert len(chains) == layer_count - sum(reused.values()) == 9 and len(snapshots) == 3
+    pool = DevicemapperPool(PoolConfig(directory=str(state_dir)))
+    assert sorted(d.name for d in pool.list_devices()) == sorted(chains + snapshots)
+
+    for family in ("node", FAMILY):
+        target = tmp_path / f"mnt-{family}"
+        target.mkdir()
+        with mounted(results[family]["snapshot_device"], target, read_only=True, options=(*DEFAULT_OPTIONS, "noload")):
+            actual = snapshot_tree(target)
+        assert diff_trees(expected_tree(family_layers(family, SCALE_MB)), actual) == [], family
