@@ -36,11 +36,13 @@ from fsm.models import Job
 from fsm.ownership import owner_alive
 from support.errors import ManagerError
 from support.log import get_logger
+from support.proc import CommandTimeout
 
 log = get_logger("catalog.gc")
 
 SOME_FAILED = "Some devices could not be cleaned - manual intervention may be required"
 CONSIDER_REBOOT = "Consider rebooting the system if devices are stuck in D-state"
+DEACTIVATE_FAILED = "deactivate failed or timed out"  # the guide's Log Analysis pattern
 
 
 @dataclass
@@ -158,7 +160,11 @@ def _clean_device(pool: ThinPool, device: DeviceInfo, unmount_timeout: float) ->
         try:
             step()
         except (ManagerError, OSError) as exc:
-            log.error("failed to clean up orphaned device", step=message.split(":")[0], error=str(exc), **fields)
+            timed_out = isinstance(exc, CommandTimeout)
+            if step is steps[1][1]:
+                log.error(DEACTIVATE_FAILED, timed_out=timed_out, error=str(exc), **fields)
+            log.error("failed to clean up orphaned device", step=message.split(":")[0], timed_out=timed_out,
+                      error=str(exc), **fields)
             return f"{message.split(': ')[1].lower()}: {exc}"
     return None
 

@@ -44,10 +44,10 @@ def manager(state_dir: Path, *args: str, env: dict[str, str] | None = None,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def process(state_dir: Path, bucket: str, endpoint: str, key: str,
+def process(state_dir: Path, bucket: str, endpoint: str, key: str, *extra: str,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket, "--endpoint-url", endpoint,
-                   "--device-size", DEVICE_SIZE, "--backend", "blockfile", env=env)
+                   "--device-size", DEVICE_SIZE, "--backend", "blockfile", *extra, env=env)
 
 
 def gc(state_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -243,12 +243,16 @@ def test_rows_of_devices_already_gone_are_skipped_and_marked(state_dir: Path, s3
 def test_mkfs_timeout_leaves_an_active_device_for_gc(state_dir: Path, sample_bucket: SampleBucket) -> None:
     from devices import loop
 
-    done = process(state_dir, sample_bucket.name, sample_bucket.endpoint_url, GOOD_KEY,
+    done = process(state_dir, sample_bucket.name, sample_bucket.endpoint_url, GOOD_KEY, "--log-format", "json",
                    env={"FLYIO_MKFS_TIMEOUT": "0.001"})
     assert done.returncode == 1, done.stderr[-3000:]
     assert fields(done.stdout)["state"] == "aborted"
     assert MKFS_FAILED in done.stderr
-    assert "command timed out" in done.stderr
+    # The guide's Log Analysis pattern, on the JSON line of the timeout itself.
+    timeouts = [json.loads(line) for line in done.stderr.splitlines()
+                if line.startswith("{") and json.loads(line)["msg"] == "command timed out"]
+    assert timeouts and timeouts[0]["timed_out"] is True and timeouts[0]["argv"].startswith("mkfs"), done.stderr[-3000:]
+    assert '"timed_out": true' in done.stderr
     rows = orphan_rows(state_dir)
     assert len(rows) == 1 and list(rows.values()) == [None]
     (name,) = rows
@@ -379,4 +383,44 @@ def test_a_busy_mount_fails_its_cleanup_and_a_later_run_cleans_it(tmp_path: Path
             busy.wait(timeout=10)
         if os.path.ismount(target):
             subprocess.run(["umount", str(target)], check=False, timeout=60)
+        teardown(state_dir)
+
+
+def test_a_device_held_open_fails_its_cleanup_with_timed_out_false(tmp_path: Path) -> None:
+    """A process holding the loop device open: `losetup --detach` only marks it autoclear
+    (the deactivate step passes, so no "deactivate failed or timed out"), the loop stays,
+    and the delete step fails; its JSON line says `"timed_out": false`."""
+    from migrations import upgrade_database
+
+    state_dir = tmp_path / "state"
+    holder: subprocess.Popen[bytes] | None = None
+    try:
+        assert manager(state_dir, "setup-pool", "--backend", "blockfile", "--data-size", "512M").returncode == 0
+        upgrade_database(state_dir / "images.db")
+        pool = pool_of(state_dir)
+        pool.create_thin(43, 64 * 1024**2)
+        device = pool.activate(43, 64 * 1024**2)
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'rb'); time.sleep(120)",
+                                   device])
+        time.sleep(0.5)
+        failed = manager(state_dir, "--log-format", "json", "gc", "--force", "--backend", "blockfile")
+        assert failed.returncode == 1, failed.stdout[-2000:]
+        lines = [json.loads(line) for line in failed.stdout.splitlines() if line.startswith("{")]
+        (failure,) = [line for line in lines if line["msg"] == "failed to clean up orphaned device"]
+        assert failure["step"] == "Step 3" and failure["timed_out"] is False, failure
+        assert (failure["device_id"], failure["device_name"]) == (43, "thin-43")
+        assert "is active" in failure["error"]
+        assert not [line for line in lines if line["msg"] == "deactivate failed or timed out"]
+        assert device_names(state_dir) == {"thin-43"}
+
+        holder.kill()
+        holder.wait(timeout=10)
+        holder = None
+        cleaned = gc(state_dir, "--force")
+        assert cleaned.returncode == 0, cleaned.stdout[-2000:]
+        assert device_names(state_dir) == set()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait(timeout=10)
         teardown(state_dir)
