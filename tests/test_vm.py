@@ -1,7 +1,7 @@
 """Host-side tests that boot a QEMU guest with a real device-mapper kernel (tests/vm/).
 
 TCG emulation is slow, so guests are few and their work is small: one guest runs the
-whole in-guest suite (tests/guest/), one checks the basics, two more make a power cut.
+whole in-guest suite (tests/guest/), one checks the basics, four more make two power cuts.
 The read-only host root is mounted with cache=loose (Python imports over uncached 9p
 take minutes under TCG); everything the guests write goes to the share.
 """
@@ -62,36 +62,59 @@ def test_guest_suite_passes(guest_ready: None, tmp_path: Path) -> None:
     assert "skipped" not in summary[-1], f"a guest test skipped (no dm-thin?): {summary[-1]}"
 
 
-def test_power_cut_mid_unpack_resumes(guest_ready: None, tmp_path: Path) -> None:
-    """Kill QEMU while process-image unpacks; a fresh guest on the same share recreates the
-    pool from the existing files, resumes the job to complete, and every thin device in
+def test_power_cuts_resume_and_keep_completed_images(guest_ready: None, tmp_path: Path) -> None:
+    """Two power cuts on one pool: QEMU killed while image A unpacks, and (after A completed)
+    while image B snapshots. Each fresh guest on the same share recreates the pool from the
+    existing files and finishes the job (process-image the first time, `fsm resume` the
+    second); A's devices read back bit for bit the same after B's cut; every thin device in
     the pool is named by a row of images.db."""
     from demo.samples import build_families
 
     layers = build_families(tmp_path / "samples", 20.0, families=("golang",))
-    layer = layers["golang"][0]  # the base layer, ~3 MB of files: an unpack worth cutting
     state = tmp_path / "state"
-    argv = ["python", "tests/guest/powercut.py", str(state), str(layer)]
+    image_a = ["python", "tests/guest/powercut.py", str(state), str(layers["golang"][0])]  # ~3 MB base layer
+    image_b = ["python", "tests/guest/powercut.py", str(state), str(layers["golang"][3])]
+    resume = ["python", "tests/guest/powercut.py", str(state), "--resume"]
 
-    with start_guest(argv, share_dir=tmp_path, cwd=str(REPO), root_cache=ROOT_CACHE) as guest:
-        cut = _wait_for(guest, "to_state=unpacking", timeout=900)
-        guest.kill()  # the power cut
+    cut_while(image_a, "to_state=unpacking", tmp_path)
+    assert (state / "pool_meta").exists() and (state / "pool_data").exists()
+    after_a = run_to_report(image_a, tmp_path)
+    assert after_a["returncode"] == 0 and after_a["states_before"] == {"1": "unpacking"}, after_a
+    assert after_a["states"] == {"1": "complete"}, after_a
+    checksums_a = after_a["checksums"]
+    assert len(checksums_a) == 2, checksums_a  # A's layer device and its snapshot
+
+    cut_while(image_b, "to_state=snapshotting", tmp_path)
+    after_b = run_to_report(resume, tmp_path)
+    assert after_b["states_before"] == {"1": "complete", "2": "snapshotting"}, after_b
+    assert after_b["returncode"] == 0 and after_b["states"] == {"1": "complete", "2": "complete"}, after_b
+    assert {name: after_b["checksums"][name] for name in checksums_a} == checksums_a, "image A changed"
+    assert len(after_b["checksums"]) == 4, after_b["checksums"]
+
+
+def cut_while(argv: list[str], transition: str, share: Path) -> None:
+    """Start a guest running `argv` and kill QEMU (the power cut) once `transition` is logged."""
+    with start_guest(argv, share_dir=share, cwd=str(REPO), root_cache=ROOT_CACHE) as guest:
+        cut = _wait_for(guest, transition, timeout=900)
+        guest.kill()
     assert cut, tail(guest.output)
     assert "POWERCUT-RESULT" not in guest.output, "the job finished before the cut; nothing was tested"
-    assert (state / "pool_meta").exists() and (state / "pool_data").exists()
 
-    result = run_in_guest(argv, share_dir=tmp_path, timeout=1200, cwd=str(REPO), root_cache=ROOT_CACHE)
+
+def run_to_report(argv: list[str], share: Path) -> dict:
+    """A fresh guest on the same share: the pool comes back from its files; the report of powercut.py."""
+    result = run_in_guest(argv, share_dir=share, timeout=1200, cwd=str(REPO), root_cache=ROOT_CACHE)
     assert result.returncode == 0, tail(result.output)
     found = re.findall(r"POWERCUT-RESULT (\{.*\})", result.output)
     assert found, tail(result.output)
     report = json.loads(found[-1])
-    assert report["returncode"] == 0 and report["state"] == "complete", tail(result.output)
     assert "pool does not exist, attempting to create" in result.output
     assert "re-attaching existing pool files" in result.output, "the pool must come back from the old files"
     assert "creating new thin pool" not in result.output
     assert report["pool_ids"], "no thin devices in the pool after the resumed job"
     unnamed = [f"thin-{i}" for i in report["pool_ids"] if f"thin-{i}" not in report["row_names"]]
     assert unnamed == [], f"thin devices no row names: {unnamed}"
+    return report
 
 
 def _wait_for(guest: RunningGuest, text: str, timeout: float) -> bool:
