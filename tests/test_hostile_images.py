@@ -196,3 +196,56 @@ def test_hostile_image_aborts_cleanly(case: E2ECase, state_dir: Path, tmp_path: 
         assert devices == set(), devices
 
     assert snapshot_outside(tmp_path, state_dir) == before
+
+
+# --- the whole unit corpus (tests/hostile_tars.py), each one-layer case through real devices --
+
+def _single_layer_cases() -> list[Any]:
+    from tests.hostile_tars import HOSTILE_CASES
+
+    return [case for case in HOSTILE_CASES if case.lower is None and case.limits is None]
+
+
+# Refused by verification (format sniffing, the structure scan) before the unpacker sees
+# them, in verification's own words.
+VERIFY_REASONS = {"garbage_bytes": "not a tar", "huge_declared_size": "extends past the end of the archive"}
+
+
+@needs_root
+@pytest.mark.parametrize("case", _single_layer_cases(), ids=lambda case: case.name)
+def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_client: Any,
+                                make_bucket: Callable[..., str], s3_server: Any) -> None:
+    """A rejected layer aborts the job with its reason; a handled one completes and the
+    mounted snapshot passes the case's check. Either way every device in the pool is named
+    by a row and nothing outside the state dir changed."""
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+    from tests.test_process_image import mount_snapshot
+
+    bucket = make_bucket("corpus")
+    key = f"images/{case.name}/1.tar"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=case.build())
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("secret\n")
+    before = snapshot_outside(tmp_path, state_dir)
+
+    done = manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket,
+                   "--endpoint-url", s3_server.endpoint_url, "--backend", "blockfile", "--device-size", "64M")
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before
+    pool = BlockfilePool(PoolConfig(directory=str(state_dir)))
+    unnamed = {device.name for device in pool.list_devices()} - rows_naming_devices(state_dir / "images.db")
+    assert unnamed == set(), f"devices no row names: {unnamed}"
+    if case.expect == "reject":
+        assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
+        assert VERIFY_REASONS.get(case.name, case.reason) in last.split("error=", 1)[-1], last
+    else:
+        assert done.returncode == 0 and re.search(r"\bstate=complete\b", last), (last, done.stderr[-2000:])
+        root = tmp_path / "mnt"
+        device = dict(pair.split("=", 1) for pair in last.split())["snapshot_device"]
+        mount_snapshot(device, root)
+        try:
+            case.check(root)
+        finally:
+            subprocess.run(["umount", str(root)], check=True, timeout=60)
