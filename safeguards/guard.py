@@ -9,7 +9,8 @@ In order: the health check runs (a failure raises HealthCheckFailed, a NotReadyE
 the job waits, `waiting: health check failed before ...`, and runs the step again); a slot of a BoundedSemaphore is taken (threads of this
 process); an flock on `<state-dir>/fsm/dm-operations.lock` is taken (other processes:
 the daemon and a CLI never run dm operations at once). Both waits share one deadline,
-`acquire_timeout`; missing it raises GuardTimeout naming the holder. Start, finish
+`acquire_timeout`; missing it raises GuardTimeout naming the holder (a NotReadyError too:
+a job waits and runs the step again). Start, finish
 (with duration_ms) and failure are logged. An operation started inside another one in
 the same thread runs under the outer one's slot instead of deadlocking on it.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from safeguards.health import HealthReport
-from support.errors import NotReadyError, TransientError
+from support.errors import NotReadyError
 from support.log import StructLogger, get_logger
 
 T = TypeVar("T")
@@ -40,8 +41,10 @@ class HealthCheckFailed(NotReadyError):
     """The pre-operation health check failed; the job waits and tries again later."""
 
 
-class GuardTimeout(TransientError):
-    """The guard was not acquired within its timeout."""
+class GuardTimeout(NotReadyError):
+    """The guard was not acquired within its timeout. For a job, like a failing health
+    check, a reason to wait and try again (another job's long unpack holds the guard),
+    not to abort; a command run by hand gets it as its one-line error."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ class ChainBusy(TransientError):
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
+    # The guard (and its health check) first: a check that makes the step wait must find
+    # no row written yet, or the re-run would orphan a device that was never made.
+    with services.operation("create-device"):
+        return _create_or_reuse(ctx, services)
+
+
+def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
     layer = current_layer(ctx)
     index = current_index(ctx)
     parent_chain = layers(ctx)[index - 1]["chain_id"] if index > 0 else None
@@ -45,11 +52,10 @@ def run(ctx: StepContext, services: ImageServices) -> str:
                                  job_id=ctx.job_id)
         ctx.data["devices"][layer["chain_id"]] = row.device_id
         device_id, name = row.device_id, row.device_name
-    with services.operation("create-device"):
-        if parent_chain is None:
-            services.pool.create_thin(device_id, services.device_size_bytes)
-        else:
-            services.pool.create_snapshot(device_id, device_of_chain(ctx, parent_chain))
+    if parent_chain is None:
+        services.pool.create_thin(device_id, services.device_size_bytes)
+    else:
+        services.pool.create_snapshot(device_id, device_of_chain(ctx, parent_chain))
     with ctx.transaction() as session:
         set_layer_device_state(session, device_id, "created")
     log.info("device created", device_name=name, layer=index + 1, base=parent_chain is None)

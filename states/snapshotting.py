@@ -15,6 +15,12 @@ log = get_logger("states.snapshotting")
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
+    # The guard first, as in creating_device: no row before the health check has passed.
+    with services.operation("snapshot"):
+        return _snapshot(ctx, services)
+
+
+def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     origin = top_device_id(ctx)
     with ctx.transaction() as session:
         previous = ctx.data.get("snapshot_device_id")
@@ -27,9 +33,8 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         row = begin_snapshot(session, image_id=ctx.data["image_id"], origin_device_id=origin, job_id=ctx.job_id)
         ctx.data["snapshot_device_id"] = row.device_id
         snapshot_id, name = row.device_id, row.device_name
-    with services.operation("snapshot"):
-        services.pool.create_snapshot(snapshot_id, origin)
-        path = services.pool.activate(snapshot_id, services.device_size_bytes)
+    services.pool.create_snapshot(snapshot_id, origin)
+    path = services.pool.activate(snapshot_id, services.device_size_bytes)
     with ctx.transaction() as session:
         session.scalars(select(Snapshot).where(Snapshot.device_id == snapshot_id)).one().state = "ready"
         session.get(Image, ctx.data["image_id"]).activation_status = "active"

@@ -151,6 +151,9 @@ def job_states(state_dir: Path) -> dict[str, int]:
         return dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
 
 
+EARLY_STATES = ("downloading", "verifying", "creating_device", "making_fs", "unpacking")
+
+
 def job_history(state_dir: Path, job_id: int) -> list[tuple[int, str | None, str]]:
     """(seq, from_state, to_state) of every transition of the job, in order."""
     with sqlite3.connect(state_dir / "images.db") as db:
@@ -184,11 +187,15 @@ def test_twenty_jobs_survive_sigterm_and_finish_after_restart(state_dir: Path, d
     assert refused.returncode == 1
     assert f"pid {daemon.proc.pid}, command daemon" in refused.stderr, refused.stderr
 
-    # Let a few finish, then SIGTERM while others are in flight.
+    # Let a few finish, then SIGTERM while another is in the middle of its steps (not at its
+    # last one, which would simply finish), so it must stop at its next safe point.
     deadline = time.monotonic() + 300
-    while job_states(state_dir).get("complete", 0) < 3:
+    while True:
+        states = job_states(state_dir)
+        if states.get("complete", 0) >= 2 and any(states.get(s) for s in EARLY_STATES):
+            break
         assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.2)
+        time.sleep(0.01)
     daemon.proc.send_signal(signal.SIGTERM)
     stop_started = time.monotonic()
     assert daemon.wait() == 0, daemon.log()
