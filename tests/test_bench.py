@@ -1,0 +1,47 @@
+"""The benchmarks in bench/ still run and print their figures (tiny sizes; no timing is
+judged here: the figures are for docs/performance.md, measured by hand at full size)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_process_image import REPO
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
+
+
+def bench(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_fsm_transitions_prints_rate_and_latency() -> None:
+    out = bench("bench.fsm_transitions", "--jobs", "3", "--states", "3")
+    assert "transitions persisted: 9" in out
+    assert float(re.search(r"transitions/s: ([\d.]+)", out).group(1)) > 0
+    assert re.search(r"p50 [\d.]+ ms\s+p99 [\d.]+ ms", out), out
+
+
+@needs_root
+def test_unpack_compares_with_gnu_tar_and_reports_peak_rss() -> None:
+    out = bench("bench.unpack", "--size-mb", "3", "--rounds", "1", "--rss-sizes-mb", "1,3")
+    assert re.search(r"^\s*ours\s+[\d.]+\s+[\d.]+", out, re.MULTILINE), out
+    assert re.search(r"^\s*gnu tar\s+[\d.]+\s+[\d.]+", out, re.MULTILINE), out
+    assert re.search(r"ratio ours / gnu tar \(throughput\): extract [\d.]+, with sync [\d.]+", out), out
+    assert len(re.findall(r"^\s+[\d.]+\s+\d+\s+[\d.]+$", out, re.MULTILINE)) == 2, out  # two RSS rows
+
+
+@needs_root
+def test_snapshot_reports_cost_by_size_and_call_latencies() -> None:
+    out = bench("bench.snapshot", "--backend", "blockfile", "--sizes-mb", "4,16", "--repeats", "1")
+    rows = re.findall(r"^\s+(\d+) MiB\s+([\d.]+)\s+([\d.]+) MiB$", out, re.MULTILINE)
+    assert [size for size, _, _ in rows] == ["4", "16"], out
+    assert all(float(growth) == 0 for _, _, growth in rows), out  # reflink: a snapshot takes no data space
+    for call in ("create_thin", "create_snapshot", "activate", "deactivate", "delete"):
+        assert re.search(rf"^\s+{call}\s+[\d.]+$", out, re.MULTILINE), (call, out)
