@@ -128,3 +128,25 @@ def test_second_run_of_a_complete_image_downloads_nothing_and_is_fast(state_dir:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "blob downloaded" not in second.stderr
     assert fields(second.stdout)["job_id"] == fields(first.stdout)["job_id"]
+
+
+@needs_root
+def test_endpoint_from_aws_endpoint_url_and_backend_auto_says_what_it_picked(state_dir: Path,
+                                                                              sample_bucket: SampleBucket) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLYIO_BACKEND"}
+    setup = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "setup-pool",
+                            "--data-size", "1G", "--metadata-size", "2M"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    assert (state_dir / "pool_data").stat().st_size == 1024**3
+    assert (state_dir / "pool_meta").stat().st_size == 2 * 1024**2
+    done = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image",
+                           "--s3-key", "images/node/5.tar", "--bucket", sample_bucket.name, "--device-size", "64M"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**env, "AWS_ENDPOINT_URL": sample_bucket.endpoint_url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert fields(done.stdout)["state"] == "complete"
+    # This kernel has no device-mapper: auto picks blockfile and says so, with the reason.
+    expected = "devicemapper" if Path("/dev/mapper/control").exists() else "blockfile"
+    selected = [line for line in done.stderr.splitlines() if "backend selected" in line]
+    assert selected and f"backend={expected}" in selected[0] and "reason=" in selected[0], done.stderr[-2000:]
