@@ -88,6 +88,7 @@ def test_power_cuts_resume_and_keep_completed_images(guest_ready: None, tmp_path
     after_b = run_to_report(resume, tmp_path)
     assert after_b["states_before"] == {"1": "complete", "2": "snapshotting"}, after_b
     assert after_b["returncode"] == 0 and after_b["states"] == {"1": "complete", "2": "complete"}, after_b
+    assert after_b["reactivated"], "A's snapshot (a VM's disk) was not re-activated after the cut"
     assert {name: after_b["checksums"][name] for name in checksums_a} == checksums_a, "image A changed"
     assert len(after_b["checksums"]) == 4, after_b["checksums"]
 
@@ -108,6 +109,8 @@ def run_to_report(argv: list[str], share: Path) -> dict:
     found = re.findall(r"POWERCUT-RESULT (\{.*\})", result.output)
     assert found, tail(result.output)
     report = json.loads(found[-1])
+    report["reactivated"] = re.findall(r"snapshot re-activated\s+device_name=(thin-\d+)", result.output)
+    assert "catalog reconciled with the pool" in result.output
     assert "pool does not exist, attempting to create" in result.output
     assert "re-attaching existing pool files" in result.output, "the pool must come back from the old files"
     assert "creating new thin pool" not in result.output
