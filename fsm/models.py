@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from support.sqlnames import NAMING_CONVENTION
@@ -31,6 +31,9 @@ class Job(FsmBase):
     owner_pid: Mapped[int | None] = mapped_column(Integer)
     owner_boot_id: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # A shutdown stopped the job before its state's step began: nothing of the step is
+    # half done, so it resumes in that state itself, not at the state's resume point.
+    stopped_before_step: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class JobEvent(FsmBase):

@@ -236,14 +236,20 @@ class Runner:
         ctx = self._context(job)
         if job.state in FINAL_STATES:
             return
-        self._move_to_resume_point(wf, ctx)
+        if job.stopped_before_step:
+            self.store.set_stopped_before_step(ctx.job_id, self.owner, False)
+            log.info("job resumed where it stopped", job_id=ctx.job_id, state=ctx.state)
+        else:
+            self._move_to_resume_point(wf, ctx)
         model, _machine = build_machine(wf, ctx.state)
         while model.state not in FINAL_STATES:
             reason = self.store.abort_requested(ctx.job_id)
             if reason:
                 self._abort(ctx, reason, started_at=utcnow())
                 return
-            ctx.check_stop()
+            if ctx.should_stop():  # between steps: the next one has not begun
+                self.store.set_stopped_before_step(ctx.job_id, self.owner, True)
+                raise StopRequested("shutdown requested")
             spec = wf.state(model.state)
             ctx.state = spec.name
             started_at = utcnow()

@@ -179,6 +179,13 @@ class JobStore:
         with self.transaction() as session:
             session.execute(update(Job).where(Job.id == job_id, Job.owner_pid == owner.pid).values(**values))
 
+    def set_stopped_before_step(self, job_id: int, owner: Owner, stopped: bool) -> None:
+        """Mark (or clear) that a shutdown stopped the job before its current step began."""
+        with self.transaction() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.owner_pid == owner.pid,
+                                              Job.owner_boot_id == owner.boot_id)
+                            .values(stopped_before_step=stopped))
+
     def request_abort(self, job_id: int, reason: str) -> None:
         with self.transaction() as session:
             session.execute(update(Job).where(Job.id == job_id).values(abort_requested=reason, updated_at=utcnow()))

@@ -234,3 +234,47 @@ def test_reopen_sends_a_complete_job_back_to_its_start_keeping_history(tmp_path:
     assert calls["a"] == 2
     assert [e.event for e in runner.store.history(job.id)] == ["go", "done", "reopen", "go", "done"]
     assert history_is_contiguous(runner.store.history(job.id), "a")
+
+
+def test_a_shutdown_between_steps_resumes_in_that_state_not_at_its_resume_point(tmp_path: Path) -> None:
+    runs = {"a": 0, "b": 0}
+    runner_box: list[Runner] = []
+
+    def a(ctx: StepContext) -> str:
+        runs["a"] += 1
+        runner_box[0].stop_event.set()  # SIGTERM while a runs: the job stops before b begins
+        return "go"
+
+    def b(ctx: StepContext) -> str:
+        runs["b"] += 1
+        return "done"
+
+    workflow = two_step(a, b)  # b's resume point is a: a crash inside b redoes a
+    runner = make_runner(tmp_path, workflow)
+    runner_box.append(runner)
+    job = runner.start("two", "k", {})
+    assert job.state == "b" and job.stopped_before_step and runs == {"a": 1, "b": 0}
+
+    restarted = Runner(runner.store, {workflow.name: workflow}, sleep=lambda s: None)
+    job = restarted.run(job.id)
+    assert job.state == COMPLETE and not job.stopped_before_step
+    assert runs == {"a": 1, "b": 1}, "b had not begun: a must not run again"
+    assert [e.event for e in restarted.store.history(job.id)] == ["go", "done"]
+
+
+def test_a_job_killed_inside_a_step_still_resumes_at_the_resume_point(tmp_path: Path) -> None:
+    runs = {"a": 0}
+
+    def a(ctx: StepContext) -> str:
+        runs["a"] += 1
+        return "go"
+
+    workflow = two_step(a, lambda ctx: "done")
+    runner = make_runner(tmp_path, workflow)
+    job, _ = runner.store.create_or_get("two", "k", "a", {})
+    with runner.store.transaction() as session:  # as a process killed while running b leaves it
+        row = session.get(type(job), job.id)
+        runner.store.append_transition(session, row, to_state="b", event="go", started_at=row.updated_at, attempt=1)
+    job = runner.run(job.id)
+    assert job.state == COMPLETE and runs == {"a": 1}
+    assert [e.event for e in runner.store.history(job.id)] == ["go", "resume", "go", "done"]

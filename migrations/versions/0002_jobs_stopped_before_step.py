@@ -1,0 +1,26 @@
+"""jobs.stopped_before_step: a job stopped by a shutdown before its state's step began
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01 13:40:00
+"""
+from __future__ import annotations
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0002'
+down_revision = '0001'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('stopped_before_step', sa.Boolean(), server_default=sa.false(), nullable=False))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('stopped_before_step')
