@@ -113,3 +113,54 @@ def test_once_without_a_database_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: database ") and "does not exist" in done.stderr
     assert not (tmp_path / "none" / "images.db").exists()
+
+
+@needs_root
+def test_once_shows_a_waiting_job_with_its_step_and_age_and_an_orphan(tmp_path: Path) -> None:
+    """A real aborted job leaves an orphan; a real job kept waiting by a failing health check
+    is running: the frame shows both, with the job's state, age and reason."""
+    import io
+    import tarfile
+
+    state_dir = tmp_path / "state"
+    hostile = tmp_path / "hostile.tar"
+    with tarfile.open(hostile, "w") as tar:
+        ok = tarfile.TarInfo("etc/hostname")
+        ok.size = 4
+        tar.addfile(ok, io.BytesIO(b"box\n"))
+        tar.addfile(tarfile.TarInfo("../escape"), io.BytesIO(b""))
+    waiting: subprocess.Popen[str] | None = None
+    try:
+        aborted = manager(state_dir, "process-image", "--url", f"file://{hostile}", "--device-size", "64M",
+                          "--backend", "blockfile")
+        assert aborted.returncode == 1, aborted.stdout + aborted.stderr[-2000:]
+        calm = tmp_path / "calm.tar"
+        with tarfile.open(calm, "w") as tar:
+            tar.addfile(ok, io.BytesIO(b"box\n"))
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image", "--url", f"file://{calm}",
+             "--device-size", "64M", "--backend", "blockfile"], cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "FLYIO_HEALTH_MIN_AVAILABLE_MEMORY_PERCENT": "100"})
+        deadline = time.monotonic() + 120
+        while True:
+            with sqlite3.connect(state_dir / "images.db", timeout=10) as db:
+                row = db.execute("SELECT id, state FROM jobs WHERE error LIKE 'waiting:%'").fetchone()
+            if row:
+                break
+            assert waiting.poll() is None and time.monotonic() < deadline, "the job never waited"
+            time.sleep(0.2)
+        done = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "monitor", "--once",
+                               "--backend", "blockfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert "running jobs: 1" in out, out
+        job_line = re.search(rf"^  job {row[0]} state={row[1]} age=\S+ updated=\S+ ago pid={waiting.pid} "
+                             r"note=waiting: .*memory", out, re.M)
+        assert job_line, out
+        assert "orphaned devices: 1" in out, out
+        assert re.search(r"^  thin-1 job=1 detected=\S+ \S+ reason=.*'\.\.' component", out, re.M), out
+    finally:
+        if waiting is not None:
+            waiting.kill()
+            waiting.wait(timeout=30)
+        teardown(state_dir)
