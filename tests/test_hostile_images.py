@@ -155,6 +155,20 @@ def rows_naming_devices(db_path: Path) -> set[str]:
     return names
 
 
+def process_hostile(name: str, layer: bytes, state_dir: Path, tmp_path: Path, s3_client: Any, bucket: str,
+                    endpoint_url: str) -> tuple[subprocess.CompletedProcess[str], Snapshot]:
+    """Upload `layer` as a one-layer image, plant a secret beside the state dir, and run
+    process-image on it; (its result, what was outside the state dir before)."""
+    key = f"images/{name}/1.tar"
+    s3_client.put_object(Bucket=bucket, Key=key, Body=layer)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("secret\n")
+    before = snapshot_outside(tmp_path, state_dir)
+    done = manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket,
+                   "--endpoint-url", endpoint_url, "--backend", "blockfile", "--device-size", "64M")
+    return done, before
+
+
 @needs_root
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_hostile_image_aborts_cleanly(case: E2ECase, state_dir: Path, tmp_path: Path, s3_client: Any,
@@ -162,15 +176,8 @@ def test_hostile_image_aborts_cleanly(case: E2ECase, state_dir: Path, tmp_path: 
     from devices.base import PoolConfig
     from devices.blockfile import BlockfilePool
 
-    bucket = make_bucket("hostile")
-    key = f"images/{case.name}/1.tar"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=case.build())
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "secret").write_text("secret\n")
-    before = snapshot_outside(tmp_path, state_dir)
-
-    done = manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket,
-                   "--endpoint-url", s3_server.endpoint_url, "--backend", "blockfile", "--device-size", "64M")
+    done, before = process_hostile(case.name, case.build(), state_dir, tmp_path, s3_client,
+                                   make_bucket("hostile"), s3_server.endpoint_url)
 
     assert done.returncode == 1, (done.stdout, done.stderr[-2000:])
     last = done.stdout.strip().splitlines()[-1]
@@ -222,15 +229,8 @@ def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_c
     from devices.blockfile import BlockfilePool
     from tests.test_process_image import mount_snapshot
 
-    bucket = make_bucket("corpus")
-    key = f"images/{case.name}/1.tar"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=case.build())
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "outside" / "secret").write_text("secret\n")
-    before = snapshot_outside(tmp_path, state_dir)
-
-    done = manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket,
-                   "--endpoint-url", s3_server.endpoint_url, "--backend", "blockfile", "--device-size", "64M")
+    done, before = process_hostile(case.name, case.build(), state_dir, tmp_path, s3_client,
+                                   make_bucket("corpus"), s3_server.endpoint_url)
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert snapshot_outside(tmp_path, state_dir) == before
