@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from fsm.models import Job
+from fsm.runner import Runner
 from tests.conftest import SampleBucket
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +70,19 @@ def services_with(state_dir: Path, **thresholds: float) -> object:
 
 
 @needs_root
+
+def first_job_once_waiting(runner: Runner, timeout: float = 60) -> Job:
+    """The runner's first job, once it records `waiting: ...` (fails the test otherwise)."""
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        jobs = runner.store.list_jobs()
+        job = jobs[0] if jobs else None
+        if job is not None and (job.error or "").startswith("waiting:"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"the job never waited: {job and (job.state, job.error)}")
+
 def test_the_products_health_guard_passes_on_this_host(pool_state_dir: Path) -> None:
     services = services_with(pool_state_dir)
     assert services.health_guard() is None  # type: ignore[attr-defined]
@@ -76,7 +91,6 @@ def test_the_products_health_guard_passes_on_this_host(pool_state_dir: Path) -> 
 @needs_root
 def test_a_failing_health_check_makes_a_real_job_wait(pool_state_dir: Path, sample_bucket: SampleBucket) -> None:
     from cli.app import open_store
-    from fsm.runner import Runner
     from states.registry import all_workflows
     from states.submit import resolve_request
     from states.workflow import WORKFLOW_NAME
@@ -91,15 +105,7 @@ def test_a_failing_health_check_makes_a_real_job_wait(pool_state_dir: Path, samp
         job=runner.start(WORKFLOW_NAME, request.idempotency_key, request.job_context())))
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        job = None
-        while time.monotonic() < deadline:
-            jobs = runner.store.list_jobs()
-            job = jobs[0] if jobs else None
-            if job is not None and (job.error or "").startswith("waiting:"):
-                break
-            time.sleep(0.2)
-        assert job is not None and job.error, "the job never waited"
+        job = first_job_once_waiting(runner)
         shown = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(pool_state_dir), "fsm", "show",
                                 str(job.id)], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
@@ -125,7 +131,6 @@ def test_the_operation_guard_checks_health_and_the_job_waits_then_completes(
     `waiting: health check failed before create-device: ...`, not aborted, no device made.
     The threshold comes from the operator's variable through the real builder."""
     from cli.app import open_store
-    from fsm.runner import Runner
     from safeguards.guard import HealthCheckFailed
     from states.registry import all_workflows, build_services
     from states.submit import resolve_request
@@ -146,15 +151,7 @@ def test_the_operation_guard_checks_health_and_the_job_waits_then_completes(
                                                           request.job_context()))
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        job = None
-        while time.monotonic() < deadline:
-            jobs = runner.store.list_jobs()
-            job = jobs[0] if jobs else None
-            if job is not None and (job.error or "").startswith("waiting:"):
-                break
-            time.sleep(0.2)
-        assert job is not None and job.error, "the job never waited"
+        job = first_job_once_waiting(runner)
         time.sleep(3)  # several waits: still waiting, not retried into an abort
     finally:
         stop.set()
