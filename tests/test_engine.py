@@ -204,6 +204,22 @@ def test_a_job_owned_by_a_live_process_is_not_touched(tmp_path: Path) -> None:
     assert runner.run(job.id).state == ABORTED
 
 
+def test_a_live_owner_whose_lease_expired_loses_the_job(tmp_path: Path) -> None:
+    """A hung owner (alive, but it stopped renewing its lease) no longer holds the job."""
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
+    job, _ = runner.store.create_or_get("two", "k", "a", {})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with runner.store.transaction() as session:
+            session.execute(text("UPDATE jobs SET owner_pid=:p, owner_boot_id=:b, lease_expires_at=datetime('now','-1 seconds') WHERE id=:id"),
+                            {"p": holder.pid, "b": runner.owner.boot_id, "id": job.id})
+        assert [j.id for j in runner.resumable_jobs()] == [job.id]
+        assert runner.run(job.id).state == COMPLETE
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_job_owned_by_another_boot_is_resumable(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
     job, _ = runner.store.create_or_get("two", "k", "b", {})
