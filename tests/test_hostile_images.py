@@ -155,6 +155,13 @@ def rows_naming_devices(db_path: Path) -> set[str]:
     return names
 
 
+@pytest.fixture(scope="module")
+def hostile_bucket(make_bucket: Callable[..., str]) -> str:
+    """One bucket for every case (keys differ by case name): each bucket costs SeaweedFS a
+    volume of its own, and the session's server has a few dozen."""
+    return make_bucket("hostile")
+
+
 def process_hostile(name: str, layer: bytes, state_dir: Path, tmp_path: Path, s3_client: Any, bucket: str,
                     endpoint_url: str) -> tuple[subprocess.CompletedProcess[str], Snapshot]:
     """Upload `layer` as a one-layer image, plant a secret beside the state dir, and run
@@ -172,12 +179,12 @@ def process_hostile(name: str, layer: bytes, state_dir: Path, tmp_path: Path, s3
 @needs_root
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_hostile_image_aborts_cleanly(case: E2ECase, state_dir: Path, tmp_path: Path, s3_client: Any,
-                                      make_bucket: Callable[..., str], s3_server: Any) -> None:
+                                      hostile_bucket: str, s3_server: Any) -> None:
     from devices.base import PoolConfig
     from devices.blockfile import BlockfilePool
 
     done, before = process_hostile(case.name, case.build(), state_dir, tmp_path, s3_client,
-                                   make_bucket("hostile"), s3_server.endpoint_url)
+                                   hostile_bucket, s3_server.endpoint_url)
 
     assert done.returncode == 1, (done.stdout, done.stderr[-2000:])
     last = done.stdout.strip().splitlines()[-1]
@@ -221,7 +228,7 @@ VERIFY_REASONS = {"garbage_bytes": "not a tar", "huge_declared_size": "extends p
 @needs_root
 @pytest.mark.parametrize("case", _single_layer_cases(), ids=lambda case: case.name)
 def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_client: Any,
-                                make_bucket: Callable[..., str], s3_server: Any) -> None:
+                                hostile_bucket: str, s3_server: Any) -> None:
     """A rejected layer aborts the job with its reason; a handled one completes and the
     mounted snapshot passes the case's check. Either way every device in the pool is named
     by a row and nothing outside the state dir changed."""
@@ -230,7 +237,7 @@ def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_c
     from tests.test_process_image import mount_snapshot
 
     done, before = process_hostile(case.name, case.build(), state_dir, tmp_path, s3_client,
-                                   make_bucket("corpus"), s3_server.endpoint_url)
+                                   hostile_bucket, s3_server.endpoint_url)
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert snapshot_outside(tmp_path, state_dir) == before
