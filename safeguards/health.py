@@ -3,7 +3,9 @@
 Each check returns a CheckResult with a short reading ("available 3.1% < 5%").
 `check_all()` runs the five; `as_guard()` is the condition of every transition into a
 device state: a failure makes the job wait with the summary as its reason and retry
-with backoff, never abort. Every limit is a field of HealthThresholds; an operator sets the
+with backoff, never abort. Readings that need two samples come from the most recent
+window (`start_sampler()` keeps one fresh in long-running processes), so a check on a
+healthy host takes milliseconds, not a window. Every limit is a field of HealthThresholds; an operator sets the
 main ones with FLYIO_HEALTH_* variables (`thresholds_from_env`, the checker's default);
 everything read comes through a ProcReader, so tests can point the checks at a tree of real-format
 files with chosen values.
@@ -18,6 +20,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +50,7 @@ KERNEL_PATTERNS: tuple[str, ...] = (
 # device without discard support).
 KERNEL_IGNORE_PATTERNS: tuple[str, ...] = (r"discard unsupported",)
 
+CPU_SAMPLES_KEPT = 16  # at two a window, several windows back: more than the staleness bound needs
 KMSG_RECORD_MAX = 8192  # CONSOLE_EXT_LOG_MAX: a read() of /dev/kmsg returns one whole record
 
 
@@ -57,7 +61,6 @@ class HealthThresholds:
     min_memory_available: float = 0.05       # MemAvailable/MemTotal below this blocks
     max_iowait: float = 0.50                 # iowait share above this blocks
     iowait_window_seconds: float = 0.5       # shortest sampling window of /proc/stat
-    iowait_sample_reuse_seconds: float = 5.0  # a previous sample this recent starts the window; 0: never
     block_pool_data_used: float = 0.95       # pool data used at or above this blocks
     warn_pool_data_used: float = 0.80        # ... and at or above this says so in the reading
     block_pool_metadata_used: float = 0.95   # full metadata turns a pool read-only: block early
@@ -144,6 +147,7 @@ class ProcReader:
     kmsg: Path = Path("/dev/kmsg")
     dmesg: Callable[[], str] = field(default=run_dmesg_json)
     sleep: Callable[[float], None] = field(default=time.sleep)
+    monotonic: Callable[[], float] = field(default=time.monotonic)
     monotonic_usec: Callable[[], int] = field(default=lambda: time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def read(self, relative: str) -> str:
@@ -183,15 +187,19 @@ class SystemHealthChecker:
         self._cursor: KernelCursor | None = None
         self._kernel_lock = threading.Lock()
         self._cpu_lock = threading.Lock()
-        self._last_cpu: tuple[float, CpuTimes] | None = None  # (monotonic time, sample)
+        self._cpu_samples: deque[CpuSample] = deque(maxlen=CPU_SAMPLES_KEPT)
+        self._sampler_stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._last_pass: tuple[float, HealthReport] | None = None  # (reader.monotonic(), report)
         self._dstate_re = re.compile(self.thresholds.dstate_pattern)
         self._kernel_re = re.compile("|".join(f"(?:{p})" for p in self.thresholds.kernel_patterns))
         self._ignore_re = (re.compile("|".join(f"(?:{p})" for p in self.thresholds.kernel_ignore_patterns))
                            if self.thresholds.kernel_ignore_patterns else None)
 
     def check_all(self) -> HealthReport:
-        """Run the five checks (about iowait_window_seconds, plus dstate_confirm_seconds
-        when a matching process is in D state); a check that cannot run fails."""
+        """Run the five checks; a check that cannot run fails. Milliseconds on a healthy
+        host once a window of /proc/stat samples exists (see check_iowait); plus
+        dstate_confirm_seconds when a matching process is in D state."""
         started = time.monotonic()
         checks: tuple[tuple[str, Callable[[], CheckResult]], ...] = (
             ("dstate", self.check_dstate), ("pool", self.check_pool), ("kernel_log", self.check_kernel_log),
@@ -205,7 +213,51 @@ class SystemHealthChecker:
         report = HealthReport(tuple(results), duration_ms=(time.monotonic() - started) * 1000)
         for r in report.failures:
             log.warning("health check failed", check=r.name, reading=r.reading)
+        if report.passed:
+            self._last_pass = (self.reader.monotonic(), report)
         return report
+
+    def check_recent(self, max_age_seconds: float) -> HealthReport:
+        """The report of a check_all() that passed at most `max_age_seconds` ago, else a
+        new check_all(). A failing report is never reused: every wait re-checks.
+
+        The Operation Guard's pre-check right after the transition guard passed: one
+        check per guarded transition, not two."""
+        last = self._last_pass
+        if last is not None and 0 <= self.reader.monotonic() - last[0] <= max_age_seconds:
+            return last[1]
+        return self.check_all()
+
+    def start_sampler(self) -> None:
+        """Keep a fresh /proc/stat sample in a background (daemon) thread, every half
+        window, so check_iowait() finds a window that has already elapsed instead of
+        waiting one out. For long-running processes (a job run, the daemon); idempotent."""
+        window = self.thresholds.iowait_window_seconds
+        if window <= 0 or (self._sampler is not None and self._sampler.is_alive()):
+            return
+        self._sampler_stop.clear()
+
+        def sample() -> None:
+            try:
+                self._sample_cpu()
+            except (OSError, ValueError):
+                pass  # the check reads /proc/stat too, and reports the error
+
+        def sample_forever() -> None:
+            while not self._sampler_stop.wait(window / 2):
+                sample()
+
+        sample()  # the first window starts now, not half a window later
+
+        self._sampler = threading.Thread(target=sample_forever, name="health-iowait-sampler", daemon=True)
+        self._sampler.start()
+
+    def stop_sampler(self) -> None:
+        """Stop the background sampler (if any) and wait for it."""
+        self._sampler_stop.set()
+        if self._sampler is not None:
+            self._sampler.join(timeout=5)
+            self._sampler = None
 
     def as_guard(self) -> Callable[[], str | None]:
         """The condition of transitions into device states: None when healthy, else the
@@ -391,33 +443,52 @@ class SystemHealthChecker:
     # -- 5. I/O wait ----------------------------------------------------------------------
 
     def check_iowait(self) -> CheckResult:
-        """iowait share of all CPU time between two samples of /proc/stat at least
-        `iowait_window_seconds` apart.
+        """iowait share of all CPU time over the most recent window of /proc/stat: from a
+        sample one to two `iowait_window_seconds` old (kept by the sampler thread or an
+        earlier check) to one taken now.
 
-        Guards run back to back during a job, so the previous check's sample starts the
-        window when it is recent enough (at most `iowait_sample_reuse_seconds` old): the
-        check then waits only for what is left of the window, often nothing."""
-        t = self.thresholds
-        window = t.iowait_window_seconds
-        with self._cpu_lock:
-            previous = self._last_cpu
-        now, sample = time.monotonic(), parse_cpu_times(self.reader.read("stat"))
-        if previous is not None and now - previous[0] <= t.iowait_sample_reuse_seconds:
-            started, before = previous
-        else:
-            started, before = now, sample
-        if now - started < window:
-            self.reader.sleep(window - (now - started))
-            now, sample = time.monotonic(), parse_cpu_times(self.reader.read("stat"))
-        after = sample
-        with self._cpu_lock:
-            if self._last_cpu is None or self._last_cpu[0] < now:
-                self._last_cpu = (now, after)
-        share = iowait_share(before, after)
-        detail = f"over {max(now - started, window):.2f}s ({after.total - before.total} ticks)"
-        if share > t.max_iowait:
-            return CheckResult("io_wait", False, f"iowait {_pct(share)} > {_pct(t.max_iowait)}", detail)
+        An older sample is stale and never starts the window. Without a usable one (the
+        first check of a process without a sampler) the check waits for the rest of the
+        window from its oldest sample younger than one window, or for a whole window."""
+        window = self.thresholds.iowait_window_seconds
+        end = self._sample_cpu()
+        start = self._window_start(end.at, window)
+        if start is None:
+            start = self._oldest_younger_than(end.at, window) or end
+            wait = window - (end.at - start.at)
+            if wait > 0:
+                self.reader.sleep(wait)
+            end = self._sample_cpu()
+        share = iowait_share(start.times, end.times)
+        detail = f"over {max(end.at - start.at, window):.2f}s ({end.times.total - start.times.total} ticks)"
+        if share > self.thresholds.max_iowait:
+            return CheckResult("io_wait", False, f"iowait {_pct(share)} > {_pct(self.thresholds.max_iowait)}", detail)
         return CheckResult("io_wait", True, f"iowait {_pct(share)}", detail)
+
+    def _sample_cpu(self) -> CpuSample:
+        sample = CpuSample(self.reader.monotonic(), parse_cpu_times(self.reader.read("stat")))
+        with self._cpu_lock:
+            self._cpu_samples.append(sample)
+        return sample
+
+    def _window_start(self, now: float, window: float) -> CpuSample | None:
+        """The newest sample between one and two windows before `now` (None: none fresh)."""
+        with self._cpu_lock:
+            usable = [s for s in self._cpu_samples if window <= now - s.at <= 2 * window]
+        return max(usable, key=lambda s: s.at) if usable else None
+
+    def _oldest_younger_than(self, now: float, window: float) -> CpuSample | None:
+        with self._cpu_lock:
+            young = [s for s in self._cpu_samples if 0 <= now - s.at < window]
+        return min(young, key=lambda s: s.at) if young else None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """One reading of /proc/stat's cpu line and when it was taken (ProcReader.monotonic)."""
+
+    at: float
+    times: CpuTimes
 
 
 def _after(record: KernelRecord, cursor: KernelCursor) -> bool:

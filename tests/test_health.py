@@ -270,18 +270,18 @@ def test_iowait_reuses_a_recent_sample_and_waits_only_for_the_rest() -> None:
     c = SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.3), reader=ProcReader(sleep=sleep))
     c.check_iowait()
     assert pauses == [0.3]  # nothing to reuse: a full window
-    time.sleep(0.1)
-    c.check_iowait()
-    assert 0.1 < pauses[1] < 0.21  # the first check's sample started the window
-    time.sleep(0.35)
     result = c.check_iowait()
-    assert len(pauses) == 2  # the window has passed already: no pause at all
+    assert len(pauses) == 1  # back to back: the first check's first sample is a window old
     assert result.detail.startswith("over 0.3")
-    no_reuse = SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.3, iowait_sample_reuse_seconds=0),
-                                   reader=ProcReader(sleep=sleep))
-    no_reuse.check_iowait()
-    no_reuse.check_iowait()
-    assert pauses[2:] == [0.3, 0.3]
+    time.sleep(0.65)  # every sample is now over two windows old: stale
+    c.check_iowait()
+    assert pauses[1:] == [0.3]
+    fresh = SystemHealthChecker(None, HealthThresholds(iowait_window_seconds=0.3), reader=ProcReader(sleep=sleep))
+    fresh.start_sampler()
+    fresh.stop_sampler()  # one sample, now
+    time.sleep(0.1)
+    fresh.check_iowait()
+    assert 0.05 < pauses[2] < 0.21  # the sampler's sample started the window
 
 
 def test_dstate_blocks_on_a_stuck_dm_process(fake: FakeProc, tmp_path: Path) -> None:
@@ -437,7 +437,7 @@ def test_real_checks_pass_on_this_host(tmp_path: Path) -> None:
     for failure in report.failures:
         assert failure.reading and failure.name in report.summary()
         print(f"on this host now: {failure.name}: {failure.reading} ({failure.detail})")
-    assert 450 <= report.duration_ms < 3000  # dominated by the 0.5 s iowait window
+    assert 450 <= report.duration_ms < 3000  # no sampler, no earlier sample: it waits out the 0.5 s window
 
 
 def test_real_kmsg_line_is_caught_once(tmp_path: Path) -> None:
