@@ -20,6 +20,15 @@ class StopRequested(ManagerError):
     """The process is shutting down; the job stops at a safe point and resumes later."""
 
 
+class AbortRequested(ManagerError):
+    """An operator asked (`fsm abort`) for the job to abort; raised at a safe point (every
+    wait checks), the runner then aborts it with the request's reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class StepContext:
     """Passed to every step, condition, guard and abort hook.
@@ -66,3 +75,12 @@ class StepContext:
         """Raise StopRequested at a safe point of a long step when shutdown was asked for."""
         if self.stop_event.is_set():
             raise StopRequested("shutdown requested")
+
+    def check_interrupt(self) -> None:
+        """Raise StopRequested (shutdown) or AbortRequested (`fsm abort`) when either was
+        asked for. Every wait calls it between slices of its sleep; a long step may call it
+        at a safe point (nothing half made), as with check_stop."""
+        self.check_stop()
+        reason = self.store.abort_requested(self.job_id)
+        if reason:
+            raise AbortRequested(reason)

@@ -15,7 +15,7 @@ together with an `abort` transition from every other state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,12 @@ Guard = Callable[["StepContext"], "str | None"]
 
 AbortHook = Callable[["StepContext", str], None]
 """Called inside the abort's transaction: records what the job leaves behind, cleans nothing."""
+
+Describe = Callable[[str, Mapping[str, Any], "str | None"], "dict[str, Any] | None"]
+"""(state, context data, event) -> what it concerns, as a flat JSON dict whose "text" is a
+one-line summary (e.g. `layer 3/5 sha256:8297… unpacked`), or None. With an event: a
+transition, given the data as it was when the step began (stored in history). With None:
+what the job works on now (`fsm show`). Pure: it reads `data`, nothing else."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class Workflow:
     transitions: tuple[TransitionSpec, ...]
     on_abort: AbortHook | None = None
     guard_policy: GuardPolicy = field(default_factory=GuardPolicy)
-    describe_job: Callable[[dict[str, Any]], str] | None = None
+    describe: Describe | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.states]
@@ -129,6 +135,10 @@ class Workflow:
             if spec.name == name:
                 return spec
         raise KeyError(f"workflow {self.name} has no state {name}")
+
+    def detail(self, state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
+        """The describe hook's answer, None without a hook."""
+        return self.describe(state, data, event) if self.describe is not None else None
 
     def resume_point(self, name: str) -> str:
         """Where a job interrupted inside `name` restarts."""

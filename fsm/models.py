@@ -1,13 +1,30 @@
-"""The engine's two tables: one row per job, one append-only row per transition."""
+"""The engine's tables: one row per job; append-only history: one row per transition
+(job_events) and one per wait episode or abort request (job_notes)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import Enum
 
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from support.sqlnames import NAMING_CONVENTION
+
+class NoteKind(str, Enum):
+    GUARD_WAIT = "guard-wait"  # a failing guard, or a step not ready (the Operation Guard)
+    RETRY_WAIT = "retry-wait"  # tenacity's back-off between attempts of a step
+    ABORT_REQUEST = "abort-request"
+
+
+class WaitOutcome(str, Enum):
+    PASSED = "passed"  # the guard passed / the step's next attempt succeeded
+    ABORTED = "aborted"  # an abort request ended the wait
+    STOPPED = "stopped"  # shutdown
+    LEFT_WAITING = "left waiting"  # give_up_after spent; `fsm resume` picks the job up
+    FAILED = "failed"  # the step failed for good (the job aborts with its error)
+    LOST = "lost"  # another process took the job over
+
 
 class FsmBase(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -34,6 +51,9 @@ class Job(FsmBase):
     # A shutdown stopped the job before its state's step began: nothing of the step is
     # half done, so it resumes in that state itself, not at the state's resume point.
     stopped_before_step: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Set while the job sleeps on a failing guard or a retry back-off (the reason is in
+    # `error`); what `fsm show` calls "waiting since".
+    waiting_since: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class JobEvent(FsmBase):
@@ -50,3 +70,24 @@ class JobEvent(FsmBase):
     finished_at: Mapped[datetime] = mapped_column(DateTime)
     attempt: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # JSON from the workflow's `describe` hook: what the transition concerned (a layer).
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class JobNote(FsmBase):
+    """Append-only: one episode of waiting (on a guard, or a retry back-off) written when
+    it ends, or one abort request written when it is asked for."""
+
+    __tablename__ = "job_notes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # NoteKind
+    state: Mapped[str] = mapped_column(String(64))  # the job's state at the time
+    event: Mapped[str | None] = mapped_column(String(64))  # the event a guard held back
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    reasons: Mapped[str] = mapped_column(Text, default="[]")  # JSON list, distinct, in order seen
+    waits: Mapped[int] = mapped_column(Integer, default=0)  # sleeps in the episode
+    outcome: Mapped[str | None] = mapped_column(String(32))  # WaitOutcome; None for a request
+    requested_by_pid: Mapped[int | None] = mapped_column(Integer)

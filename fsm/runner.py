@@ -3,22 +3,24 @@ and retry. Exactly one process runs a job at a time (owner + lease, compare-and-
 
 from __future__ import annotations
 
+import copy
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
 from transitions import MachineError
 
-from fsm.context import StepContext, StopRequested
+from fsm.context import AbortRequested, StepContext, StopRequested
 from fsm.definition import ABORT_EVENT, ABORTED, COMPLETE, FINAL_STATES, GuardPolicy, StateSpec, Workflow
 from fsm.machine import build_machine, fire
-from fsm.models import Job, JobEvent
+from fsm.models import Job, JobEvent, NoteKind, WaitOutcome
 from fsm.ownership import Owner, owner_alive
 from fsm.store import JobBusy, JobStore, LostOwnership, load_context, utcnow
+from fsm.waiting import Clock, Episode, RealClock, pause
 from support.errors import ManagerError, NotReadyError
 from support.log import get_logger
 
@@ -95,18 +97,14 @@ class Runner:
         *,
         config: RunnerConfig = RunnerConfig(),
         stop_event: threading.Event | None = None,
-        sleep: Callable[[float], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.store = store
         self.workflows = dict(workflows)
         self.config = config
         self.owner = Owner.current()
         self.stop_event = stop_event or threading.Event()
-        self._sleep = sleep or self._interruptible_sleep
-
-    def _interruptible_sleep(self, seconds: float) -> None:
-        if self.stop_event.wait(seconds):
-            raise StopRequested("shutdown requested")
+        self.clock = clock or RealClock(self.stop_event)
 
     def workflow(self, name: str) -> Workflow:
         try:
@@ -164,15 +162,18 @@ class Runner:
     def abort(self, job_id: int, reason: str) -> Job:
         """Abort a job: its workflow's abort hook records what it leaves; nothing is cleaned.
 
-        A job run by a live process is asked to abort at its next safe point instead."""
+        A job run by a live process is asked to abort instead: the request is recorded and
+        the returned job (not yet aborted, `abort_requested` set) stops at its next safe
+        point: any wait within a fraction of a second, a running step when it returns."""
         job = self.store.get(job_id)
         if job.state in FINAL_STATES:
             raise InvalidOperation(f"job {job_id} is {job.state}; only unfinished jobs can be aborted")
         try:
             job = self.store.claim(job_id, self.owner, self.config.lease_seconds)
         except JobBusy:
-            self.store.request_abort(job_id, reason)
-            raise JobBusy(f"job {job_id} is running in pid {job.owner_pid}; abort requested, it stops at its next safe point") from None
+            self.store.request_abort(job_id, reason, requested_by_pid=self.owner.pid)
+            log.warning("abort requested", job_id=job_id, owner_pid=job.owner_pid, reason=reason)
+            return self.store.get(job_id)
         try:
             ctx = self._context(job)
             self._abort(ctx, reason, started_at=utcnow())
@@ -253,14 +254,18 @@ class Runner:
             spec = wf.state(model.state)
             ctx.state = spec.name
             started_at = utcnow()
+            before = copy.deepcopy(ctx.data)  # what the step concerned, for the transition's detail
             try:
                 event = self._run_step_when_ready(wf, spec, ctx)
+            except AbortRequested as request:  # asked while the step waited; the hook records what it made
+                self._abort(ctx, request.reason, started_at=utcnow())
+                return
             except (StopRequested, LostOwnership):
                 raise
             except Exception as exc:  # anything not retried away ends the job, with its reason kept
                 self._abort(ctx, _abort_reason(exc, ctx.attempt, spec), started_at=started_at, error=exc)
                 return
-            if event is None or not self._fire_with_guards(wf, model, ctx, event, started_at):
+            if event is None or not self._fire_with_guards(wf, model, ctx, event, started_at, before):
                 return
 
     def _move_to_resume_point(self, wf: Workflow, ctx: StepContext) -> None:
@@ -270,7 +275,8 @@ class Runner:
         with self.store.transaction() as session:
             row = self.store.owned_job(session, ctx.job_id, self.owner, ctx.state)
             self.store.append_transition(session, row, to_state=target, event=RESUME_EVENT,
-                                         started_at=utcnow(), attempt=0, context=ctx.data)
+                                         started_at=utcnow(), attempt=0, context=ctx.data,
+                                         detail=self._detail(wf, ctx.state, ctx.data, RESUME_EVENT))
         log.info("job resumed from its resume point", job_id=ctx.job_id, interrupted_in=ctx.state, state=target)
         ctx.state = target
 
@@ -278,73 +284,133 @@ class Runner:
         """The step's event. While the step says NotReadyError (the Operation Guard's health
         check) the job waits as on a failing guard and runs the step again; None: left waiting."""
         backoff = _Backoff(wf.guard_policy)
-        while True:
-            try:
-                return self._run_step(spec, ctx)
-            except NotReadyError as exc:
-                if not self._wait(ctx, backoff, str(exc), state=spec.name):
-                    return None
+        with self._episode(ctx, Episode(NoteKind.GUARD_WAIT, spec.name)) as episode:
+            while True:
+                try:
+                    return self._run_step(spec, ctx)
+                except NotReadyError as exc:
+                    if not self._wait(ctx, backoff, episode, str(exc)):
+                        return None
 
     def _run_step(self, spec: StateSpec, ctx: StepContext) -> str:
         policy = spec.retry
-        retrying = Retrying(
-            stop=stop_after_attempt(policy.max_attempts),
-            wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
-            retry=retry_if_exception_type(policy.transient) & retry_if_not_exception_type(NotReadyError),
-            sleep=self._sleep,
-            reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "step failed, retrying", job_id=ctx.job_id, state=spec.name,
-                attempt=rs.attempt_number, error=str(rs.outcome.exception()) if rs.outcome else ""),
-        )
-        for attempt in retrying:
-            with attempt:
-                ctx.attempt = attempt.retry_state.attempt_number
-                if ctx.attempt > 1:  # the first attempt is implied; a commit per step is enough
-                    self.store.set_progress(ctx.job_id, self.owner, attempt=ctx.attempt)
-                assert spec.step is not None
-                return spec.step(ctx)
+        with self._episode(ctx, Episode(NoteKind.RETRY_WAIT, spec.name)) as episode:
+            retrying = Retrying(
+                stop=stop_after_attempt(policy.max_attempts),
+                wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
+                retry=(retry_if_exception_type(policy.transient)
+                       & retry_if_not_exception_type((NotReadyError, AbortRequested, StopRequested))),
+                sleep=lambda seconds: pause(ctx, seconds, self.clock),
+                reraise=True,
+                before_sleep=lambda rs: self._before_retry(ctx, episode, rs),
+            )
+            for attempt in retrying:
+                with attempt:
+                    ctx.attempt = attempt.retry_state.attempt_number
+                    if ctx.attempt > 1:  # the first attempt is implied; a commit per step is enough
+                        self.store.set_progress(ctx.job_id, self.owner, attempt=ctx.attempt)
+                    assert spec.step is not None
+                    return spec.step(ctx)
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _fire_with_guards(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime) -> bool:
-        """Fire the step's event; wait with backoff while a guard says no. False: stop driving."""
+    def _before_retry(self, ctx: StepContext, episode: Episode, state: RetryCallState) -> None:
+        """A failed attempt is about to be retried: say so in the log and on the job row."""
+        error = str(state.outcome.exception()) if state.outcome else ""
+        wait = state.next_action.sleep if state.next_action else 0.0
+        episode.saw(error)
+        self.store.set_progress(ctx.job_id, self.owner, attempt=state.attempt_number,
+                                error=f"retrying: {error}", waiting_since=episode.started_at)
+        log.warning("step failed, retrying", job_id=ctx.job_id, state=episode.state, attempt=state.attempt_number,
+                    wait_s=round(wait, 2), error=error)
+
+    def _fire_with_guards(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime,
+                          before: dict[str, Any]) -> bool:
+        """Fire the step's event; wait with backoff while a guard says no. False: stop driving.
+        `before` is the job's data as the step found it: what the transition concerned."""
         from_state = model.state
         backoff = _Backoff(wf.guard_policy)
-        while True:
-            try:
-                moved = fire(model, event, ctx)
-            except MachineError as exc:
-                self._abort(ctx, f"workflow error: {exc.value}", started_at=started_at)
-                return False
-            if moved:
-                with self.store.transaction() as session:
-                    row = self.store.owned_job(session, ctx.job_id, self.owner, from_state)
-                    self.store.append_transition(session, row, to_state=model.state, event=event,
-                                                 started_at=started_at, attempt=ctx.attempt, context=ctx.data)
-                log.info("transition", job_id=ctx.job_id, event=event, from_state=from_state, to_state=model.state,
-                         duration_ms=int((utcnow() - started_at).total_seconds() * 1000))
+        try:
+            with self._episode(ctx, Episode(NoteKind.GUARD_WAIT, from_state, event)) as episode:
+                while not self._try_fire(wf, model, ctx, event, started_at, before):
+                    reason = model.guard_reason
+                    if reason is None:
+                        self._abort(ctx, f"workflow error: no transition for {event} from {from_state}",
+                                    started_at=started_at)
+                        return False
+                    if not self._wait(ctx, backoff, episode, reason):
+                        return False
                 return True
-            reason = model.guard_reason
-            if reason is None:
-                self._abort(ctx, f"workflow error: no transition for {event} from {from_state}", started_at=started_at)
-                return False
-            if not self._wait(ctx, backoff, reason, state=from_state, event=event):
-                return False
+        except MachineError as exc:
+            self._abort(ctx, f"workflow error: {exc.value}", started_at=started_at)
+            return False
+        except AbortRequested as request:  # asked while a guard held the job; the step's work is done
+            self._abort(ctx, request.reason, started_at=utcnow())
+            return False
 
-    def _wait(self, ctx: StepContext, backoff: _Backoff, reason: str, **fields: str) -> bool:
-        """Record `waiting: <reason>` and sleep the next backoff; False once it is spent
-        (the job is left waiting, unowned, for `fsm resume`)."""
+    def _try_fire(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime,
+                  before: dict[str, Any]) -> bool:
+        """Fire `event` and commit the transition; False when a guard or condition held it."""
+        from_state = model.state
+        if not fire(model, event, ctx):
+            return False
+        detail = self._detail(wf, from_state, before, event)
+        with self.store.transaction() as session:
+            row = self.store.owned_job(session, ctx.job_id, self.owner, from_state)
+            self.store.append_transition(session, row, to_state=model.state, event=event, started_at=started_at,
+                                         attempt=ctx.attempt, context=ctx.data, detail=detail)
+        log.info("transition", job_id=ctx.job_id, event=event, from_state=from_state, to_state=model.state,
+                 duration_ms=int((utcnow() - started_at).total_seconds() * 1000),
+                 **({"detail": detail["text"]} if detail and "text" in detail else {}))
+        return True
+
+    def _wait(self, ctx: StepContext, backoff: _Backoff, episode: Episode, reason: str) -> bool:
+        """Record `waiting: <reason>` and sleep the next backoff (interrupted by an abort
+        request or shutdown); False once it is spent (the job is left waiting, unowned, for
+        `fsm resume`)."""
         wait = backoff.next_wait()
         if wait is None:
-            log.warning("job left waiting; `fsm resume` picks it up", job_id=ctx.job_id, reason=reason, **fields)
+            episode.outcome = WaitOutcome.LEFT_WAITING
+            log.warning("job left waiting; `fsm resume` picks it up", job_id=ctx.job_id, reason=reason,
+                        state=episode.state, **_event_field(episode))
             return False
-        self.store.set_progress(ctx.job_id, self.owner, error=f"waiting: {reason}")
-        log.warning("guard failed, job waits", job_id=ctx.job_id, reason=reason, wait_s=round(wait, 2), **fields)
-        self._sleep(wait)
+        episode.saw(reason)
+        self.store.set_progress(ctx.job_id, self.owner, error=f"waiting: {reason}", waiting_since=episode.started_at)
+        log.warning("guard failed, job waits", job_id=ctx.job_id, reason=reason, wait_s=round(wait, 2),
+                    state=episode.state, **_event_field(episode))
+        pause(ctx, wait, self.clock)
         return True
+
+    @contextmanager
+    def _episode(self, ctx: StepContext, episode: Episode) -> Iterator[Episode]:
+        """Yield `episode` to the waits of one loop; when the loop ends, however it ends,
+        the episode (if it waited at all) becomes one history row."""
+        try:
+            yield episode
+        except BaseException as exc:
+            self._record_episode(ctx, episode, episode.ended_by(exc))
+            raise
+        self._record_episode(ctx, episode, episode.ended_by(None))
+
+    def _record_episode(self, ctx: StepContext, episode: Episode, outcome: WaitOutcome | None) -> None:
+        if outcome is None:
+            return
+        with self.store.transaction() as session:
+            self.store.add_note(session, episode.note(ctx.job_id, outcome))
+        log.info("wait ended", job_id=ctx.job_id, kind=episode.kind.value, state=episode.state,
+                 outcome=outcome.value, waits=episode.waits,
+                 waited_s=round((utcnow() - episode.started_at).total_seconds(), 2))
+
+    def _detail(self, wf: Workflow, state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
+        """The workflow's description of a transition; a failing hook costs the detail, not the job."""
+        try:
+            return wf.detail(state, data, event)
+        except Exception as exc:
+            log.warning("describe hook failed", workflow=wf.name, state=state, event=event, error=str(exc))
+            return None
 
     def _abort(self, ctx: StepContext, reason: str, *, started_at: datetime, error: BaseException | None = None) -> None:
         wf = self.workflow(ctx.workflow)
+        detail = self._detail(wf, ctx.state, ctx.data, ABORT_EVENT)
         with self.store.transaction() as session:
             row = self.store.owned_job(session, ctx.job_id, self.owner, ctx.state)
             if wf.on_abort is not None:
@@ -355,9 +421,13 @@ class Runner:
                     ctx._session = None
             row.abort_requested = None
             self.store.append_transition(session, row, to_state=ABORTED, event=ABORT_EVENT, started_at=started_at,
-                                         attempt=ctx.attempt, error=reason, context=ctx.data)
+                                         attempt=ctx.attempt, error=reason, context=ctx.data, detail=detail)
         ctx.state = ABORTED
         log.error("FSM aborted", job_id=ctx.job_id, workflow=ctx.workflow, reason=reason)
+
+
+def _event_field(episode: Episode) -> dict[str, str]:
+    return {"event": episode.event} if episode.event else {}
 
 
 def _abort_reason(exc: BaseException, attempt: int, spec: StateSpec) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fsm.models import Job, JobEvent
+from fsm.models import Job, JobEvent, JobNote, NoteKind
 from fsm.ownership import Owner, owner_alive
 from support.errors import ManagerError
 
@@ -41,7 +41,7 @@ def load_context(job: Job) -> dict[str, Any]:
 
 
 class JobStore:
-    """Reads and writes jobs and job_events. Holds no state besides the engine."""
+    """Reads and writes jobs, job_events and job_notes. Holds no state besides the engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -73,6 +73,12 @@ class JobStore:
         self.get(job_id)
         with self._sessions() as session:
             return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+
+    def notes(self, job_id: int) -> list[JobNote]:
+        """The job's wait episodes and abort requests, oldest first."""
+        self.get(job_id)
+        with self._sessions() as session:
+            return list(session.scalars(select(JobNote).where(JobNote.job_id == job_id).order_by(JobNote.id)))
 
     def find(self, workflow: str, key: str) -> Job | None:
         with self._sessions() as session:
@@ -149,17 +155,21 @@ class JobStore:
         attempt: int,
         error: str | None = None,
         context: dict[str, Any] | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> JobEvent:
-        """Move the job and append its history row, inside the caller's transaction."""
+        """Move the job and append its history row, inside the caller's transaction.
+        `detail` is what the transition concerned (the workflow's describe hook)."""
         last_seq = session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job.id)) or 0
         now = utcnow()
         row = JobEvent(job_id=job.id, seq=last_seq + 1, from_state=job.state, to_state=to_state, event=event,
-                       started_at=started_at, finished_at=now, attempt=attempt, error=error)
+                       started_at=started_at, finished_at=now, attempt=attempt, error=error,
+                       detail=json.dumps(detail, sort_keys=True) if detail else None)
         session.add(row)
         job.state = to_state
         job.updated_at = now
         job.attempt = 0
         job.error = error
+        job.waiting_since = None
         if context is not None:
             job.context = json.dumps(context, sort_keys=True)
         return row
@@ -171,9 +181,11 @@ class JobStore:
         job.context = json.dumps(context, sort_keys=True)
         job.updated_at = utcnow()
 
-    def set_progress(self, job_id: int, owner: Owner, *, attempt: int | None = None, error: str | None = None) -> None:
-        """Record the attempt number and the reason a job waits or retries."""
-        values: dict[str, Any] = {"updated_at": utcnow(), "error": error}
+    def set_progress(self, job_id: int, owner: Owner, *, attempt: int | None = None, error: str | None = None,
+                     waiting_since: datetime | None = None) -> None:
+        """Record the attempt number and the reason a job waits or retries; `waiting_since`
+        is set while it sleeps on that reason and cleared by every other call."""
+        values: dict[str, Any] = {"updated_at": utcnow(), "error": error, "waiting_since": waiting_since}
         if attempt is not None:
             values["attempt"] = attempt
         with self.transaction() as session:
@@ -186,9 +198,23 @@ class JobStore:
                                               Job.owner_boot_id == owner.boot_id)
                             .values(stopped_before_step=stopped))
 
-    def request_abort(self, job_id: int, reason: str) -> None:
+    def request_abort(self, job_id: int, reason: str, *, requested_by_pid: int) -> None:
+        """Ask the job's owner to abort at its next safe point (every wait checks within a
+        fraction of a second); the request is kept in history with who asked and when."""
         with self.transaction() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(abort_requested=reason, updated_at=utcnow()))
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            now = utcnow()
+            job.abort_requested = reason
+            job.updated_at = now
+            session.add(JobNote(job_id=job_id, kind=NoteKind.ABORT_REQUEST.value, state=job.state, started_at=now,
+                                finished_at=now, reasons=json.dumps([reason]), waits=0,
+                                requested_by_pid=requested_by_pid))
+
+    def add_note(self, session: Session, note: JobNote) -> None:
+        """Append a wait episode (or other note) inside the caller's transaction."""
+        session.add(note)
 
     def abort_requested(self, job_id: int) -> str | None:
         with self._sessions() as session:

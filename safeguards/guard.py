@@ -13,6 +13,11 @@ the daemon and a CLI never run dm operations at once). Both waits share one dead
 a job waits and runs the step again). Start, finish
 (with duration_ms) and failure are logged. An operation started inside another one in
 the same thread runs under the outer one's slot instead of deadlocking on it.
+
+Both waits can be given up early: inside `with interruptible(check):` they call `check()`
+at least every WAIT_SLICE_SECONDS and let what it raises end the wait (the image workflow
+passes the job's `ctx.check_interrupt`, so `fsm abort` or a shutdown reaches a job queued
+behind another process's unpack at once). The body itself is never interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from support.log import StructLogger, get_logger
 T = TypeVar("T")
 
 FLOCK_POLL_SECONDS = 0.05
+WAIT_SLICE_SECONDS = 0.25  # the semaphore wait checks for an interrupt this often
+
+_interrupt = threading.local()  # .check: this thread's interrupt check, see interruptible()
 
 
 class HealthCheckFailed(NotReadyError):
@@ -96,8 +104,7 @@ class OperationGuard:
             return
         self._check_health(name)
         deadline = time.monotonic() + self.config.acquire_timeout
-        if not self._slots.acquire(timeout=self.config.acquire_timeout):
-            raise GuardTimeout(self._timeout_message(self._describe_holders()))
+        self._take_slot(name, deadline)
         lock_fd: int | None = None
         try:
             lock_fd = self._lock_across_processes(name, deadline)
@@ -134,6 +141,24 @@ class OperationGuard:
             self.log.warning("operation blocked by health check", operation=name, reason=report.summary())
             raise HealthCheckFailed(f"health check failed before {name}: {report.summary()}")
 
+    def _take_slot(self, name: str, deadline: float) -> None:
+        """A slot of the semaphore, waited for in slices until the deadline; between slices
+        the thread's interrupt check may end the wait."""
+        while not self._slots.acquire(timeout=min(WAIT_SLICE_SECONDS, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise GuardTimeout(self._timeout_message(self._describe_holders()))
+            self._check_interrupt(name)
+
+    def _check_interrupt(self, name: str) -> None:
+        check = getattr(_interrupt, "check", None)
+        if check is None:
+            return
+        try:
+            check()
+        except BaseException as exc:
+            self.log.info("wait for the guard given up", operation=name, reason=f"{type(exc).__name__}: {exc}")
+            raise
+
     def _timeout_message(self, holders: str) -> str:
         return (f"timed out after {self.config.acquire_timeout:g}s waiting for the operation guard "
                 f"(held by: {holders})")
@@ -151,20 +176,40 @@ class OperationGuard:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise GuardTimeout(self._timeout_message(holder)) from None
-                time.sleep(FLOCK_POLL_SECONDS)
+        try:
+            self._poll_flock(fd, name, deadline)
+        except BaseException:
+            os.close(fd)
+            raise
         record = f"{name} (pid {os.getpid()}) since {_iso(time.time())}\n".encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
         return fd
+
+    def _poll_flock(self, fd: int, name: str, deadline: float) -> None:
+        """Until the flock is ours: GuardTimeout at the deadline, the thread's interrupt
+        check before every poll."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise GuardTimeout(self._timeout_message(_read_holder(fd))) from None
+            self._check_interrupt(name)
+            time.sleep(FLOCK_POLL_SECONDS)
+
+
+@contextmanager
+def interruptible(check: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, every Operation Guard wait in this thread calls `check` between
+    polls and gives up with whatever it raises (a job's abort request, a shutdown)."""
+    previous = getattr(_interrupt, "check", None)
+    _interrupt.check = check
+    try:
+        yield
+    finally:
+        _interrupt.check = previous
 
 
 def _read_holder(fd: int) -> str:

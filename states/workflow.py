@@ -11,11 +11,13 @@ job wait (with the reason recorded), not abort.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
 from fsm.context import StepContext
-from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
+from fsm.definition import ABORT_EVENT, RetryPolicy, StateSpec, TransitionSpec, Workflow
+from safeguards.guard import interruptible
 from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
                     unpacking, verifying)
 from states.aborting import record_orphans
@@ -36,7 +38,12 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
 
     def step(module_run: Callable[[StepContext, ImageServices], str]) -> Callable[[StepContext], str]:
         bound = partial(module_run, services=services)
-        return lambda ctx: bound(ctx)
+
+        def run(ctx: StepContext) -> str:
+            # A step queued on the Operation Guard gives up the wait on `fsm abort` or shutdown.
+            with interruptible(ctx.check_interrupt):
+                return bound(ctx)
+        return run
 
     def healthy(ctx: StepContext) -> str | None:
         return services.health_guard() if services is not None else None
@@ -71,4 +78,25 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
             TransitionSpec("snapshotted", "snapshotting", "complete"),
         ),
         on_abort=record_orphans,
+        describe=describe,
     )
+
+
+LAYER_STATES = ("creating_device", "making_fs", "unpacking")
+LAYER_OUTCOMES = {"layer_reused": "reused", "layer_unpacked": "unpacked", "device_created": "device created",
+                  "fs_made": "filesystem made", ABORT_EVENT: "aborted"}
+
+
+def describe(state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
+    """The layer a transition of the layer loop concerned (`layer 3/5 sha256:8297… unpacked`),
+    or, without an event, what the job works on now, with the devices it made."""
+    layers = data.get("layers") or []
+    index = int(data.get("layer_index", 0))
+    now = {"devices": data.get("devices"), "snapshot_device_id": data.get("snapshot_device_id")} if event is None else {}
+    if state not in LAYER_STATES or index >= len(layers):
+        return {k: v for k, v in now.items() if v} or None
+    digest = layers[index]["digest"]
+    outcome = LAYER_OUTCOMES.get(event or "")
+    text = f"layer {index + 1}/{len(layers)} {digest[:len('sha256:') + 4]}…" + (f" {outcome}" if outcome else "")
+    return {"text": text, "layer": index + 1, "layers": len(layers), "digest": digest,
+            **({"outcome": outcome} if outcome else {}), **{k: v for k, v in now.items() if v}}

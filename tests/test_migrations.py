@@ -17,7 +17,7 @@ from fsm.models import FsmBase
 from migrations import downgrade_database, upgrade_database
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"jobs", "job_events", "images", "image_layers", "layers", "unpacked_images", "snapshots",
+TABLES = {"jobs", "job_events", "job_notes", "images", "image_layers", "layers", "unpacked_images", "snapshots",
           "orphaned_devices", "device_id_counter"}
 
 
