@@ -126,11 +126,12 @@ class JobStore:
             return result.rowcount == 1
 
     def release(self, job_id: int, owner: Owner) -> None:
+        """Give the job up; nobody waits in it any more (a reason to wait stays in `error`)."""
         with self.transaction() as session:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.owner_pid == owner.pid, Job.owner_boot_id == owner.boot_id)
-                .values(owner_pid=None, owner_boot_id=None, lease_expires_at=None)
+                .values(owner_pid=None, owner_boot_id=None, lease_expires_at=None, waiting_since=None)
             )
 
     def owned_job(self, session: Session, job_id: int, owner: Owner | None, expected_state: str) -> Job:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from fsm.database import open_engine
 from fsm.runner import history_is_contiguous
 from fsm.store import JobStore
 from migrations import upgrade_database
-from support.errors import PermanentError, TransientError
+from support.errors import NotReadyError, PermanentError, TransientError
 
 FAST = RetryPolicy(max_attempts=3, initial_wait=0.0, max_wait=0.0, jitter=0.0)
 
@@ -313,3 +314,122 @@ def test_a_job_killed_inside_a_step_still_resumes_at_the_resume_point(tmp_path: 
     job = runner.run(job.id)
     assert job.state == COMPLETE and runs == {"a": 1}
     assert [e.event for e in runner.store.history(job.id)] == ["go", "resume", "go", "done"]
+
+
+# -- an abort request reaches a waiting job -------------------------------------------------
+
+def abort_after_slices(runner_box: list[Runner], slices: int, reason: str) -> Callable[[int], None]:
+    """An on_sleep hook: after `slices` slices of waiting, an operator asks for an abort."""
+    def hook(count: int) -> None:
+        if count == slices:
+            job = runner_box[0].store.list_jobs()[0]
+            runner_box[0].store.request_abort(job.id, reason, requested_by_pid=4242)
+    return hook
+
+
+def waiting_runner(tmp_path: Path, workflow: Workflow, slices: int, reason: str) -> tuple[Runner, FakeClock]:
+    box: list[Runner] = []
+    clock = FakeClock(abort_after_slices(box, slices, reason))
+    box.append(make_runner(tmp_path, workflow, clock))
+    return box[0], clock
+
+
+def notes_of(runner: Runner, job_id: int) -> list[tuple[str, str | None, int]]:
+    return [(n.kind, n.outcome, n.waits) for n in runner.store.notes(job_id)]
+
+
+def test_an_abort_request_ends_a_guard_wait_at_the_next_slice(tmp_path: Path) -> None:
+    hooked: list[str] = []
+    workflow = two_step(lambda ctx: "go", lambda ctx: "done", guards=(lambda ctx: "memory_pressure: 3% < 5%",),
+                        on_abort=lambda ctx, reason: hooked.append(reason))
+    runner, clock = waiting_runner(tmp_path, workflow, slices=3, reason="operator test")
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error, job.abort_requested) == (ABORTED, "operator test", None)
+    assert hooked == ["operator test"]
+    # The first wait (1 s) is slept in slices of 0.25 s; the request after the third ends it.
+    assert clock.slices == [0.25, 0.25, 0.25]
+    assert [e.event for e in runner.store.history(job.id)] == ["abort"]
+    assert notes_of(runner, job.id) == [("abort-request", None, 0), ("guard-wait", "aborted", 1)]
+    wait = runner.store.notes(job.id)[1]
+    assert (wait.state, wait.event, wait.reasons) == ("a", "go", '["memory_pressure: 3% < 5%"]')
+    request = runner.store.notes(job.id)[0]
+    assert (request.requested_by_pid, request.reasons, request.state) == (4242, '["operator test"]', "a")
+
+
+def test_an_abort_request_ends_a_retry_back_off(tmp_path: Path) -> None:
+    def failing(ctx: StepContext) -> str:
+        raise TransientError("S3 503")
+
+    slow = RetryPolicy(max_attempts=5, initial_wait=4.0, max_wait=30.0, jitter=0.0)
+    runner, clock = waiting_runner(tmp_path, two_step(failing, lambda ctx: "done", retry=slow), slices=2,
+                                   reason="stop retrying")
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error) == (ABORTED, "stop retrying")
+    assert clock.slices == [0.25, 0.25]
+    assert notes_of(runner, job.id) == [("abort-request", None, 0), ("retry-wait", "aborted", 1)]
+    assert runner.store.notes(job.id)[1].reasons == '["S3 503"]'
+
+
+def test_an_abort_request_ends_a_step_not_ready_wait(tmp_path: Path) -> None:
+    def not_ready(ctx: StepContext) -> str:
+        raise NotReadyError("health check failed before create-device: io_wait: 70% > 50%")
+
+    runner, clock = waiting_runner(tmp_path, two_step(not_ready, lambda ctx: "done"), slices=1, reason="enough")
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error) == (ABORTED, "enough")
+    assert clock.slices == [0.25]
+    assert notes_of(runner, job.id) == [("abort-request", None, 0), ("guard-wait", "aborted", 1)]
+
+
+def test_a_shutdown_ends_a_wait_and_the_job_stays_resumable(tmp_path: Path) -> None:
+    box: list[Runner] = []
+    clock = FakeClock(lambda count: box[0].stop_event.set() if count == 2 else None)
+    box.append(make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done",
+                                              guards=(lambda ctx: "pool: needs_check",)), clock))
+    job = box[0].start("two", "k", {})
+    assert job.state == "a" and job.owner_pid is None and job.waiting_since is None
+    assert clock.slices == [0.25, 0.25]
+    assert notes_of(box[0], job.id) == [("guard-wait", "stopped", 1)]
+
+
+def test_one_guard_wait_episode_is_one_row_with_every_reason(tmp_path: Path) -> None:
+    answers = iter(["memory_pressure: 3% < 5%", "io_wait: 70% > 50%", "memory_pressure: 3% < 5%", None])
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done", guards=(lambda ctx: next(answers),)))
+    job = runner.start("two", "k", {})
+    assert job.state == COMPLETE and job.waiting_since is None
+    [wait] = runner.store.notes(job.id)
+    assert (wait.kind, wait.outcome, wait.waits) == ("guard-wait", "passed", 3)
+    assert wait.reasons == '["memory_pressure: 3% < 5%", "io_wait: 70% > 50%"]'
+    assert wait.finished_at >= wait.started_at
+
+
+def test_a_guard_that_never_passes_is_one_episode_left_waiting(tmp_path: Path) -> None:
+    clock = FakeClock()
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done",
+                                            guards=(lambda ctx: "pool: needs_check",)), clock)
+    job = runner.start("two", "k", {})
+    assert notes_of(runner, job.id) == [("guard-wait", "left waiting", 3)]
+    assert sum(clock.slices) == 5.0 and max(clock.slices) == 0.25  # waits 1 + 2 + 2, in slices
+
+
+def test_the_describe_hook_is_stored_with_each_transition_from_the_data_the_step_found(tmp_path: Path) -> None:
+    def a(ctx: StepContext) -> str:
+        ctx.data["item"] = ctx.data.get("item", 0) + 1  # moves on, as the layer loop does
+        return "go"
+
+    def describe(state: str, data, event: str | None) -> dict[str, object] | None:
+        return {"text": f"item {data.get('item', 0)} {event or 'now'}", "state": state}
+
+    workflow = dataclasses.replace(two_step(a, lambda ctx: "done"), describe=describe)
+    runner = make_runner(tmp_path, workflow)
+    job = runner.start("two", "k", {})
+    details = [e.detail for e in runner.store.history(job.id)]
+    assert details == ['{"state": "a", "text": "item 0 go"}', '{"state": "b", "text": "item 1 done"}']
+
+
+def test_a_failing_describe_hook_costs_the_detail_not_the_job(tmp_path: Path) -> None:
+    workflow = dataclasses.replace(two_step(lambda ctx: "go", lambda ctx: "done"),
+                                   describe=lambda state, data, event: 1 / 0)
+    runner = make_runner(tmp_path, workflow)
+    job = runner.start("two", "k", {})
+    assert job.state == COMPLETE and [e.detail for e in runner.store.history(job.id)] == [None, None]

@@ -3,18 +3,21 @@ acquire timeout, the health check before acquiring, logging, nesting."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from safeguards.guard import GuardConfig, GuardTimeout, HealthCheckFailed, OperationGuard
+import safeguards.guard as guard_module
+from safeguards.guard import GuardConfig, GuardTimeout, HealthCheckFailed, OperationGuard, interruptible
 from safeguards.health import CheckResult, HealthReport
 from support.errors import TransientError
 from support.proc import run_command
@@ -192,3 +195,68 @@ def test_cross_process_timeout_names_the_other_process(tmp_path: Path) -> None:
                         rf"\(pid {os.getpid()}\) since \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)",
                         str(result["timeout"]))
     assert "spans" in run_worker(tmp_path, time.time(), 2, 1)  # released when the body ended
+
+
+# -- giving up a wait when the job is told to stop --------------------------------------------
+
+class Interrupted(Exception):
+    """What a job's interrupt check raises (AbortRequested, in the product)."""
+
+
+def interrupt_on_call(n: int) -> tuple[list[int], Callable[[], None]]:
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == n:
+            raise Interrupted("abort requested")
+    return calls, check
+
+
+def test_an_interrupt_check_ends_the_wait_for_another_process_flock(tmp_path: Path) -> None:
+    lock = tmp_path / "fsm" / "dm-operations.lock"
+    lock.parent.mkdir(parents=True)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT)  # another open file: conflicts as another process would
+    fcntl.flock(held, fcntl.LOCK_EX)
+    guard = OperationGuard(GuardConfig(state_dir=tmp_path, acquire_timeout=300))
+    calls, check = interrupt_on_call(3)
+    try:
+        with interruptible(check), pytest.raises(Interrupted):
+            with guard.operation("unpack-image"):
+                pytest.fail("ran without the lock")
+    finally:
+        os.close(held)
+    assert len(calls) == 3  # checked before every poll; the third said stop
+    guard.with_operation("snapshot", lambda: None)  # slot and descriptor were given back
+
+
+def test_an_interrupt_check_ends_the_wait_for_a_slot() -> None:
+    guard = OperationGuard(GuardConfig(acquire_timeout=300))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with guard.operation("make-filesystem"):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    calls, check = interrupt_on_call(2)
+    try:
+        assert holding.wait(10)
+        with interruptible(check), pytest.raises(Interrupted):
+            guard.with_operation("create-device", lambda: pytest.fail("ran without a slot"))
+    finally:
+        release.set()
+        holder.join()
+    assert len(calls) == 2
+    guard.with_operation("create-device", lambda: None)
+
+
+def test_without_an_interrupt_check_nothing_is_called_and_nesting_restores_the_outer_one() -> None:
+    outer, inner = (lambda: None), (lambda: None)
+    with interruptible(outer):
+        with interruptible(inner):
+            assert guard_module._interrupt.check is inner
+        assert guard_module._interrupt.check is outer
+    assert guard_module._interrupt.check is None
