@@ -5,13 +5,17 @@
 `tarfile` only parses the stream (mode "r|": one pass, nothing held in memory; Python
 3.11.7 predates the 2025 tarfile filter bypasses, so its extract functions are never
 used). Every filesystem operation is done here, relative to directory file descriptors
-opened with O_NOFOLLOW, so no path can resolve outside the root. Policy, in short
-(docs/unpacker.md has it all):
+that images/resolve.py resolved *inside the root* (openat2 RESOLVE_IN_ROOT, or the same
+walk by hand), so no path can resolve outside it. Policy, in short (docs/unpacker.md has
+it all):
 
-* absolute paths, `..` components, NUL bytes, over-long names: the layer is rejected;
-* a path whose parent component is a symlink is rejected (defeats symlink-then-write);
+* names are root-relative: a leading `/` and `..` components are clamped at the root,
+  lexically, as containerd does; NUL bytes and over-long names reject the layer;
+* symlinks in an entry's parent directories are followed inside the root (a lower layer's
+  `bin -> usr/bin` or `lib -> /usr/lib`); an entry's own leaf is never followed;
 * symlinks are created verbatim (absolute targets are contents, resolved inside the VM);
-* hardlinks only to regular files already under the root, found without following links;
+* hardlinks to anything but a directory already under the root (a symlink is linked
+  itself, never what it points to), the target's parents resolved inside the root;
 * OCI whiteouts `.wh.<name>` remove lower-layer entries; `.wh..wh..opq` hides the lower
   contents of its directory wherever it appears in the tar; a later duplicate wins;
 * char/block device nodes are skipped and counted (unless allow_devices); fifos are made;
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from images.formats import Limits
+from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver
 from images.verify import TarStreamGuard
 from support.errors import PermanentError
 from support.log import get_logger
@@ -43,7 +48,6 @@ log = get_logger("images.unpack", component="unpacker")
 CHUNK = 1 << 20
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 XATTR_PREFIX = "SCHILY.xattr."
 ALLOWED_XATTRS = ("user.", "trusted.", "security.capability")
@@ -53,6 +57,7 @@ MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real o
 MIN_TIME = -(2**31)
 MAX_TIME = 15_032_385_535
 WARNINGS_PER_REASON = 10
+PARENT_CACHE = 64  # resolved parent directories kept open (tar members come grouped by directory)
 
 
 class UnsafeArchive(PermanentError):
@@ -115,24 +120,31 @@ def _show(name: str) -> str:
 def normalize(name: str, limits: UnpackLimits, *, entry: str | None = None, what: str = "path") -> tuple[str, ...]:
     """The components of `name` relative to the root (() for the root itself).
 
-    Leading "./" and empty or "." components are dropped; absolute paths, "..", NUL bytes
-    and names over the limits raise UnsafeArchive naming `entry` (default: `name`)."""
+    The name is root-relative whatever it says: a leading "/" is dropped, empty and "."
+    components too, and a ".." removes the component before it, never climbing above the
+    root (containerd's filepath.Clean then Join("/", name): `/etc/x` and `a/../../x` land
+    at `etc/x` and `x` under the root). This is lexical: the name's own components are
+    never resolved here. NUL bytes and names over the limits raise UnsafeArchive naming
+    `entry` (default: `name`)."""
     prefix = f"entry {_show(entry if entry is not None else name)}: " + ("" if what == "path" else f"{what} ")
     if "\0" in name:
         raise UnsafeArchive(f"{prefix}NUL byte in {what}")
     if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
         raise UnsafeArchive(f"{prefix}{what} longer than max_path_bytes={limits.max_path_bytes}")
-    if name.startswith("/"):
-        raise UnsafeArchive(f"{prefix}{_show(name)} is an absolute path")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    for part in parts:
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
         if part == "..":
-            raise UnsafeArchive(f"{prefix}{_show(name)} has a '..' component")
+            if parts:
+                parts.pop()
+            continue
         if len(part.encode("utf-8", "surrogateescape")) > limits.max_name_bytes:
             raise UnsafeArchive(f"{prefix}component longer than max_name_bytes={limits.max_name_bytes}")
+        parts.append(part)
     if len(parts) > limits.max_depth:
         raise UnsafeArchive(f"{prefix}deeper than max_depth={limits.max_depth} components")
-    return parts
+    return tuple(parts)
 
 
 def _clamped_time(value: float, stats: UnpackStats, entry: str) -> float:
@@ -154,71 +166,69 @@ class _DirMeta:
 
 
 class _Layer:
-    """The state of one unpack: the root fd, what this layer wrote, dirs to finish."""
+    """The state of one unpack: the root fd, what this layer wrote, dirs to finish.
 
-    def __init__(self, root: Path, limits: UnpackLimits) -> None:
+    Paths this layer keeps (written, opaque, dirs) are *canonical*: where the entry landed
+    once its parent's symlinks were resolved (`bin/x` under `bin -> usr/bin` is `usr/bin/x`),
+    so a whiteout or an opaque marker reached through another name still finds them."""
+
+    def __init__(self, root: Path, limits: UnpackLimits, resolver: str | None = None) -> None:
         self.root_fd = os.open(root, DIR_FLAGS)
+        self.resolver = open_resolver(self.root_fd, resolver)
         self.limits = limits
         self.stats = UnpackStats()
         self.written: set[str] = set()  # paths this layer made (and their ancestors)
-        self.opaque: set[str] = set()
+        self.opaque: set[str] = set()  # canonical directories whose lower contents go
+        self.opaque_markers: dict[tuple[str, ...], str] = {}  # marker's directory (as named) -> entry
         self.dirs: dict[str, _DirMeta] = {}
         self.dir_tree: dict[str, set[str]] = {}  # path -> children leading to entries of self.dirs
         self.is_root = os.geteuid() == 0
-        # Entries come grouped by directory: keep the last parent open. Any removal of a
-        # directory marks it stale (it may be inside the removed tree); it is closed at the
-        # next lookup, as the entry being applied may still be using it.
-        self._cached_parent: tuple[tuple[str, ...], int] | None = None
+        # Resolved parents by the name the entry gave them. Removing a directory or a
+        # symlink may change what a name resolves to, so it marks the cache stale; it is
+        # emptied at the next lookup, as the entry being applied may still use its fd.
+        self._parents: dict[tuple[str, ...], Resolved] = {}
         self._cache_stale = False
 
     def close(self) -> None:
         self._drop_cache()
         os.close(self.root_fd)
 
-    # -- walking without following links ----------------------------------------------
+    # -- resolving inside the root ------------------------------------------------------
 
-    def open_dir(self, parts: tuple[str, ...], *, create: bool, entry: str) -> int:
-        """A new fd of the directory `parts` under the root, each component opened with
-        O_NOFOLLOW; missing ones made 0755 when `create` (FileNotFoundError otherwise).
-        A component that is a symlink or not a directory: UnsafeArchive."""
-        fd = os.dup(self.root_fd)
-        for depth, part in enumerate(parts):
-            try:
-                try:
-                    child = os.open(part, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    self.mark_written("/".join(parts[: depth + 1]))
-                    child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    kind = "a symlink" if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode) else "not a directory"
-                    os.close(fd)
-                    raise UnsafeArchive(
-                        f"entry {_show(entry)}: parent {_show('/'.join(parts[: depth + 1]))} is {kind}") from None
-                os.close(fd)
-                raise
-            os.close(fd)
-            fd = child
-        return fd
+    def resolve(self, parts: tuple[str, ...], *, create: bool, entry: str) -> Resolved:
+        """The directory `parts` names, symlinks followed inside the root (images/resolve.py);
+        missing ones made 0755 when `create` (FileNotFoundError otherwise). Too many symlinks,
+        or a component that is not a directory: UnsafeArchive naming `entry`."""
+        try:
+            found = self.resolver.open_dir(parts, create=create)
+        except OSError as exc:
+            where = _show("/".join(parts))
+            if exc.errno == errno.ELOOP:
+                raise UnsafeArchive(f"entry {_show(entry)}: more than {MAX_HOPS} symlinks resolving {where}") from None
+            if exc.errno == errno.ENOTDIR:
+                raise UnsafeArchive(f"entry {_show(entry)}: parent {where} is not a directory") from None
+            raise
+        for made in found.created:
+            self.mark_written("/".join(made))
+        return found
 
-    def parent_dir(self, parts: tuple[str, ...], entry: str) -> int:
-        """The (cached) fd of an entry's parent directory, created if missing. Not to be closed."""
+    def parent_dir(self, parts: tuple[str, ...], entry: str) -> tuple[int, tuple[str, ...]]:
+        """The (cached) fd of an entry's parent directory, created if missing, and its
+        canonical path. The fd is not to be closed."""
         if self._cache_stale:
             self._drop_cache()
-        if self._cached_parent is not None and self._cached_parent[0] == parts:
-            return self._cached_parent[1]
-        fd = self.open_dir(parts, create=True, entry=entry)
-        self._drop_cache()
-        self._cached_parent = (parts, fd)
-        return fd
+        found = self._parents.get(parts)
+        if found is None:
+            found = self.resolve(parts, create=True, entry=entry)
+            if len(self._parents) >= PARENT_CACHE:
+                self._drop_cache()
+            self._parents[parts] = found
+        return found.fd, found.parts
 
     def _drop_cache(self) -> None:
-        if self._cached_parent is not None:
-            os.close(self._cached_parent[1])
-            self._cached_parent = None
+        for found in self._parents.values():
+            os.close(found.fd)
+        self._parents.clear()
         self._cache_stale = False
 
     def mark_written(self, rel: str) -> None:
@@ -228,6 +238,12 @@ class _Layer:
 
     # -- removing (whiteouts, replacements) without following links ---------------------
 
+    def unlink(self, parent_fd: int, name: str, mode: int) -> None:
+        """Unlink a non-directory; a symlink gone may change what a cached name resolves to."""
+        if not stat.S_ISREG(mode):
+            self._cache_stale = True
+        os.unlink(name, dir_fd=parent_fd)
+
     def remove(self, parent_fd: int, name: str) -> None:
         """Remove `name` (a whole tree if a directory) from `parent_fd`, never following a
         link. Iterative, with one directory fd open at a time."""
@@ -236,7 +252,7 @@ class _Layer:
         except FileNotFoundError:
             return
         if not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=parent_fd)
+            self.unlink(parent_fd, name, st.st_mode)
             return
         self._cache_stale = True
         fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
@@ -265,34 +281,41 @@ class _Layer:
             os.close(fd)
         os.rmdir(name, dir_fd=parent_fd)
 
-    def replaced_by_non_dir(self, parts: tuple[str, ...]) -> bool:
-        """True when `parts` is now a non-directory that this layer wrote (a file, fifo, or
-        its own symlink: never walked into). A lower layer's symlink there is not
-        "replaced": walking into it stays refused, as for any entry."""
-        if "/".join(parts) not in self.written:
-            return False
+    def opaque_target(self, parts: tuple[str, ...], entry: str) -> str | None:
+        """The canonical directory an opaque marker in `parts` hides the lower contents of,
+        resolved once the layer is applied (so the marker works wherever it is in the tar);
+        None when there is nothing to hide: the directory is missing, or the layer made it
+        a file or a symlink of its own (walking into the layer's own symlink would prune
+        some other directory). A lower layer's symlink there is followed, like any parent."""
+        if parts:
+            try:
+                parent = self.resolve(parts[:-1], create=False, entry=entry)
+            except FileNotFoundError:
+                return None
+            try:
+                mode = os.lstat(parts[-1], dir_fd=parent.fd).st_mode
+            except FileNotFoundError:
+                return None
+            finally:
+                os.close(parent.fd)
+            if not stat.S_ISDIR(mode) and "/".join((*parent.parts, parts[-1])) in self.written:
+                return None
         try:
-            fd = self.open_dir(parts[:-1], create=False, entry="/".join(parts + (OPAQUE,)))
+            found = self.resolve(parts, create=False, entry=entry)
         except FileNotFoundError:
-            return False
-        try:
-            mode = os.lstat(parts[-1], dir_fd=fd).st_mode
-        except FileNotFoundError:
-            return False
-        finally:
-            os.close(fd)
-        return not stat.S_ISDIR(mode)
+            return None  # a dangling link: no lower contents to hide
+        os.close(found.fd)
+        return "/".join(found.parts)
 
     def prune_lower(self, parts: tuple[str, ...]) -> None:
-        """Hide the lower contents of directory `parts`: remove what this layer did not write."""
+        """Hide the lower contents of the canonical directory `parts`: remove what this
+        layer did not write. A component this layer since replaced (by a file, or a symlink
+        of its own) ends it: open_exact follows no link."""
         pending = [parts]
         while pending:
             current = pending.pop()
-            if current == parts and current and self.replaced_by_non_dir(current):
-                continue  # the layer put a file where its opaque directory was: nothing to hide
-            try:
-                fd = self.open_dir(current, create=False, entry="/".join(current + (OPAQUE,)))
-            except FileNotFoundError:
+            fd = self.resolver.open_exact(current)
+            if fd is None:
                 continue
             try:
                 for child in os.listdir(fd):
@@ -314,17 +337,14 @@ class _Layer:
             if not 0 <= value <= MAX_ID:
                 raise UnsafeArchive(f"entry {_show(name)}: {label} {value} out of range")
         if not parts:
-            if not member.isdir():
-                raise UnsafeArchive(f"entry {_show(name)}: the root must be a directory")
-            self.set_owner_xattrs(self.root_fd, member)
-            self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, name))
+            self.apply_root(member)
             return
         leaf = parts[-1]
         if leaf.startswith(WHITEOUT):
             self.whiteout(parts, name)
             return
-        parent_fd = self.parent_dir(parts[:-1], name)
-        rel = "/".join(parts)
+        parent_fd, where = self.parent_dir(parts[:-1], name)
+        rel = "/".join((*where, leaf))
         if member.isdir():
             self.make_dir(member, parent_fd, leaf, rel)
         elif member.isreg():
@@ -355,6 +375,16 @@ class _Layer:
             self.stats.skip(f"unsupported tar type {member.type!r}", name)
             return
         self.mark_written(rel)
+
+    def apply_root(self, member: tarfile.TarInfo) -> None:
+        """An entry naming the root (`./`, `/`, `..`, `a/..`): a directory gives the root its
+        owner, xattrs, mode and mtime; anything else cannot replace the root and is skipped
+        (containerd ignores every entry that resolves to the root)."""
+        if not member.isdir():
+            self.stats.skip("not a directory, names the root", member.name)
+            return
+        self.set_owner_xattrs(self.root_fd, member)
+        self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, member.name))
 
     def replace(self, parent_fd: int, leaf: str, rel: str) -> None:
         """Make room for a non-directory: a later duplicate wins, a directory tree goes."""
@@ -396,7 +426,7 @@ class _Layer:
         except FileNotFoundError:
             existing = None
         if existing is not None and not stat.S_ISDIR(existing.st_mode):
-            os.unlink(leaf, dir_fd=parent_fd)
+            self.unlink(parent_fd, leaf, existing.st_mode)  # a symlink included: never walked into
             existing = None
         if existing is None:
             os.mkdir(leaf, 0o700, dir_fd=parent_fd)
@@ -410,35 +440,38 @@ class _Layer:
         self.stats.dirs += 1
 
     def whiteout(self, parts: tuple[str, ...], entry: str) -> None:
+        """`.wh.<name>` removes the lower layers' <name>; `.wh..wh..opq` hides the lower
+        contents of its directory (at the end). The directory is resolved inside the root
+        like any parent; the victim itself is never followed."""
         self.stats.whiteouts += 1
         parent, leaf = parts[:-1], parts[-1]
         if leaf == OPAQUE:
-            self.opaque.add("/".join(parent))
+            self.opaque_markers.setdefault(parent, entry)
             return
         target = leaf[len(WHITEOUT):]
         if target in ("", ".", "..") or target.startswith(WHITEOUT):
             raise UnsafeArchive(f"entry {_show(entry)}: invalid whiteout")
-        victim = parent + (target,)
         try:
-            fd = self.open_dir(parent, create=False, entry=entry)
+            found = self.resolve(parent, create=False, entry=entry)
         except FileNotFoundError:
             return  # nothing below to hide
+        victim = "/".join((*found.parts, target))
         try:
-            if "/".join(victim) not in self.written:
-                self.remove(fd, target)
+            if victim not in self.written:
+                self.remove(found.fd, target)
                 return
             # A whiteout hides lower layers only: this layer's own entry stays, but the
             # lower contents of a directory it merged into go.
             try:
-                is_dir = stat.S_ISDIR(os.lstat(target, dir_fd=fd).st_mode)
+                is_dir = stat.S_ISDIR(os.lstat(target, dir_fd=found.fd).st_mode)
             except FileNotFoundError:
                 is_dir = False
         finally:
-            os.close(fd)
+            os.close(found.fd)
         if is_dir:
             # Like an opaque marker, applied once at the end: pruning here would list the
             # directory again for every repeated whiteout of it (O(N^2) for a hostile layer).
-            self.opaque.add("/".join(victim))
+            self.opaque.add(victim)
 
     def check_file_size(self, member: tarfile.TarInfo) -> None:
         if member.size > self.limits.max_file_bytes:
@@ -482,24 +515,25 @@ class _Layer:
         self.stats.files += 1
 
     def hardlink(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
-        """Link to a regular file already under the root; the link gets no metadata of its own."""
+        """Link to what is already at the target (this or a lower layer), anything but a
+        directory: the target's parents resolved inside the root, the target itself never
+        followed (a symlink is linked itself). The link gets no metadata of its own."""
         name = member.name
         target = normalize(member.linkname, self.limits, entry=name, what="hardlink target")
+        shown = _show(member.linkname)
         if not target:
             raise UnsafeArchive(f"entry {_show(name)}: hardlink to the root")
         try:
-            src_fd = self.open_dir(target[:-1], create=False, entry=name)
+            source = self.resolve(target[:-1], create=False, entry=name)
         except FileNotFoundError:
-            raise UnsafeArchive(f"entry {_show(name)}: hardlink target {_show(member.linkname)} does not exist") from None
+            raise UnsafeArchive(f"entry {_show(name)}: hardlink target {shown} does not exist") from None
         try:
             try:
-                st = os.lstat(target[-1], dir_fd=src_fd)
+                st = os.lstat(target[-1], dir_fd=source.fd)
             except FileNotFoundError:
-                raise UnsafeArchive(
-                    f"entry {_show(name)}: hardlink target {_show(member.linkname)} does not exist") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeArchive(
-                    f"entry {_show(name)}: hardlink target {_show(member.linkname)} is not a regular file")
+                raise UnsafeArchive(f"entry {_show(name)}: hardlink target {shown} does not exist") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise UnsafeArchive(f"entry {_show(name)}: hardlink target {shown} is a directory")
             try:
                 existing = os.lstat(leaf, dir_fd=parent_fd)
                 if (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
@@ -508,9 +542,9 @@ class _Layer:
             except FileNotFoundError:
                 pass
             self.replace(parent_fd, leaf, rel)
-            os.link(target[-1], leaf, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+            os.link(target[-1], leaf, src_dir_fd=source.fd, dst_dir_fd=parent_fd, follow_symlinks=False)
         finally:
-            os.close(src_fd)
+            os.close(source.fd)
         self.stats.hardlinks += 1
 
     # -- metadata -----------------------------------------------------------------------
@@ -560,13 +594,16 @@ class _Layer:
         """Opaque directories lose their lower contents; then directory modes and mtimes,
         deepest first, so nothing written afterwards changes them."""
         self._drop_cache()
+        for parts, entry in self.opaque_markers.items():
+            where = self.opaque_target(parts, entry)
+            if where is not None:
+                self.opaque.add(where)
         for rel in sorted(self.opaque):
-            self.prune_lower(tuple(rel.split("/")) if rel else ())
+            self.prune_lower(_split(rel))
         for rel in sorted(self.dirs, key=lambda p: p.count("/") + bool(p), reverse=True):
             meta = self.dirs[rel]
-            try:
-                fd = self.open_dir(tuple(rel.split("/")) if rel else (), create=False, entry=rel)
-            except (FileNotFoundError, UnsafeArchive):
+            fd = self.resolver.open_exact(_split(rel))
+            if fd is None:
                 continue  # replaced by something else later in the layer
             try:
                 os.fchmod(fd, meta.mode)
@@ -575,19 +612,25 @@ class _Layer:
                 os.close(fd)
 
 
+def _split(rel: str) -> tuple[str, ...]:
+    return tuple(rel.split("/")) if rel else ()
+
+
 def _as_unpack_limits(limits: UnpackLimits | Limits) -> UnpackLimits:
     return limits if isinstance(limits, UnpackLimits) else UnpackLimits.from_format_limits(limits)
 
 
 def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Limits = UnpackLimits(),
-                 on_progress: Callable[[int], None] | None = None) -> UnpackStats:
+                 on_progress: Callable[[int], None] | None = None, resolver: str | None = None) -> UnpackStats:
     """Apply the (decompressed) tar stream onto `root`, a layer over what root holds.
 
     Raises UnsafeArchive (a PermanentError, one line naming the entry and the reason) on
     anything refused, including truncated or corrupt tars and exceeded limits, and
     UnpackFailed when the filesystem refuses a write. On error nothing outside `root`
     has been touched; what is inside is not to be trusted (the caller throws it away).
-    `on_progress` gets the number of tar bytes read so far, after each entry."""
+    `on_progress` gets the number of tar bytes read so far, after each entry. `resolver`
+    ("openat2" or "walk"; default $FLYIO_UNPACK_RESOLVER, else openat2 where the kernel has
+    it) picks how paths are resolved inside the root: both give the same result."""
     started = time.monotonic()
     bounds = _as_unpack_limits(limits)
     # The guard checks structure and metadata records; entry counts and sizes are checked
@@ -595,7 +638,7 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
     guard_limits = Limits(max_entries=2**62, max_entry_bytes=2**62, max_path_bytes=bounds.max_path_bytes,
                           max_metadata_bytes=bounds.max_metadata_bytes)
     guarded = TarStreamGuard(tar_stream, guard_limits)
-    layer = _Layer(Path(root), bounds)
+    layer = _Layer(Path(root), bounds, resolver)
     current = ""
     try:
         # tarfile's default 10 KiB stream buffer: its reader re-slices the whole buffer on

@@ -1,8 +1,11 @@
 """Hostile layers end to end: uploaded to SeaweedFS as S3 objects, run through
-`process-image --s3-key` (a real child process, blockfile backend, real loop devices,
-mkfs.ext4, mounts and SQLite). Each job must abort with exit 1 and a reason naming the
-problem, every device in the pool must be named by a catalog row, and nothing may be
-written outside the state dir."""
+`process-image` (a real child process, blockfile backend, real loop devices, mkfs.ext4,
+mounts and SQLite). A refused layer aborts its job with exit 1 and a reason naming the
+problem; a layer whose paths resolve inside the root (issue 13: a lower layer's `bin ->
+usr/bin`, `lib -> /usr/lib`, symlinks planted to escape) completes, and the mounted
+snapshot shows where each entry landed. Either way every device in the pool is named by a
+catalog row, and nothing is written outside the state dir (a canary directory beside it,
+the probe paths and the system files are compared before and after)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +58,9 @@ def _ok_files() -> list[tuple[tarfile.TarInfo, bytes]]:
             _entry("usr", tarfile.DIRTYPE), _entry("usr/bin", tarfile.DIRTYPE), _entry("usr/bin/tool", data=b"x" * 5000)]
 
 
-def traversal() -> bytes:
-    return _tar(*_ok_files(), _entry(f"usr/../../../../{PROBE}", data=b"pwned\n"))
-
-
-def symlink_write_through() -> bytes:
-    return _tar(*_ok_files(), _entry("etc/link", tarfile.SYMTYPE, linkname="/etc"),
-                _entry(f"etc/link/{PROBE}", data=b"pwned\n"))
+def symlink_loop() -> bytes:
+    return _tar(*_ok_files(), _entry("etc/a", tarfile.SYMTYPE, linkname="b"),
+                _entry("etc/b", tarfile.SYMTYPE, linkname="a"), _entry(f"etc/a/{PROBE}", data=b"pwned\n"))
 
 
 def hardlink_escape() -> bytes:
@@ -86,10 +85,12 @@ class E2ECase:
     at_unpacking: bool  # refused by the unpacker (a device exists, orphaned), not by verification
 
 
+# `..` traversal and writing through an `etc/link -> /etc` symlink were refused here before
+# issue 13; both now land inside the root (the unit corpus's dotdot_traversal and
+# symlink_abs_then_write_through run end to end below, and test_lower_layer_symlinks_*).
 CASES = [
-    E2ECase("traversal", traversal, re.compile(r"'\.\.' component"), True),
-    E2ECase("symlink-write-through", symlink_write_through, re.compile(r"etc/link.*symlink"), True),
-    E2ECase("hardlink-escape", hardlink_escape, re.compile(r"etc/pw.*absolute path"), True),
+    E2ECase("symlink-loop", symlink_loop, re.compile(r"etc/a/.*more than 40 symlinks resolving 'etc/a'"), True),
+    E2ECase("hardlink-escape", hardlink_escape, re.compile(r"etc/pw.*'/etc/passwd' does not exist"), True),
     E2ECase("truncated-tar", truncated_tar, re.compile(r"truncated|corrupt"), False),
     E2ECase("truncated-gzip", truncated_gzip, re.compile(r"truncated|corrupt|gzip", re.IGNORECASE), False),
 ]
@@ -162,18 +163,50 @@ def hostile_bucket(make_bucket: Callable[..., str]) -> str:
     return make_bucket("hostile")
 
 
-def process_hostile(name: str, layer: bytes, state_dir: Path, tmp_path: Path, s3_client: Any, bucket: str,
-                    endpoint_url: str) -> tuple[subprocess.CompletedProcess[str], Snapshot]:
-    """Upload `layer` as a one-layer image, plant a secret beside the state dir, and run
-    process-image on it; (its result, what was outside the state dir before)."""
-    key = f"images/{name}/1.tar"
-    s3_client.put_object(Bucket=bucket, Key=key, Body=layer)
+def process_hostile(name: str, layers: bytes | Sequence[bytes], state_dir: Path, tmp_path: Path, s3_client: Any,
+                    bucket: str, endpoint_url: str) -> tuple[subprocess.CompletedProcess[str], Snapshot]:
+    """Upload `layers` (one: a one-layer image by --s3-key; several: images/<name>/<n>.tar,
+    by --image), plant a secret beside the state dir, and run process-image on it; (its
+    result, what was outside the state dir before)."""
+    many = not isinstance(layers, bytes)
+    for n, layer in enumerate([layers] if isinstance(layers, bytes) else layers, start=1):
+        s3_client.put_object(Bucket=bucket, Key=f"images/{name}/{n}.tar", Body=layer)
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_text("secret\n")
     before = snapshot_outside(tmp_path, state_dir)
-    done = manager(state_dir, "process-image", "--s3-key", key, "--bucket", bucket,
+    source = ["--image", name] if many else ["--s3-key", f"images/{name}/1.tar"]
+    done = manager(state_dir, "process-image", *source, "--bucket", bucket,
                    "--endpoint-url", endpoint_url, "--backend", "blockfile", "--device-size", "64M")
     return done, before
+
+
+def assert_pool_accounted(state_dir: Path) -> None:
+    """Every device in the pool is named by a catalog row."""
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+
+    pool = BlockfilePool(PoolConfig(directory=str(state_dir)))
+    unnamed = {device.name for device in pool.list_devices()} - rows_naming_devices(state_dir / "images.db")
+    assert unnamed == set(), f"devices no row names: {unnamed}"
+
+
+def last_line(done: subprocess.CompletedProcess[str]) -> str:
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def check_snapshot(done: subprocess.CompletedProcess[str], tmp_path: Path, check: Callable[[Path], None]) -> None:
+    """The job completed; mount its VM snapshot read-only and run `check` on the tree."""
+    from tests.test_process_image import mount_snapshot
+
+    last = last_line(done)
+    assert done.returncode == 0 and re.search(r"\bstate=complete\b", last), (last, done.stderr[-2000:])
+    root = tmp_path / "mnt"
+    device = dict(pair.split("=", 1) for pair in last.split())["snapshot_device"]
+    mount_snapshot(device, root)
+    try:
+        check(root)
+    finally:
+        subprocess.run(["umount", str(root)], check=True, timeout=60)
 
 
 @needs_root
@@ -222,7 +255,9 @@ def _single_layer_cases() -> list[Any]:
 
 # Refused by verification (format sniffing, the structure scan) before the unpacker sees
 # them, in verification's own words.
-VERIFY_REASONS = {"garbage_bytes": "not a tar", "huge_declared_size": "extends past the end of the archive"}
+# (huge_declared_size: the structure scan's wording, or the stream guard's where it is caught first)
+VERIFY_REASONS = {"garbage_bytes": "not a tar",
+                  "huge_declared_size": "extends past the end of the archive|entry too large: 'huge'"}
 
 
 @needs_root
@@ -232,27 +267,197 @@ def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_c
     """A rejected layer aborts the job with its reason; a handled one completes and the
     mounted snapshot passes the case's check. Either way every device in the pool is named
     by a row and nothing outside the state dir changed."""
-    from devices.base import PoolConfig
-    from devices.blockfile import BlockfilePool
-    from tests.test_process_image import mount_snapshot
-
     done, before = process_hostile(case.name, case.build(), state_dir, tmp_path, s3_client,
                                    hostile_bucket, s3_server.endpoint_url)
-    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    last = last_line(done)
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert snapshot_outside(tmp_path, state_dir) == before
-    pool = BlockfilePool(PoolConfig(directory=str(state_dir)))
-    unnamed = {device.name for device in pool.list_devices()} - rows_naming_devices(state_dir / "images.db")
-    assert unnamed == set(), f"devices no row names: {unnamed}"
+    assert_pool_accounted(state_dir)
     if case.expect == "reject":
         assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
-        assert VERIFY_REASONS.get(case.name, case.reason) in last.split("error=", 1)[-1], last
+        expected = VERIFY_REASONS.get(case.name, re.escape(case.reason))
+        assert re.search(expected, last.split("error=", 1)[-1]), last
     else:
-        assert done.returncode == 0 and re.search(r"\bstate=complete\b", last), (last, done.stderr[-2000:])
-        root = tmp_path / "mnt"
-        device = dict(pair.split("=", 1) for pair in last.split())["snapshot_device"]
-        mount_snapshot(device, root)
-        try:
-            case.check(root)
-        finally:
-            subprocess.run(["umount", str(root)], check=True, timeout=60)
+        check_snapshot(done, tmp_path, case.check)
+
+
+# --- issue 13: parents resolved inside the root, across layers -------------------------------
+
+def _dir(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info, data = _entry(name, tarfile.DIRTYPE)
+    info.mode = 0o755
+    return info, data
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, bytes]:
+    return _entry(name, kind, linkname=target)
+
+
+def _is_file(root: Path, rel: str, data: bytes) -> None:
+    assert stat.S_ISREG(os.lstat(root / rel).st_mode), rel
+    assert (root / rel).read_bytes() == data, rel
+
+
+def _is_symlink(root: Path, rel: str, target: str) -> None:
+    assert stat.S_ISLNK(os.lstat(root / rel).st_mode) and os.readlink(root / rel) == target, rel
+
+
+def _gone(root: Path, rel: str) -> None:
+    assert not os.path.lexists(root / rel), rel
+
+
+def _merged_usr() -> list[bytes]:
+    """Debian's merged /usr: layer 1 makes bin -> usr/bin, layer 2 installs into bin/."""
+    return [_tar(_dir("usr"), _dir("usr/bin"), _entry("usr/bin/sh", data=b"sh\n"), _link("bin", "usr/bin")),
+            _tar(_entry("bin/newtool", data=b"new tool\n"))]
+
+
+def _check_merged_usr(root: Path) -> None:
+    _is_file(root, "usr/bin/newtool", b"new tool\n")
+    _is_symlink(root, "bin", "usr/bin")
+    _is_file(root, "usr/bin/sh", b"sh\n")
+
+
+def _absolute_lib() -> list[bytes]:
+    return [_tar(_dir("usr"), _dir("usr/lib"), _link("lib", "/usr/lib")),
+            _tar(_entry("lib/libx.so", data=b"\x7fELF libx\n"))]
+
+
+def _check_absolute_lib(root: Path) -> None:
+    _is_file(root, "usr/lib/libx.so", b"\x7fELF libx\n")
+    _is_symlink(root, "lib", "/usr/lib")
+
+
+def _whiteout_through_bin() -> list[bytes]:
+    return [_tar(_dir("usr"), _dir("usr/bin"), _entry("usr/bin/old", data=b"old\n"),
+                 _entry("usr/bin/kept", data=b"kept\n"), _link("bin", "usr/bin")),
+            _tar(_entry("bin/.wh.old"))]
+
+
+def _check_whiteout_through_bin(root: Path) -> None:
+    _gone(root, "usr/bin/old")
+    _is_file(root, "usr/bin/kept", b"kept\n")
+    _is_symlink(root, "bin", "usr/bin")
+
+
+def _hardlink_through_symlinked_dir() -> list[bytes]:
+    return [_tar(_dir("usr"), _dir("usr/lib"), _entry("usr/lib/libz.so.1", data=b"libz\n"), _link("lib", "usr/lib")),
+            _tar(_dir("opt"), _link("opt/libz.so.1", "lib/libz.so.1", tarfile.LNKTYPE))]
+
+
+def _check_hardlink_through_symlinked_dir(root: Path) -> None:
+    link, target = os.lstat(root / "opt/libz.so.1"), os.lstat(root / "usr/lib/libz.so.1")
+    assert (link.st_ino, link.st_nlink) == (target.st_ino, 2)
+    _is_file(root, "opt/libz.so.1", b"libz\n")
+
+
+RESOLVED_CASES = {
+    "merged-usr": (_merged_usr, _check_merged_usr),
+    "absolute-lib": (_absolute_lib, _check_absolute_lib),
+    "whiteout-through-bin": (_whiteout_through_bin, _check_whiteout_through_bin),
+    "hardlink-through-symlinked-dir": (_hardlink_through_symlinked_dir, _check_hardlink_through_symlinked_dir),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("name", RESOLVED_CASES)
+def test_layers_through_lower_symlinks_apply_inside_the_root(name: str, state_dir: Path, tmp_path: Path,
+                                                               s3_client: Any, hostile_bucket: str,
+                                                               s3_server: Any) -> None:
+    """What containerd applies and this unpacker refused before issue 13."""
+    build, check = RESOLVED_CASES[name]
+    done, before = process_hostile(name, build(), state_dir, tmp_path, s3_client, hostile_bucket,
+                                   s3_server.endpoint_url)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before  # before the test's own mount point exists
+    assert_pool_accounted(state_dir)
+    check_snapshot(done, tmp_path, check)
+
+
+@needs_root
+def test_a_41_symlink_chain_is_a_clean_error(state_dir: Path, tmp_path: Path, s3_client: Any,
+                                             hostile_bucket: str, s3_server: Any) -> None:
+    """Layer 1: l0 -> l1 -> ... -> l40 -> usr (41 symlinks); layer 2 writes l0/x."""
+    chain = [_link(f"l{i}", f"l{i + 1}") for i in range(40)] + [_link("l40", "usr")]
+    layers = [_tar(_dir("usr"), *chain), _tar(_entry("l0/x", data=b"x\n"))]
+    done, before = process_hostile("symlink-chain-41", layers, state_dir, tmp_path, s3_client, hostile_bucket,
+                                   s3_server.endpoint_url)
+    last = last_line(done)
+    assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
+    assert "entry 'l0/x': more than 40 symlinks resolving 'l0'" in last, last
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert_pool_accounted(state_dir)
+    assert snapshot_outside(tmp_path, state_dir) == before
+
+
+# Symlinks planted by a lower layer, aimed at the canary directory beside the state dir: one by
+# its absolute host path, one by enough `../` to climb out of any mount point. Inside the root
+# both resolve to <root>/<the canary's path>, which layer 1 also fills, so each use has
+# something to land on.
+def _escape_links(canary: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    inner = str(canary).lstrip("/")
+    parts = inner.split("/")
+    made = [_dir("/".join(parts[: i + 1])) for i in range(len(parts))]
+    return [*made, _entry(f"{inner}/secret", data=b"in-root secret\n"), _entry(f"{inner}/other", data=b"other\n"),
+            _link("hostabs", str(canary)), _link("dotdot", "../" * 40 + inner)]
+
+
+def _write_use(inner: str) -> tuple[bytes, Callable[[Path], None]]:
+    def check(root: Path) -> None:
+        _is_file(root, f"{inner}/secret", b"pwned by hostabs\n")
+        _is_file(root, f"{inner}/new", b"pwned by dotdot\n")
+
+    return _tar(_entry("hostabs/secret", data=b"pwned by hostabs\n"), _entry("dotdot/new", data=b"pwned by dotdot\n")), check
+
+
+def _whiteout_use(inner: str) -> tuple[bytes, Callable[[Path], None]]:
+    def check(root: Path) -> None:
+        _gone(root, f"{inner}/secret")
+        _gone(root, f"{inner}/other")
+        _is_symlink(root, "hostabs", "/" + inner)
+
+    return _tar(_entry("hostabs/.wh.secret"), _entry("dotdot/.wh.other")), check
+
+
+def _opaque_use(inner: str) -> tuple[bytes, Callable[[Path], None]]:
+    def check(root: Path) -> None:
+        assert sorted(os.listdir(root / inner)) == ["mine"]
+        _is_symlink(root, "dotdot", "../" * 40 + inner)
+
+    return _tar(_entry("hostabs/.wh..wh..opq"), _entry("dotdot/.wh..wh..opq"), _entry("dotdot/mine", data=b"m\n")), check
+
+
+def _hardlink_use(inner: str) -> tuple[bytes, Callable[[Path], None]]:
+    def check(root: Path) -> None:
+        for link in ("h1", "h2"):
+            assert os.lstat(root / link).st_ino == os.lstat(root / inner / "secret").st_ino, link
+        _is_file(root, "h1", b"in-root secret\n")
+
+    return _tar(_link("h1", "hostabs/secret", tarfile.LNKTYPE), _link("h2", "/dotdot/secret", tarfile.LNKTYPE)), check
+
+
+ESCAPE_USES = {"write": _write_use, "whiteout": _whiteout_use, "opaque": _opaque_use, "hardlink": _hardlink_use}
+
+
+@needs_root
+@pytest.mark.parametrize("resolver", ["openat2", "walk"])
+@pytest.mark.parametrize("use", ESCAPE_USES)
+def test_lower_layer_symlinks_to_the_host_stay_inside_the_root(use: str, resolver: str, state_dir: Path,
+                                                               tmp_path: Path, s3_client: Any, hostile_bucket: str,
+                                                               s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lower layer's `hostabs -> /<canary>` and `dotdot -> ../../..<canary>`, used by the
+    upper layer to write, white out, place an opaque marker and hardlink: every one lands
+    in the root's own copy of the canary's path; the canary itself is untouched. The child
+    process-image inherits FLYIO_UNPACK_RESOLVER, so both resolvers run end to end."""
+    monkeypatch.setenv("FLYIO_UNPACK_RESOLVER", resolver)
+    canary = tmp_path / "outside"
+    inner = str(canary).lstrip("/")
+    upper, check = ESCAPE_USES[use](inner)
+    layers = [_tar(*_escape_links(canary)), upper]
+    done, before = process_hostile(f"escape-{use}-{resolver}", layers, state_dir, tmp_path, s3_client,
+                                   hostile_bucket, s3_server.endpoint_url)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before  # before the test's own mount point exists
+    assert (canary / "secret").read_text() == "secret\n" and sorted(os.listdir(canary)) == ["secret"]
+    assert_pool_accounted(state_dir)
+    check_snapshot(done, tmp_path, check)

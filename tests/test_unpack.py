@@ -1,5 +1,6 @@
 """The safe unpacker on real files: a normal layer reproduced exactly, OCI layering rules,
-and every hostile case of tests/hostile_tars.py with sentinels outside the root."""
+and every hostile case of tests/hostile_tars.py with sentinels outside the root, through
+both resolvers (openat2 RESOLVE_IN_ROOT and the fd-relative walk)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from demo.samples import EntrySpec, diff_trees, snapshot_tree
+from images.resolve import resolver_name
 from images.unpack import UnpackStats, UnsafeArchive, unpack_layer
 from tests.hostile_tars import HOSTILE_CASES, PROBE_PATHS, HostileCase, Member, device, tar_of
 
 MTIME = 1_700_000_000
+RESOLVERS = ("openat2", "walk")
 
 
 @dataclass
@@ -246,18 +249,20 @@ def escapes(tmp_path: Path) -> list[Path]:
     return [p for p in (*PROBE_PATHS, tmp_path.parent / "outside", tmp_path.parent / "x") if os.path.lexists(p)]
 
 
+@pytest.mark.parametrize("resolver", RESOLVERS)
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
-def test_hostile_case(case: HostileCase, tmp_path: Path) -> None:
+def test_hostile_case(case: HostileCase, resolver: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
     unpack(LOWER, root)
     if case.lower is not None:
-        unpack(case.lower(), root)
+        unpack(case.lower(), root, resolver=resolver)
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_text("secret\n")
     (tmp_path / "sibling-of-root").write_text("sibling\n")
     before, system_before = outside_snapshot(tmp_path, root), system_snapshot()
     assert escapes(tmp_path) == []
-    limits = {"limits": case.limits} if case.limits is not None else {}
+    limits: dict[str, object] = {"limits": case.limits} if case.limits is not None else {}
+    limits["resolver"] = resolver
 
     if case.expect == "reject":
         with pytest.raises(UnsafeArchive) as raised:
@@ -285,10 +290,24 @@ def test_there_are_enough_hostile_cases() -> None:
     assert all(case.reason for case in HOSTILE_CASES if case.expect == "reject")
 
 
-def test_rejected_layer_names_the_entry_in_one_line(tmp_path: Path) -> None:
-    data = tar_bytes(file("ok", b"ok\n"), symlink("lnk", "/etc"), file("lnk/shadow", b"pwned\n"))
-    with pytest.raises(UnsafeArchive, match=r"^entry 'lnk/shadow': parent 'lnk' is a symlink$"):
-        unpack(data, tmp_path / "root")
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_rejected_layer_names_the_entry_in_one_line(resolver: str, tmp_path: Path) -> None:
+    data = tar_bytes(file("ok", b"ok\n"), symlink("lnk", "lnk"), file("lnk/shadow", b"pwned\n"))
+    with pytest.raises(UnsafeArchive, match=r"^entry 'lnk/shadow': more than 40 symlinks resolving 'lnk'$"):
+        unpack(data, tmp_path / "root", resolver=resolver)
+
+
+def test_the_default_resolver_is_openat2_here_and_the_variable_forces_the_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """This kernel (and the guest's 6.1) has openat2; FLYIO_UNPACK_RESOLVER=walk is how the
+    tests (and an operator) force the fallback."""
+    monkeypatch.delenv("FLYIO_UNPACK_RESOLVER", raising=False)
+    assert resolver_name() == "openat2"
+    monkeypatch.setenv("FLYIO_UNPACK_RESOLVER", "walk")
+    assert resolver_name() == "walk"
+    monkeypatch.setenv("FLYIO_UNPACK_RESOLVER", "nonsense")
+    with pytest.raises(ValueError, match="FLYIO_UNPACK_RESOLVER"):
+        resolver_name()
 
 
 def test_device_nodes_are_counted_not_made(tmp_path: Path) -> None:
@@ -357,3 +376,38 @@ def test_file_capability_and_setgid_survive_the_chown(tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1001, 0o2755)
     assert os.getxattr(target, "security.capability") == capability
     assert stats.skipped == {}
+
+
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_symlink_chains_stop_at_40(resolver: str, tmp_path: Path) -> None:
+    """The kernel's MAXSYMLINKS, in both resolvers: a chain of 40 symlinks is followed, 41 is
+    a clean error naming the entry."""
+    def chain(length: int) -> list[M]:
+        return [symlink(f"l{i}", f"l{i + 1}") for i in range(length - 1)] + [symlink(f"l{length - 1}", "/real")]
+
+    ok = tmp_path / "ok"
+    unpack(tar_bytes(directory("real"), *chain(40), file("l0/x", b"x\n")), ok, resolver=resolver)
+    assert (ok / "real/x").read_bytes() == b"x\n"
+    with pytest.raises(UnsafeArchive, match=r"^entry 'l0/x': more than 40 symlinks resolving 'l0'$"):
+        unpack(tar_bytes(directory("real"), *chain(41), file("l0/x", b"x\n")), tmp_path / "over", resolver=resolver)
+
+
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_cached_parent_follows_a_replaced_symlink(resolver: str, tmp_path: Path) -> None:
+    """`l -> a`, `l/x`, then `l -> b`, `l/y`: the second write goes where `l` points now,
+    not to the directory resolved (and cached) for the first."""
+    root = tmp_path / "root"
+    unpack(tar_bytes(directory("a"), directory("b"), symlink("l", "a"), file("l/x", b"x\n"),
+                     symlink("l", "b"), file("l/y", b"y\n")), root, resolver=resolver)
+    assert sorted(os.listdir(root / "a")) == ["x"] and sorted(os.listdir(root / "b")) == ["y"]
+
+
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_opaque_and_whiteout_see_what_the_layer_wrote_through_another_name(resolver: str, tmp_path: Path) -> None:
+    """Layer 2 writes `bin/new` (landing in usr/bin) and marks `usr/bin` opaque: `new` is
+    this layer's and stays, the lower `usr/bin/old` goes."""
+    root = tmp_path / "root"
+    unpack(tar_bytes(directory("usr"), directory("usr/bin"), file("usr/bin/old"), symlink("bin", "usr/bin")), root)
+    unpack(tar_bytes(file("bin/new", b"new\n"), file("usr/bin/.wh..wh..opq", b"")), root, resolver=resolver)
+    assert sorted(os.listdir(root / "usr/bin")) == ["new"]
+    assert os.readlink(root / "bin") == "usr/bin"
