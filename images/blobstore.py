@@ -18,10 +18,11 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from support.errors import PermanentError
 from support.log import get_logger
@@ -33,15 +34,26 @@ DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK_SIZE = 1024 * 1024
 
 
+class StreamCheck(Protocol):
+    """Checks fed every byte of a blob once, as it is written (images.verify.BlobCheck):
+    `feed` may raise PermanentError at once; `finish` raises or returns the findings."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> object: ...
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     """A blob in the store. `transferred` counts the bytes fetched over the wire for it
-    by the call that returned this (0 when it was already present)."""
+    by the call that returned this (0 when it was already present); `findings` is what the
+    writer's StreamCheck found (None when there was none, or the blob was already present)."""
 
     digest: str
     size: int
     path: Path
     transferred: int = 0
+    findings: object | None = None
 
 
 def check_digest(digest: str) -> str:
@@ -110,10 +122,13 @@ class BlobStore:
             raise ValueError(f"bad temp name {name!r}")
         return self.tmp_dir / f"{name}.part"
 
-    def writer(self, name: str | None = None, *, resume: bool = False, with_md5: bool = False) -> BlobWriter:
-        """A BlobWriter on temp file `name` (a fresh unique one when None)."""
+    def writer(self, name: str | None = None, *, resume: bool = False, with_md5: bool = False,
+               check: Callable[[], StreamCheck] | None = None) -> BlobWriter:
+        """A BlobWriter on temp file `name` (a fresh unique one when None), its bytes fed to
+        a StreamCheck made by `check` (a new one when the writer restarts)."""
         self.ensure_dirs()
-        return BlobWriter(self, self.tmp_path(name or uuid.uuid4().hex), resume=resume, with_md5=with_md5)
+        return BlobWriter(self, self.tmp_path(name or uuid.uuid4().hex), resume=resume, with_md5=with_md5,
+                          check=check)
 
     def remove_stale_tmp(self, older_than_seconds: float = 0.0) -> list[Path]:
         """Delete temp files not modified for `older_than_seconds`; returns what was removed.
@@ -135,26 +150,34 @@ class BlobStore:
 
 
 class BlobWriter:
-    """Streams bytes into a temp file while hashing them; `commit()` moves the result
-    into the store under its digest. With `resume=True` an existing temp file is kept
-    and its bytes re-hashed, so writing continues at `offset`."""
+    """Streams bytes into a temp file while hashing them (and feeding its StreamCheck);
+    `commit()` moves the result into the store under its digest once both pass. With
+    `resume=True` an existing temp file is kept and its bytes re-hashed (and re-checked),
+    so writing continues at `offset`."""
 
-    def __init__(self, store: BlobStore, tmp_path: Path, *, resume: bool, with_md5: bool = False) -> None:
+    def __init__(self, store: BlobStore, tmp_path: Path, *, resume: bool, with_md5: bool = False,
+                 check: Callable[[], StreamCheck] | None = None) -> None:
         self.store = store
         self.tmp_path = tmp_path
         self._with_md5 = with_md5
+        self._make_check = check
+        self._check = check() if check else None
         self._hasher = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
         self.offset = 0
+        self.written = 0  # bytes written by this writer (excludes a resumed prefix)
         if resume and tmp_path.exists():
-            with open(tmp_path, "rb") as fh:
-                while chunk := fh.read(CHUNK_SIZE):
-                    self._update(chunk)
-                    self.offset += len(chunk)
             self._fh: BinaryIO = open(tmp_path, "ab")  # noqa: SIM115 - closed in commit/abort
+            try:
+                with open(tmp_path, "rb") as fh:
+                    while chunk := fh.read(CHUNK_SIZE):
+                        self._update(chunk)
+                        self.offset += len(chunk)
+            except BaseException:
+                self.abort()  # a kept prefix that fails the checks is worth nothing
+                raise
         else:
             self._fh = open(tmp_path, "wb")  # noqa: SIM115
-        self.written = 0  # bytes written by this writer (excludes a resumed prefix)
 
     @property
     def size(self) -> int:
@@ -164,6 +187,8 @@ class BlobWriter:
         self._hasher.update(chunk)
         if self._md5 is not None:
             self._md5.update(chunk)
+        if self._check is not None:
+            self._check.feed(chunk)
 
     def write(self, chunk: bytes) -> None:
         self._fh.write(chunk)
@@ -176,6 +201,7 @@ class BlobWriter:
         self._fh.truncate()
         self._hasher = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if self._with_md5 else None
+        self._check = self._make_check() if self._make_check else None
         self.offset = 0
         self.written = 0
 
@@ -200,14 +226,20 @@ class BlobWriter:
         self.tmp_path.unlink(missing_ok=True)
 
     def commit(self, expected_digest: str | None = None, *, transferred: int | None = None) -> BlobInfo:
-        """fsync, check `expected_digest` if given, and rename into the store atomically."""
+        """Finish the StreamCheck, check `expected_digest` if given, fsync, and rename into
+        the store atomically. A failed check or digest deletes the temp file: nothing that
+        fails is ever under its digest's name."""
+        try:
+            findings = self._check.finish() if self._check is not None else None
+            digest = self.digest()
+            if expected_digest is not None and digest != expected_digest:
+                raise PermanentError(f"checksum mismatch: expected {expected_digest}, got {digest}")
+        except BaseException:
+            self.abort()
+            raise
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        digest = self.digest()
-        if expected_digest is not None and digest != expected_digest:
-            self.tmp_path.unlink(missing_ok=True)
-            raise PermanentError(f"checksum mismatch: expected {expected_digest}, got {digest}")
         final = self.store.path(digest)
         # Same digest means same bytes: if another writer got there first, keep theirs.
         os.replace(self.tmp_path, final)
@@ -217,6 +249,7 @@ class BlobWriter:
             size=self.size,
             path=final,
             transferred=self.written if transferred is None else transferred,
+            findings=findings,
         )
 
     def __enter__(self) -> BlobWriter:

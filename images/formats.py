@@ -3,7 +3,7 @@
     fmt = sniff_format(path)              # "tar" | "tar+gzip" | "tar+zstd" | "oci-layout" | "docker-save"
     with open_layer_stream(path, fmt, limits) as stream:   # decompressed tar bytes, bounded
         ...
-    digests = layers_of_archive(path, fmt, store)          # OCI layout / docker save -> layer blobs
+    blobs = layers_of_archive(path, fmt, store)            # OCI layout / docker save -> layer blobs
 
 Everything here treats the blob as hostile: decompression is bounded in output size and
 ratio (zip/gzip/zstd bombs), JSON is read with a size limit, references in manifests
@@ -21,7 +21,7 @@ import platform
 import posixpath
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, cast
 
 import zstandard
 
-from images.blobstore import CHUNK_SIZE, BlobStore
+from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, StreamCheck
 from support.errors import PermanentError
 from support.log import get_logger
 
@@ -60,6 +60,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+# A blob's streaming checks, made for a blob of the given size (images.verify.BlobCheck).
+CheckFactory = Callable[[int], StreamCheck]
 
 
 # --- tar headers ---------------------------------------------------------------------
@@ -223,12 +226,12 @@ KNOWN_NOT_TAR: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def _is_zstd(head: bytes) -> bool:
+def is_zstd(head: bytes) -> bool:
     # A zstd frame, or a skippable frame (magic 0x184D2A50..5F little endian).
     return head[:4] == ZSTD_MAGIC or (len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
 
 
-def _describe(head: bytes) -> str:
+def describe_not_tar(head: bytes) -> str:
     for magic, what in KNOWN_NOT_TAR:
         if head.startswith(magic):
             return what
@@ -255,7 +258,7 @@ def sniff_format(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
         raise PermanentError("unsupported format: empty file")
     with open(path, "rb") as fh:
         head = fh.read(BLOCK * 2)
-    if head.startswith(GZIP_MAGIC) or _is_zstd(head):
+    if head.startswith(GZIP_MAGIC) or is_zstd(head):
         fmt = "tar+gzip" if head.startswith(GZIP_MAGIC) else "tar+zstd"
         with open_layer_stream(path, fmt, limits) as stream:
             first = _read_exact(stream, BLOCK)
@@ -266,7 +269,7 @@ def sniff_format(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
     if head[:BLOCK * 2] == bytes(BLOCK * 2):
         return "tar"  # an empty archive: just the end-of-archive marker
     if not tar_checksum_ok(head[:BLOCK]):
-        raise PermanentError(f"unsupported format: {_describe(head)}")
+        raise PermanentError(f"unsupported format: {describe_not_tar(head)}")
     roots = _root_names(path, limits)
     if {"oci-layout", "index.json"} <= roots:
         return "oci-layout"
@@ -369,12 +372,12 @@ class _GzipReader(io.RawIOBase):
         return len(data)
 
 
-class BoundedStream(io.RawIOBase):
+class DecompressionBound:
     """Counts decompressed bytes and stops a decompression bomb: more than
-    `max_uncompressed_bytes`, or (past a grace size) more than `max_ratio` times the blob."""
+    `max_uncompressed_bytes`, or (past a grace size) more than `max_ratio` times the blob
+    (`compressed_size`; None for an uncompressed tar: the absolute bound only)."""
 
-    def __init__(self, inner: BinaryIO, compressed_size: int | None, limits: Limits) -> None:
-        self._inner = inner
+    def __init__(self, compressed_size: int | None, limits: Limits) -> None:
         self.bytes_read = 0
         self._limit = limits.max_uncompressed_bytes
         if compressed_size is not None:
@@ -382,12 +385,8 @@ class BoundedStream(io.RawIOBase):
         self._compressed_size = compressed_size
         self._limits = limits
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(CHUNK_SIZE if size is None or size < 0 else size)
-        self.bytes_read += len(data)
+    def add(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
         if self.bytes_read > self._limit:
             if self._limit < self._limits.max_uncompressed_bytes:  # the ratio bound was the tighter one
                 raise PermanentError(
@@ -395,6 +394,25 @@ class BoundedStream(io.RawIOBase):
                     f"{self.bytes_read} (ratio limit {self._limits.max_ratio:g})"
                 )
             raise PermanentError(f"decompression bomb: more than {self._limit} bytes decompressed")
+
+
+class BoundedStream(io.RawIOBase):
+    """A decompressed stream read through a DecompressionBound."""
+
+    def __init__(self, inner: BinaryIO, compressed_size: int | None, limits: Limits) -> None:
+        self._inner = inner
+        self._bound = DecompressionBound(compressed_size, limits)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._bound.bytes_read
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(CHUNK_SIZE if size is None or size < 0 else size)
+        self._bound.add(len(data))
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -486,21 +504,22 @@ class _Archive:
         except (ValueError, UnicodeDecodeError) as exc:
             raise PermanentError(f"{what}: {name} is not valid JSON: {exc}") from None
 
-    def copy_to_store(self, name: str, store: BlobStore, expected_digest: str | None, what: str) -> str:
+    def copy_to_store(self, name: str, store: BlobStore, expected_digest: str | None, what: str,
+                      check: CheckFactory | None = None) -> BlobInfo:
         member = self.member(name, what)
         self.fh.seek(member.offset)
         remaining = member.size
-        with store.writer() as writer:
-            while remaining:
-                chunk = self.fh.read(min(CHUNK_SIZE, remaining))
-                if not chunk:
-                    raise PermanentError(f"truncated or corrupt tar: {name} is cut short")
-                writer.write(chunk)
-                remaining -= len(chunk)
-            try:
-                return writer.commit(expected_digest).digest
-            except PermanentError as exc:
-                raise PermanentError(f"{what}: {name}: {exc}") from None
+        try:
+            with store.writer(check=(lambda: check(member.size)) if check else None) as writer:
+                while remaining:
+                    chunk = self.fh.read(min(CHUNK_SIZE, remaining))
+                    if not chunk:
+                        raise PermanentError(f"truncated or corrupt tar: {name} is cut short")
+                    writer.write(chunk)
+                    remaining -= len(chunk)
+                return writer.commit(expected_digest)
+        except PermanentError as exc:
+            raise PermanentError(f"{what}: {name}: {exc}") from None
 
 
 def _blob_name(digest: Any, what: str) -> str:
@@ -549,7 +568,7 @@ def _pick_manifest(archive: _Archive, descriptors: Any, what: str, depth: int = 
     return document
 
 
-def _oci_layers(archive: _Archive, store: BlobStore) -> list[str]:
+def _oci_layers(archive: _Archive, store: BlobStore, check: CheckFactory | None) -> list[BlobInfo]:
     what = "OCI layout"
     layout = archive.read_json("oci-layout", what)
     if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith("1."):
@@ -561,7 +580,7 @@ def _oci_layers(archive: _Archive, store: BlobStore) -> list[str]:
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise PermanentError(f"{what}: manifest has no layers list")
-    digests: list[str] = []
+    blobs: list[BlobInfo] = []
     for layer in layers:
         if not isinstance(layer, dict):
             raise PermanentError(f"{what}: malformed layer descriptor")
@@ -570,11 +589,11 @@ def _oci_layers(archive: _Archive, store: BlobStore) -> list[str]:
         member = archive.member(name, what)
         if isinstance(layer.get("size"), int) and layer["size"] != member.size:
             raise PermanentError(f"{what}: {name} is {member.size} bytes, manifest says {layer['size']}")
-        digests.append(archive.copy_to_store(name, store, digest, what))
-    return digests
+        blobs.append(archive.copy_to_store(name, store, digest, what, check))
+    return blobs
 
 
-def _docker_layers(archive: _Archive, store: BlobStore) -> list[str]:
+def _docker_layers(archive: _Archive, store: BlobStore, check: CheckFactory | None) -> list[BlobInfo]:
     what = "docker save archive"
     manifest = archive.read_json("manifest.json", what)
     if not isinstance(manifest, list) or not manifest:
@@ -585,25 +604,27 @@ def _docker_layers(archive: _Archive, store: BlobStore) -> list[str]:
     layers = entry.get("Layers") if isinstance(entry, dict) else None
     if not isinstance(layers, list):
         raise PermanentError(f"{what}: manifest.json has no Layers list")
-    digests: list[str] = []
+    blobs: list[BlobInfo] = []
     for ref in layers:
         name = safe_reference(ref, f"{what} manifest.json")
         # Newer docker names layers blobs/sha256/<hex>: then the name is a checksum too.
         expected = None
         if re.fullmatch(r"blobs/sha256/[0-9a-f]{64}", name):
             expected = "sha256:" + name.rsplit("/", 1)[1]
-        digests.append(archive.copy_to_store(name, store, expected, what))
-    return digests
+        blobs.append(archive.copy_to_store(name, store, expected, what, check))
+    return blobs
 
 
-def layers_of_archive(path: Path, fmt: str, store: BlobStore, limits: Limits = DEFAULT_LIMITS) -> list[str]:
+def layers_of_archive(path: Path, fmt: str, store: BlobStore, limits: Limits = DEFAULT_LIMITS,
+                      check: CheckFactory | None = None) -> list[BlobInfo]:
     """Copy the layers of an OCI image layout or `docker save` archive into the store
-    (streamed, hashed, OCI digests checked against their names); their digests, in order."""
+    (streamed, hashed, OCI digests checked against their names, and each one through
+    `check(size)` as it is copied: nothing is stored that fails it); their BlobInfos, in order."""
     if fmt not in ARCHIVE_FORMATS:
         raise PermanentError(f"not an image archive format: {fmt}")
     path = Path(path)
     with open(path, "rb") as fh:
         archive = _Archive(fh, path.stat().st_size, limits)
-        digests = _oci_layers(archive, store) if fmt == "oci-layout" else _docker_layers(archive, store)
-    log.info("layers extracted from archive", format=fmt, layers=len(digests))
-    return digests
+        blobs = _oci_layers(archive, store, check) if fmt == "oci-layout" else _docker_layers(archive, store, check)
+    log.info("layers extracted from archive", format=fmt, layers=len(blobs))
+    return blobs

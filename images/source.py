@@ -4,12 +4,17 @@
     refs = list_family("flyio-platform-hiring-challenge", family_prefix("node"), client)
     infos = [fetch_blob(ref, store, client) for ref in refs]
 
-A download streams into a temp file named after (url, ETag) while sha256 is computed,
+A download streams into a temp file named after (url, ETag) while sha256 is computed
+and the blob's streaming checks (`check`, images.verify.BlobCheck) run on the same bytes,
 so an interrupted one resumes with an HTTP Range request from the temp file's length.
 Every GET is pinned to the ETag seen when listing (If-Match): an object replaced
-mid-download is a PermanentError, never a blob spliced from two versions. Transient
-failures (5xx, throttling, resets, timeouts) are retried here with tenacity; botocore's
-own retries are off so there is one retry policy, with one log line per retry.
+mid-download is a PermanentError, never a blob spliced from two versions.
+
+Each call here is one attempt. Transient failures (5xx, throttling, resets, timeouts)
+raise TransientError and leave the partial temp file; the one retry layer is the job
+engine's retry of the downloading state (states/workflow.py NETWORK_RETRY: bounded,
+backoff and jitter, one history row per attempt), whose next attempt resumes by Range.
+botocore's own retries are off, so nothing retries underneath it.
 """
 
 from __future__ import annotations
@@ -39,16 +44,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
-from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, BlobWriter
+from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, BlobWriter, StreamCheck
 from support.errors import ManagerError, PermanentError, TransientError
 from support.log import get_logger
 
@@ -56,6 +53,7 @@ log = get_logger("images.source", component="source")
 
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]  # (bytes in the temp file so far, total size)
+CheckFactory = Callable[[int], StreamCheck]  # the streaming checks of a blob of this size
 
 LAYER_NAME = re.compile(r"^[1-9][0-9]*$")  # 1, 2, ... 10; no "01", no "0"
 MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
@@ -78,19 +76,6 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     socket.timeout,
 )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff with jitter for transient errors."""
-
-    attempts: int = 5
-    initial_wait: float = 0.5
-    max_wait: float = 10.0
-    jitter: float = 0.5
-
-
-DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -140,7 +125,8 @@ def make_s3_client(
 ) -> Any:
     """A boto3 S3 client. `endpoint_url` falls back to $AWS_ENDPOINT_URL; `anonymous=None`
     means unsigned requests exactly when no AWS credentials are configured (the production
-    bucket is public). botocore's retries are off: fetch_blob retries with tenacity."""
+    bucket is public). botocore's retries are off: the job engine's retry of the
+    downloading state is the one retry layer."""
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     session = boto3.session.Session()
     if anonymous is None:
@@ -195,28 +181,6 @@ def classify_error(exc: BaseException, url: str) -> ManagerError:
     raise exc
 
 
-def with_retries(fn: Callable[[], T], *, what: str, policy: RetryPolicy = DEFAULT_RETRY) -> T:
-    """Call `fn`, retrying TransientError per `policy`; the last one is re-raised with a count."""
-
-    def log_retry(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("transient error, retrying", what=what, attempt=state.attempt_number,
-                    wait_s=round(wait, 2), error=str(error))
-
-    retrying = Retrying(
-        stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait) + wait_random(0, policy.jitter),
-        retry=retry_if_exception_type(TransientError),
-        before_sleep=log_retry,
-        reraise=True,
-    )
-    try:
-        return retrying(fn)
-    except TransientError as exc:
-        raise TransientError(f"{exc} (gave up after {policy.attempts} attempts)") from exc
-
-
 def _s3_call(fn: Callable[[], T], url: str) -> T:
     try:
         return fn()
@@ -224,11 +188,10 @@ def _s3_call(fn: Callable[[], T], url: str) -> T:
         raise classify_error(exc, url) from exc
 
 
-def head_object(bucket: str, key: str, client: Any, *, retry: RetryPolicy = DEFAULT_RETRY) -> ObjectRef:
-    """The ObjectRef (size, ETag) of one S3 object."""
+def head_object(bucket: str, key: str, client: Any) -> ObjectRef:
+    """The ObjectRef (size, ETag) of one S3 object (one attempt: TransientError or PermanentError)."""
     url = s3_url(bucket, key)
-    head = with_retries(lambda: _s3_call(lambda: client.head_object(Bucket=bucket, Key=key), url),
-                        what=url, policy=retry)
+    head = _s3_call(lambda: client.head_object(Bucket=bucket, Key=key), url)
     return ObjectRef(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"))
 
 
@@ -245,7 +208,7 @@ def file_ref(path: Path) -> ObjectRef:
     return ObjectRef(url=url, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
 
-def list_family(bucket: str, prefix: str, client: Any, *, retry: RetryPolicy = DEFAULT_RETRY) -> list[ObjectRef]:
+def list_family(bucket: str, prefix: str, client: Any) -> list[ObjectRef]:
     """The layers `<prefix><n>.tar` of an image family, in numeric order (10 after 2).
 
     Deeper keys and keys not ending in .tar are ignored; a .tar key whose name is not a
@@ -260,7 +223,7 @@ def list_family(bucket: str, prefix: str, client: Any, *, retry: RetryPolicy = D
             objects.extend(page.get("Contents", []))
         return objects
 
-    objects = with_retries(lambda: _s3_call(list_all, where), what=where, policy=retry)
+    objects = _s3_call(list_all, where)
     numbered: dict[int, ObjectRef] = {}
     for obj in objects:
         key: str = obj["Key"]
@@ -295,7 +258,7 @@ def partial_path(store: BlobStore, ref: ObjectRef) -> Path:
 
 
 class _Transfer:
-    """Counts the bytes received over the wire across attempts of one fetch."""
+    """Counts the bytes received over the wire by one fetch."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -303,10 +266,13 @@ class _Transfer:
 
 def _download_once(
     ref: ObjectRef, etag: str, size: int, store: BlobStore, client: Any,
-    transfer: _Transfer, on_progress: ProgressCallback | None, check_md5: bool,
+    transfer: _Transfer, on_progress: ProgressCallback | None, check_md5: bool, check: CheckFactory | None,
 ) -> BlobInfo:
-    bucket, key = ref.bucket, ref.key
-    writer = store.writer(_temp_name(ref, etag), resume=True, with_md5=check_md5)
+    try:
+        writer = store.writer(_temp_name(ref, etag), resume=True, with_md5=check_md5,
+                              check=(lambda: check(size)) if check else None)
+    except PermanentError as exc:  # the kept prefix failed the checks (and is deleted)
+        raise TransientError(f"{ref.url}: resumed download failed its checks ({exc}); restarting") from exc
     resumed_from = writer.offset
     try:
         if writer.offset > size:
@@ -318,17 +284,17 @@ def _download_once(
         md5 = writer.md5_hex()
         etag_md5 = MD5_ETAG.match(etag)
         if check_md5 and md5 is not None and etag_md5 and md5 != etag_md5.group(1):
-            writer.abort()
-            if resumed_from:
-                # The kept prefix was bad (e.g. a crash before it reached the disk): start over.
-                raise TransientError(f"{ref.url}: resumed download does not match its ETag; restarting")
             raise PermanentError(f"checksum mismatch: {ref.url}: md5 {md5} does not match ETag {etag}")
         info = writer.commit(transferred=transfer.received)
     except TransientError:
         writer.keep()
         raise
-    except PermanentError:
+    except PermanentError as exc:
         writer.abort()
+        if resumed_from:
+            # The kept prefix may be what is wrong (a crash before it reached the disk): the
+            # next attempt starts from zero and judges the object's own bytes.
+            raise TransientError(f"{ref.url}: resumed download failed ({exc}); restarting") from exc
         raise
     except BaseException:
         writer.keep()  # interrupted (e.g. KeyboardInterrupt): leave the bytes for a resume
@@ -366,12 +332,13 @@ def _stream_object(
         body.close()
 
 
-def _copy_local(ref: ObjectRef, store: BlobStore, on_progress: ProgressCallback | None) -> BlobInfo:
+def _copy_local(ref: ObjectRef, store: BlobStore, on_progress: ProgressCallback | None,
+                check: CheckFactory | None) -> BlobInfo:
     before = file_ref(ref.local_path)
     if ref.etag is not None and ref.etag != before.etag:
         raise PermanentError(f"{ref.url}: object changed while downloading")
     size = before.size or 0
-    with store.writer() as writer, open(ref.local_path, "rb") as src:
+    with store.writer(check=(lambda: check(size)) if check else None) as writer, open(ref.local_path, "rb") as src:
         while chunk := src.read(CHUNK_SIZE):
             writer.write(chunk)
             if on_progress is not None:
@@ -388,35 +355,36 @@ def fetch_blob(
     *,
     known_digest: str | None = None,
     on_progress: ProgressCallback | None = None,
-    retry: RetryPolicy = DEFAULT_RETRY,
+    check: CheckFactory | None = None,
     check_md5_etag: bool = True,
 ) -> BlobInfo:
-    """Fetch `ref` into the store and return its BlobInfo (digest "sha256:<hex>", size, path).
+    """Fetch `ref` into the store and return its BlobInfo (digest "sha256:<hex>", size, path,
+    and the `check`'s findings). One attempt; the caller (the job engine) retries.
 
     * `known_digest` (from the catalog's layers table) already in the store: no request at all.
-    * A partial temp file from an earlier attempt is resumed with a Range request.
+    * `check(size)` makes the blob's streaming checks (images.verify.BlobCheck), fed every
+      byte as it arrives: a failure stops the download at once, deletes the temp file and
+      raises PermanentError; the blob is stored under its digest only once they all passed.
+    * A partial temp file from an earlier attempt is resumed with a Range request (its
+      bytes are re-hashed and re-checked from the disk).
     * The GET is pinned with If-Match to the ETag from the listing (or a HEAD when unknown).
     * When the ETag is a plain MD5 (single-part upload) the bytes are checked against it;
-      a resumed download that fails that check is restarted from zero once more.
-    * Transient errors are retried per `retry`; 403/404/412 are PermanentErrors.
+      a resumed download that fails that check is a TransientError after deleting the
+      temp file, so the next attempt starts from zero.
+    * 5xx, throttling and network errors are TransientErrors (the temp file kept for a
+      resume); 403/404/412 are PermanentErrors.
     """
     if known_digest is not None:
         present = store.info(known_digest)
         if present is not None:
             return present
     if ref.scheme == "file":
-        return _copy_local(ref, store, on_progress)
+        return _copy_local(ref, store, on_progress, check)
     if ref.scheme != "s3":
         raise PermanentError(f"{ref.url}: unsupported source (expected s3:// or file://)")
     if ref.etag is None or ref.size is None:
-        ref = head_object(ref.bucket, ref.key, client, retry=retry)
+        ref = head_object(ref.bucket, ref.key, client)
     assert ref.etag is not None and ref.size is not None
-    etag, size = ref.etag, ref.size
-    transfer = _Transfer()
-    info = with_retries(
-        lambda: _download_once(ref, etag, size, store, client, transfer, on_progress, check_md5_etag),
-        what=ref.url,
-        policy=retry,
-    )
+    info = _download_once(ref, ref.etag, ref.size, store, client, _Transfer(), on_progress, check_md5_etag, check)
     log.info("blob fetched", source=ref.url, digest=info.digest, size=info.size, transferred=info.transferred)
     return info

@@ -1,4 +1,9 @@
-"""verifying: digests, formats by content, whole tar structures; archives split into layers."""
+"""verifying: record what the streaming checks of downloading found, and lay out the
+image's layers and chain ids. Reads no blob: each one was checked as it streamed in.
+
+A job interrupted here before the streaming checks existed carries blobs without a
+"format": those (only those) are verified from the store in one pass.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +13,45 @@ from catalog.records import record_layer
 from fsm.context import StepContext
 from images.chain import chain_ids
 from images.formats import ARCHIVE_FORMATS, layers_of_archive
-from images.verify import verify_blob
+from images.verify import BlobCheck, verify_blob
 from states.services import ImageServices
+from support.log import get_logger
+
+log = get_logger("states.verifying")
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
-    verified: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
     for blob in ctx.data["blobs"]:
-        path = services.blobs.path(blob["digest"])
-        result = verify_blob(path, blob["digest"], services.limits)
-        if result.format in ARCHIVE_FORMATS:
-            # An OCI layout or `docker save` archive holds the image's layers itself.
-            for digest in layers_of_archive(path, result.format, services.blobs, services.limits):
-                inner = verify_blob(services.blobs.path(digest), digest, services.limits)
-                verified.append({"digest": digest, "format": inner.format, "tar_bytes": inner.uncompressed_bytes,
-                                 "size": services.blobs.path(digest).stat().st_size,
-                                 "source": f"{blob['url']}#{digest}", "etag": None})
-        else:
-            verified.append({"digest": result.digest, "format": result.format, "tar_bytes": result.uncompressed_bytes,
-                             "size": path.stat().st_size,
-                             "source": blob["url"], "etag": blob.get("etag")})
-        ctx.check_stop()
-    chains = chain_ids([layer["digest"] for layer in verified])
-    with ctx.transaction() as session:
-        for layer in verified:
-            record_layer(session, digest=layer["digest"], size_bytes=layer["size"], fmt=layer["format"],
-                         source=layer["source"], etag=layer["etag"])
+        layers.extend([blob] if "format" in blob else _verify_unchecked(ctx, blob, services))
+    for layer in layers:
+        log.info("blob verified", digest=layer["digest"], format=layer["format"], entries=layer.get("entries"),
+                 uncompressed_bytes=layer.get("tar_bytes"), source=layer["source"])
+    chains = chain_ids([layer["digest"] for layer in layers])
     ctx.data["layers"] = [{"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
-                           "tar_bytes": layer["tar_bytes"]}
-                          for layer, chain in zip(verified, chains)]
+                           "tar_bytes": layer.get("tar_bytes")}
+                          for layer, chain in zip(layers, chains)]
     ctx.data["layer_index"] = 0
     ctx.data["devices"] = {}
     return "verified"
+
+
+def _verify_unchecked(ctx: StepContext, blob: dict[str, Any], services: ImageServices) -> list[dict[str, Any]]:
+    """A blob downloaded before the streaming checks existed: verified from the store."""
+    path = services.blobs.path(blob["digest"])
+    result = verify_blob(path, blob["digest"], services.limits)
+    if result.format in ARCHIVE_FORMATS:
+        inner = layers_of_archive(path, result.format, services.blobs, services.limits,
+                                  check=lambda size: BlobCheck(size, services.limits))
+        layers = [{"digest": b.digest, "format": b.findings.format, "size": b.size,  # type: ignore[union-attr]
+                   "source": f"{blob['url']}#{b.digest}", "etag": None, "entries": b.findings.entries,  # type: ignore[union-attr]
+                   "tar_bytes": b.findings.uncompressed_bytes} for b in inner]  # type: ignore[union-attr]
+    else:
+        layers = [{"digest": result.digest, "format": result.format, "size": path.stat().st_size,
+                   "source": blob["url"], "etag": blob.get("etag"), "entries": result.entries,
+                   "tar_bytes": result.uncompressed_bytes}]
+    with ctx.transaction() as session:
+        for layer in layers:
+            record_layer(session, digest=layer["digest"], size_bytes=layer["size"], fmt=layer["format"],
+                         source=layer["source"], etag=layer["etag"])
+    return layers

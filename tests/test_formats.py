@@ -19,7 +19,7 @@ import zstandard
 
 from images.blobstore import BlobStore
 from images.formats import Limits, layers_of_archive, open_layer_stream, sniff_format
-from images.verify import verify_blob
+from images.verify import BlobCheck, verify_blob
 from support.errors import PermanentError
 
 
@@ -253,7 +253,7 @@ def test_oci_layout_layers_are_stored_in_order(tmp_path: Path, store: BlobStore)
     assert sniff_format(path) == "oci-layout"
     assert verify_blob(path, digest_of(path.read_bytes())).format == "oci-layout"
 
-    digests = layers_of_archive(path, "oci-layout", store)
+    digests = [blob.digest for blob in layers_of_archive(path, "oci-layout", store)]
 
     assert digests == [digest_of(layer) for layer in layers]
     assert [store.path(d).read_bytes() for d in digests] == layers
@@ -290,10 +290,40 @@ def test_docker_save_layers_are_stored_in_order(tmp_path: Path, store: BlobStore
     path = write(tmp_path / "saved.tar", _docker_archive(layers, new_style=new_style))
     assert sniff_format(path) == "docker-save"
 
-    digests = layers_of_archive(path, "docker-save", store)
+    digests = [blob.digest for blob in layers_of_archive(path, "docker-save", store)]
 
     assert digests == [digest_of(layer) for layer in layers]
     assert all(store.has(d) for d in digests)
+
+
+def test_archive_layers_are_checked_as_they_are_copied(tmp_path: Path, store: BlobStore) -> None:
+    """The streaming checks ride on the copy out of the archive: each layer's findings come
+    back with it, and a corrupt layer is never stored."""
+    layers = [layer_tar(5), gzip.compress(layer_tar(6))]
+    path = write(tmp_path / "saved.tar", _docker_archive(layers, new_style=True))
+    blobs = layers_of_archive(path, "docker-save", store, check=BlobCheck)
+    assert [(b.findings.format, b.findings.entries) for b in blobs] == [("tar", 21), ("tar+gzip", 21)]
+    corrupt = bytearray(layer_tar(7))
+    corrupt[512 + 148:512 + 156] = b"0000000\0"  # the second header's checksum (file0 is empty)
+    path = write(tmp_path / "bad.tar", _docker_archive([layer_tar(8), bytes(corrupt)], new_style=False))
+    with pytest.raises(PermanentError, match="bad header checksum at byte 512"):
+        layers_of_archive(path, "docker-save", store, check=BlobCheck)
+    assert not store.has(digest_of(bytes(corrupt)))
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip", "zstd"])
+@pytest.mark.parametrize("chunk", [1, 511, 4096, 1 << 20])
+def test_streaming_checks_find_the_same_in_any_chunking(compress: str, chunk: int) -> None:
+    """BlobCheck is fed whatever the network delivers: one byte at a time or a megabyte."""
+    plain = layer_tar(3)
+    data = {"none": plain, "gzip": gzip.compress(plain), "zstd": zstandard.ZstdCompressor().compress(plain)}[compress]
+    check = BlobCheck(len(data))
+    for at in range(0, len(data), chunk if chunk > 1 else 997):
+        check.feed(data[at: at + (chunk if chunk > 1 else 997)])
+    found = check.finish()
+    assert found.format == {"none": "tar", "gzip": "tar+gzip", "zstd": "tar+zstd"}[compress]
+    assert found.entries == 21 and found.uncompressed_bytes == len(plain)
 
 
 @pytest.mark.parametrize("reference", ["../../etc/passwd", "/etc/passwd", "a/../../b", "x\\..\\y"])

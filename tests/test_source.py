@@ -3,6 +3,9 @@
 Failures are injected by a small real HTTP proxy in front of SeaweedFS (503s, a
 connection cut mid-body); it also records what each request asked for (the Range header),
 which is how these tests prove a download resumed instead of starting over.
+
+fetch_blob makes one attempt per call; the job engine's retry of the downloading state is
+the one retry layer. `until_done` stands in for it here: call again after a TransientError.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import pytest
 from images.blobstore import BlobStore
 from images.source import (
     ObjectRef,
-    RetryPolicy,
     family_prefix,
     fetch_blob,
     file_ref,
@@ -32,9 +34,8 @@ from images.source import (
     make_s3_client,
     partial_path,
 )
+from images.verify import BlobCheck
 from support.errors import PermanentError, TransientError
-
-FAST_RETRY = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=0.05, jitter=0.01)
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -152,6 +153,30 @@ def bucket(make_bucket: Callable[..., str]) -> str:
     return make_bucket("src")
 
 
+def until_done(fetch: Callable[[], Any], attempts: int = 4) -> tuple[Any, int]:
+    """(result, attempts made): what the engine does with the downloading state."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fetch(), attempt
+        except TransientError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def put(client: Any, bucket: str, key: str, data: bytes) -> ObjectRef:
     client.put_object(Bucket=bucket, Key=key, Body=data)
     return head_object(bucket, key, client)
@@ -265,33 +290,69 @@ def test_resume_with_a_wrong_prefix_is_caught_by_the_etag_and_restarted(
 
     # Without the MD5 check the ranged bytes are spliced onto the bad prefix: proof the
     # prefix was kept and only the rest was fetched.
-    spliced = fetch_blob(ref, store, client, check_md5_etag=False, retry=FAST_RETRY)
+    spliced = fetch_blob(ref, store, client, check_md5_etag=False)
     assert spliced.digest == sha256_of(bad_prefix + data[1000:]) != sha256_of(data)
 
     partial_path(store, ref).write_bytes(bad_prefix)
     proxy.log.requests.clear()
-    info = fetch_blob(ref, store, client, retry=FAST_RETRY)
+    info, attempts = until_done(lambda: fetch_blob(ref, store, client))
 
     assert info.digest == sha256_of(data)
     ranges = [r[2] for r in proxy.gets()]
     assert ranges == ["bytes=1000-", None]  # resumed, failed the MD5 check, restarted whole
+    assert attempts == 2
 
 
 def test_connection_cut_mid_body_is_resumed(
     s3_client: Any, bucket: str, store: BlobStore, proxy_factory: Callable[..., FaultyProxy]
 ) -> None:
-    data = os.urandom(3 * 1024 * 1024)
+    data = tar_of({"usr/lib/a": os.urandom(1536 * 1024), "usr/lib/b": os.urandom(1536 * 1024)})
     ref = put(s3_client, bucket, "images/a/5.tar", data)
     proxy = proxy_factory(cut_after=1024 * 1024 + 100)
+    client = make_s3_client(proxy.url, anonymous=True)
 
-    info = fetch_blob(ref, store, make_s3_client(proxy.url, anonymous=True), retry=FAST_RETRY)
+    def fetch() -> Any:
+        return fetch_blob(ref, store, client, check=BlobCheck)
+
+    with pytest.raises(TransientError):
+        fetch()
+    assert list(store.blob_dir.iterdir()) == []  # no half-written blob, only the resumable temp file
+    assert 0 < partial_path(store, ref).stat().st_size <= 1024 * 1024 + 100
+    info = fetch()
 
     assert info.digest == sha256_of(data)
+    assert info.findings.format == "tar" and info.findings.entries == 2  # checked across the resume
     gets = proxy.gets()
     assert len(gets) == 2 and gets[0][2] is None
     resumed_at = int(gets[1][2].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= 1024 * 1024 + 100
-    assert info.transferred == len(data)  # no byte fetched twice
+    assert info.transferred == len(data) - resumed_at  # this attempt fetched only the rest
+
+
+@pytest.mark.parametrize("damage", ["header checksum", "truncated", "not a tar"])
+def test_a_blob_failing_its_streaming_checks_is_never_stored(
+    s3_client: Any, bucket: str, store: BlobStore, damage: str
+) -> None:
+    """The checks run as the bytes arrive; a failure deletes the temp file at once and no
+    file ever appears under the digest's name."""
+    good = tar_of({"etc/a": os.urandom(700_000), "etc/b": os.urandom(900_000)})
+    bad = bytearray(good)
+    if damage == "header checksum":
+        second = 512 + 700_000 + (-700_000 % 512)  # the header of etc/b
+        bad[second + 148: second + 156] = b"0000000\0"
+        reason = rf"bad header checksum at byte {second}"
+    elif damage == "truncated":
+        bad = bad[: len(good) // 2]
+        reason = "truncated or corrupt tar"
+    else:
+        bad = bytearray(b"PK\x03\x04" + bytes(bad[4:]))
+        reason = "unsupported format: zip archive"
+    ref = put(s3_client, bucket, f"images/bad/{damage.replace(' ', '-')}.tar", bytes(bad))
+
+    with pytest.raises(PermanentError, match=reason):
+        fetch_blob(ref, store, s3_client, check=BlobCheck)
+    assert list(store.blob_dir.iterdir()) == []
+    assert list(store.tmp_dir.iterdir()) == []
 
 
 def test_object_replaced_after_listing_is_a_permanent_error(s3_client: Any, bucket: str, store: BlobStore) -> None:
@@ -300,50 +361,51 @@ def test_object_replaced_after_listing_is_a_permanent_error(s3_client: Any, buck
     s3_client.put_object(Bucket=bucket, Key="images/b/1.tar", Body=b"version two" * 1000)
 
     with pytest.raises(PermanentError, match="object changed while downloading"):
-        fetch_blob(ref, store, s3_client, retry=FAST_RETRY)
+        fetch_blob(ref, store, s3_client)
     assert not partial_path(store, ref).exists()
 
 
 def test_missing_object_is_a_clear_permanent_error(s3_client: Any, bucket: str, store: BlobStore) -> None:
     with pytest.raises(PermanentError, match=rf"^s3://{bucket}/images/none/1.tar: not found$"):
-        fetch_blob(ObjectRef(f"s3://{bucket}/images/none/1.tar"), store, s3_client, retry=FAST_RETRY)
+        fetch_blob(ObjectRef(f"s3://{bucket}/images/none/1.tar"), store, s3_client)
     listed = ObjectRef(f"s3://{bucket}/images/none/2.tar", size=10, etag='"0123456789abcdef0123456789abcdef"')
     with pytest.raises(PermanentError, match="not found"):
-        fetch_blob(listed, store, s3_client, retry=FAST_RETRY)
+        fetch_blob(listed, store, s3_client)
     with pytest.raises(PermanentError, match="not found"):
-        list_family("no-such-bucket-xyz", "images/node/", s3_client, retry=FAST_RETRY)
+        list_family("no-such-bucket-xyz", "images/node/", s3_client)
 
 
-def test_transient_503s_are_retried_until_success(
+def test_a_503_is_one_transient_error_per_attempt(
     s3_client: Any, bucket: str, store: BlobStore, proxy_factory: Callable[..., FaultyProxy]
 ) -> None:
     data = os.urandom(300_000)
     ref = put(s3_client, bucket, "images/c/1.tar", data)
     proxy = proxy_factory(fail_first=3)
+    client = make_s3_client(proxy.url, anonymous=True)
 
-    info = fetch_blob(ref, store, make_s3_client(proxy.url, anonymous=True), retry=FAST_RETRY)
+    info, attempts = until_done(lambda: fetch_blob(ref, store, client))
 
     assert info.digest == sha256_of(data)
-    assert len(proxy.gets()) == 4  # three 503s, then the real answer
+    assert attempts == 4 and len(proxy.gets()) == 4  # three 503s, then the real answer
 
 
-def test_retries_are_bounded(
+def test_fetch_blob_makes_exactly_one_attempt(
     s3_client: Any, bucket: str, store: BlobStore, proxy_factory: Callable[..., FaultyProxy]
 ) -> None:
+    """No retry layer under the engine's: one call, one GET, whatever the error."""
     ref = put(s3_client, bucket, "images/c/2.tar", b"data" * 100)
     proxy = proxy_factory(fail_first=100)
-    policy = RetryPolicy(attempts=3, initial_wait=0.01, max_wait=0.02, jitter=0.0)
 
-    with pytest.raises(TransientError, match="gave up after 3 attempts"):
-        fetch_blob(ref, store, make_s3_client(proxy.url, anonymous=True), retry=policy)
-    assert len(proxy.gets()) == 3
+    with pytest.raises(TransientError, match=r"server error 503"):
+        fetch_blob(ref, store, make_s3_client(proxy.url, anonymous=True))
+    assert len(proxy.gets()) == 1
 
 
 def test_unreachable_endpoint_is_transient(store: BlobStore) -> None:
     client = make_s3_client("http://127.0.0.1:9", anonymous=True, connect_timeout=0.5, read_timeout=0.5)
     ref = ObjectRef("s3://bucket/images/x/1.tar", size=1, etag='"x"')
-    with pytest.raises(TransientError, match="gave up after 2 attempts"):
-        fetch_blob(ref, store, client, retry=RetryPolicy(attempts=2, initial_wait=0.01, max_wait=0.01, jitter=0))
+    with pytest.raises(TransientError, match="EndpointConnectionError"):
+        fetch_blob(ref, store, client)
 
 
 def test_file_source_is_copied_and_hashed(tmp_path: Path, store: BlobStore) -> None:
