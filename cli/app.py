@@ -8,17 +8,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from fsm.database import open_engine
-from fsm.runner import Runner
-from fsm.store import JobStore
-from migrations import upgrade_database
-from safeguards.manager_lock import ManagerLock
 from support.log import configure_logging
 from support.paths import database_path, lock_path, resolve_state_dir
+
+if TYPE_CHECKING:  # the engine (SQLAlchemy, transitions, tenacity) loads only for commands that use it
+    from fsm.runner import Runner
+    from fsm.store import JobStore
+    from safeguards.manager_lock import ManagerLock
 
 
 @dataclass
@@ -107,6 +107,9 @@ def state_dir_of(ctx: click.Context) -> Path:
 def open_store(state_dir: Path) -> JobStore:
     """The job store on `<state-dir>/images.db`, migrated to the newest schema first."""
     from daemon.database import integrity_check_once
+    from fsm.database import open_engine
+    from fsm.store import JobStore
+    from migrations import upgrade_database
 
     db_path = database_path(state_dir)
     integrity_check_once(state_dir)  # once per process: a corrupt file stops here, naming the backup
@@ -117,6 +120,8 @@ def open_store(state_dir: Path) -> JobStore:
 @contextmanager
 def exclusive(state_dir: Path, command: str) -> Iterator[ManagerLock]:
     """Hold the manager lock for `command` (the guide's "Manager Lock")."""
+    from safeguards.manager_lock import ManagerLock
+
     lock = ManagerLock(lock_path(state_dir), command)
     lock.acquire()
     try:
@@ -131,9 +136,9 @@ def open_runner(state_dir: Path, will_run_jobs: bool = True) -> Runner:
     A runner that will run jobs first makes sure the pool exists (after a reboot it is
     recreated from its files and the catalog reconciled with it), as the guide's first
     process-image does."""
-    from states.registry import all_workflows, build_services
-
     from catalog.reconcile import ensure_pool
+    from fsm.runner import Runner
+    from states.registry import all_workflows, build_services
 
     services = build_services(state_dir, backend=default_backend(), show_progress=show_progress())
     store = open_store(state_dir)

@@ -6,11 +6,9 @@ import sys
 from collections.abc import Callable
 
 import click
-from sqlalchemy.exc import DBAPIError
 
 from cli.app import configure, exclusive, last_options, open_runner, open_store, state_dir_of
 from fsm.cli import FsmApp, make_fsm_group
-from fsm.database import describe_database_error
 from support.errors import ManagerError
 from support.paths import database_path
 
@@ -77,12 +75,23 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
     except ManagerError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
-    except DBAPIError as exc:
-        click.echo(f"error: {describe_database_error(_db_path_for_error(), exc)}", err=True)
-        return 1
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        from fsm.database import describe_database_error
+
+        click.echo(f"error: {describe_database_error(_db_path_for_error(), exc)}", err=True)
+        return 1
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """A SQLAlchemy DBAPIError, without importing SQLAlchemy (~300 ms) for commands that
+    never touched it: a command that raised one has imported it already."""
+    exc_module = sys.modules.get("sqlalchemy.exc")
+    return exc_module is not None and isinstance(exc, exc_module.DBAPIError)
 
 
 def _db_path_for_error() -> object:
