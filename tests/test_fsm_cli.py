@@ -211,3 +211,28 @@ def test_the_fsm_console_script_is_the_same_group(state_dir: Path) -> None:
     result = subprocess.run([str(script), "--state-dir", str(state_dir), "list", "--json"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and json.loads(result.stdout) == []
+
+
+def test_abort_wait_on_a_job_that_does_not_stop_in_time_is_one_line_and_the_request_stays(state_dir: Path) -> None:
+    """A live owner that never reaches a safe point (as a step inside a kernel operation):
+    the request is recorded, `--wait` gives up after its timeout, `fsm show` says it is pending."""
+    store = open_store(state_dir)
+    job, _ = store.create_or_get(WORKFLOW_NAME, "busy-key", "unpacking", {})
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with sqlite3.connect(state_dir / "images.db") as db:
+            db.execute("UPDATE jobs SET owner_pid=?, owner_boot_id=?, lease_expires_at=datetime('now','+120 seconds') "
+                       "WHERE id=?", (owner.pid, Path("/proc/sys/kernel/random/boot_id").read_text().strip(), job.id))
+        result = fsm(state_dir, "abort", str(job.id), "--reason", "operator test", "--wait", "--timeout", "1")
+        assert f"abort requested: job {job.id} (pid {owner.pid}) stops at its next safe point" in result.stdout
+        one_line_error(result, f"job {job.id} not aborted within 1s", "still unpacking", "stays pending")
+        shown = json.loads(fsm(state_dir, "show", str(job.id), "--json").stdout)
+        assert shown["state"] == "unpacking" and shown["owner_alive"] is True
+        assert shown["abort_pending"]["reason"] == "operator test" and shown["abort_pending"]["requested_by_pid"]
+        text = fsm(state_dir, "show", str(job.id)).stdout
+        assert "abort pending:    operator test (asked by pid" in text, text
+        history = json.loads(fsm(state_dir, "history", str(job.id), "--json").stdout)
+        assert [row["kind"] for row in history] == ["abort-request"]
+    finally:
+        owner.kill()
+        owner.wait()

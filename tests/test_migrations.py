@@ -14,6 +14,7 @@ from alembic.migration import MigrationContext
 from catalog.models import CatalogBase
 from fsm.database import open_engine
 from fsm.models import FsmBase
+from fsm.store import JobStore
 from migrations import downgrade_database, upgrade_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +59,45 @@ def test_two_processes_migrating_at_once_both_succeed(tmp_path: Path) -> None:
     assert tables(db) == TABLES
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+
+
+def columns(db: Path, table: str) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def test_0003_upgrades_a_database_of_the_release_with_jobs_in_it_and_downgrades(tmp_path: Path) -> None:
+    """A database as the current release (revision 0002) leaves it, with a job and its
+    history: 0003 keeps every row, adds wait/abort notes and transition details, and goes back."""
+    db = tmp_path / "images.db"
+    upgrade_database(db, "0002")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO jobs (id, workflow, idempotency_key, state, attempt, context, error, created_at, "
+                     "updated_at, stopped_before_step) VALUES (1, 'image', 'k', 'verifying', 0, '{}', "
+                     "'waiting: memory_pressure', '2026-12-01 10:00:00', '2026-12-01 10:00:05', 0)")
+        conn.executemany("INSERT INTO job_events (job_id, seq, from_state, to_state, event, started_at, finished_at, "
+                         "attempt) VALUES (1, ?, ?, ?, ?, '2026-12-01 10:00:00', '2026-12-01 10:00:01', 1)",
+                         [(1, "pending", "downloading", "start"), (2, "downloading", "verifying", "downloaded")])
+    before = {t: _rows(db, t) for t in ("jobs", "job_events")}
+
+    upgrade_database(db)
+    assert "job_notes" in tables(db)
+    assert {"detail"} <= columns(db, "job_events") and {"waiting_since"} <= columns(db, "jobs")
+    assert [row[:len(before["job_events"][0])] for row in _rows(db, "job_events")] == before["job_events"]
+    assert [row[:len(before["jobs"][0])] for row in _rows(db, "jobs")] == before["jobs"]
+    store = JobStore(open_engine(db))
+    assert [e.event for e in store.history(1)] == ["start", "downloaded"] and store.notes(1) == []
+    store.request_abort(1, "operator test", requested_by_pid=7)
+    assert [(n.kind, n.requested_by_pid) for n in store.notes(1)] == [("abort-request", 7)]
+    store.engine.dispose()
+
+    downgrade_database(db, "0002")
+    assert "job_notes" not in tables(db)
+    assert "detail" not in columns(db, "job_events") and "waiting_since" not in columns(db, "jobs")
+    assert _rows(db, "job_events") == before["job_events"]
+    assert [row[0] for row in _rows(db, "jobs")] == [1]
+
+
+def _rows(db: Path, table: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()

@@ -46,10 +46,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_column('waiting_since')
-    with op.batch_alter_table('job_events', schema=None) as batch_op:
-        batch_op.drop_column('detail')
     with op.batch_alter_table('job_notes', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_notes_job_id'))
     op.drop_table('job_notes')
+    # recreate="never": SQLite (>= 3.35) drops a column in place. The default copy-and-move
+    # would drop `jobs`, and with foreign keys on that cascades into every job's history.
+    with op.batch_alter_table('job_events', schema=None, recreate='never') as batch_op:
+        batch_op.drop_column('detail')
+    with op.batch_alter_table('jobs', schema=None, recreate='never') as batch_op:
+        batch_op.drop_column('waiting_since')
