@@ -45,3 +45,15 @@ def test_snapshot_reports_cost_by_size_and_call_latencies() -> None:
     assert all(float(growth) == 0 for _, _, growth in rows), out  # reflink: a snapshot takes no data space
     for call in ("create_thin", "create_snapshot", "activate", "deactivate", "delete"):
         assert re.search(rf"^\s+{call}\s+[\d.]+$", out, re.MULTILINE), (call, out)
+
+
+@needs_root
+def test_pipeline_compares_process_image_with_the_shell_pipeline() -> None:
+    out = bench("bench.pipeline", "--scale", "0.01", "--rounds", "1")
+    assert re.search(r"^family: 5 layers, [\d.]+ MB", out, re.MULTILINE), out
+    ours = float(re.search(r"median process-image: ([\d.]+) s", out).group(1))
+    shell = float(re.search(r"median shell pipeline: ([\d.]+) s", out).group(1))
+    ratio = float(re.search(r"ratio process-image / shell: ([\d.]+)", out).group(1))
+    assert ours > 0 and shell > 0 and abs(ratio - ours / shell) < 0.01, out
+    steps = dict(re.findall(r"^  (\w+)\s+(\d+)$", out, re.MULTILINE))
+    assert {"downloading", "verifying", "creating_device", "making_fs", "unpacking", "snapshotting"} <= set(steps), out
