@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from catalog.models import OrphanedDevice
+from catalog.ledger import DeviceLedger, engine_transactions
 from catalog.records import live_device_names, uncleaned_orphans, utcnow
 from devices.base import DeviceInfo, ThinPool
 from devices.mount import MOUNT_TIMEOUT, mounts, unmount
@@ -130,30 +130,30 @@ def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
 
     log.info("Step 4: Cleaning up orphaned devices")
     guard = operation or (lambda _name: nullcontext())
+    ledger = DeviceLedger(pool, engine_transactions(engine))
     for device in report.orphans:
         with guard("gc-cleanup"):
-            error = _clean_device(pool, device, unmount_timeout)
+            error = _clean_device(ledger, device, unmount_timeout)
         if error is None:
             report.cleaned += 1
-            _mark_cleaned(engine, device_name=device.name)
             log.info("Successfully cleaned up orphaned device", device_id=device.device_id, device_name=device.name)
         else:
             report.failed += 1
             report.failures[device.name] = error
     if gone_rows:
-        _mark_cleaned(engine, row_ids=gone_rows)
+        ledger.forget_gone_orphans(gone_rows)
     return report
 
 
-def _clean_device(pool: ThinPool, device: DeviceInfo, unmount_timeout: float) -> str | None:
+def _clean_device(ledger: DeviceLedger, device: DeviceInfo, unmount_timeout: float) -> str | None:
     """Unmount (if mounted), deactivate, delete; None on success, else the failed step's
     error. Each step has its own timeout (inside the pool's calls, or `unmount_timeout`)."""
     fields = {"device_id": device.device_id, "device_name": device.name}
     log.info("Attempting to clean up orphaned device", **fields)
     steps: tuple[tuple[str, Callable[[], None]], ...] = (
         ("Step 1: Attempting unmount", lambda: _unmount_all(device, unmount_timeout)),
-        ("Step 2: Attempting deactivate", lambda: pool.deactivate(device.device_id)),
-        ("Step 3: Attempting delete from thin pool", lambda: pool.delete(device.device_id)),
+        ("Step 2: Attempting deactivate", lambda: ledger.deactivate(device.device_id)),
+        ("Step 3: Attempting delete from thin pool", lambda: ledger.free_orphan(device.device_id)),
     )
     for message, step in steps:
         log.debug(message, **fields)
@@ -177,17 +177,6 @@ def _unmount_all(device: DeviceInfo, timeout: float) -> None:
         targets.append(device.mounted_at)
     for target in reversed(targets):
         unmount(target, timeout=timeout)
-
-
-def _mark_cleaned(engine: Engine, *, device_name: str | None = None, row_ids: list[int] | None = None) -> None:
-    """Stamp `cleaned_at` on the orphan rows of a device (or the given rows)."""
-    statement = update(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None)).values(cleaned_at=utcnow())
-    if device_name is not None:
-        statement = statement.where(OrphanedDevice.device_name == device_name)
-    if row_ids is not None:
-        statement = statement.where(OrphanedDevice.id.in_(row_ids))
-    with Session(engine) as session, session.begin():
-        session.execute(statement)
 
 
 def log_summary(report: GcReport) -> None:

@@ -8,6 +8,7 @@ transaction that allocates its thin id, so a crash never leaves a device no row 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -22,6 +23,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from support.sqlnames import NAMING_CONVENTION
+
+class DeviceState(StrEnum):
+    """Where a device row stands (catalog/ledger.py owns every change; docs/devices.md)."""
+
+    CREATING = "creating"    # row written, kernel call not yet known to have happened
+    CREATED = "created"      # the device exists, nothing trusted written to it yet
+    UNPACKING = "unpacking"  # a layer is being applied: contents untrusted until ready
+    READY = "ready"
+    DELETING = "deleting"    # deactivate + delete under way
+
 
 class CatalogBase(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -83,26 +94,30 @@ class UnpackedImage(CatalogBase):
     device_id: Mapped[int] = mapped_column(Integer, unique=True)
     device_name: Mapped[str] = mapped_column(String(64), unique=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    # creating -> created -> unpacking -> ready ; faulty when a hazard hit it
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # a DeviceState
     job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Snapshot(CatalogBase):
-    """A writable copy-on-write snapshot of an image's top layer, one per VM."""
+    """A writable copy-on-write snapshot of an image's top layer, one per VM. The image's
+    first snapshot (made by process-image) has no VM id; `snapshot --vm` makes the others."""
 
     __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("image_id", "vm_id", name="uq_snapshots_image_id_vm_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     origin_device_id: Mapped[int] = mapped_column(Integer)
     device_id: Mapped[int] = mapped_column(Integer, unique=True)
     device_name: Mapped[str] = mapped_column(String(64), unique=True)
-    state: Mapped[str] = mapped_column(String(16))  # creating -> ready ; faulty
+    state: Mapped[str] = mapped_column(String(16))  # a DeviceState
+    vm_id: Mapped[str | None] = mapped_column(String(128))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # may exceed the origin's: the VM asked for more
     job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class OrphanedDevice(CatalogBase):

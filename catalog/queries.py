@@ -11,10 +11,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from catalog.models import Image, Snapshot, UnpackedImage
-from catalog.records import orphan_device
+from catalog.ledger import DeviceLedger, engine_transactions
+from catalog.records import snapshots_of_vm
 from devices.base import ThinPool
 from safeguards.setup import build_cleanup_guard
-from support.errors import HazardError, ManagerError
+from support.errors import ManagerError
 from support.log import get_logger
 
 log = get_logger("catalog.queries")
@@ -35,36 +36,43 @@ def list_snapshots(engine: Engine) -> list[dict[str, Any]]:
     with Session(engine) as session:
         query = select(Snapshot, Image.name).join(Image, Image.id == Snapshot.image_id).order_by(Snapshot.id)
         return [{"id": snap.id, "device_name": snap.device_name, "device_id": snap.device_id, "state": snap.state,
-                 "image": name, "image_id": snap.image_id, "origin_device_id": snap.origin_device_id,
-                 "created_at": snap.created_at} for snap, name in session.execute(query)]
+                 "vm_id": snap.vm_id, "size_bytes": snap.size_bytes, "image": name, "image_id": snap.image_id,
+                 "origin_device_id": snap.origin_device_id, "created_at": snap.created_at}
+                for snap, name in session.execute(query)]
 
 
-def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int,
-                    operation: Callable[[str], AbstractContextManager[Any]] | None = None) -> str:
-    """Deactivate and delete the snapshot's device, then its row; a hazard leaves an orphan row.
+def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int | None = None, *, vm_id: str | None = None,
+                    operation: Callable[[str], AbstractContextManager[Any]] | None = None) -> list[str]:
+    """Deactivate and delete a snapshot's device, then its row, through the device ledger:
+    the snapshot `snapshot_id`, or every snapshot of VM `vm_id`. A hazard leaves the device
+    orphaned for gc. The device names deleted, in order.
 
     The device steps run inside `operation`, by default the cleanup Operation Guard of the
     state dir that holds the database (`<state-dir>/images.db`)."""
+    if (snapshot_id is None) == (vm_id is None):
+        raise ManagerError("give a snapshot id or --vm VM_ID")
     if operation is None:
         assert engine.url.database, "delete_snapshot needs a file database"
         operation = build_cleanup_guard(Path(engine.url.database).parent)
-    with Session(engine) as session, session.begin():
-        snap = session.get(Snapshot, snapshot_id)
-        if snap is None:
-            raise ManagerError(f"snapshot {snapshot_id} not found")
-        device_id, name, image_id = snap.device_id, snap.device_name, snap.image_id
-    try:
+    with Session(engine) as session:
+        if vm_id is not None:
+            snaps = snapshots_of_vm(session, vm_id)
+            if not snaps:
+                raise ManagerError(f"VM {vm_id!r} has no snapshot")
+        else:
+            snap = session.get(Snapshot, snapshot_id)
+            if snap is None:
+                raise ManagerError(f"snapshot {snapshot_id} not found")
+            snaps = [snap]
+        targets = [(snap.id, snap.device_id, snap.device_name, snap.image_id) for snap in snaps]
+    ledger = DeviceLedger(pool, engine_transactions(engine))
+    deleted = []
+    for snap_id, device_id, name, image_id in targets:
         with operation("delete-snapshot"):
-            pool.deactivate(device_id)
-            pool.delete(device_id)
-    except HazardError as exc:
+            ledger.delete(device_id, why="delete-snapshot")
         with Session(engine) as session, session.begin():
-            orphan_device(session, device_id=device_id, reason=f"delete-snapshot failed: {exc}", job_id=None)
-        raise
-    with Session(engine) as session, session.begin():
-        session.execute(Snapshot.__table__.delete().where(Snapshot.id == snapshot_id))
-        remaining = session.scalars(select(Snapshot.id).where(Snapshot.image_id == image_id)).first()
-        if remaining is None:
-            session.get(Image, image_id).activation_status = "inactive"
-    log.info("snapshot deleted", snapshot_id=snapshot_id, device_name=name)
-    return name
+            if session.scalars(select(Snapshot.id).where(Snapshot.image_id == image_id)).first() is None:
+                session.get(Image, image_id).activation_status = "inactive"
+        log.info("snapshot deleted", snapshot_id=snap_id, device_name=name, vm_id=vm_id)
+        deleted.append(name)
+    return deleted

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from catalog.models import OrphanedDevice, Snapshot, UnpackedImage
+from catalog.ledger import DeviceLedger, engine_transactions
+from catalog.models import DeviceState, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import ORPHAN_HINT
 from devices.base import PoolStatus, ThinPool
 from support.errors import ManagerError
@@ -51,23 +52,23 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
     result = Reconciliation()
     devices = {device.device_id: device for device in pool.list_devices()}
     with Session(engine) as session:
-        layers = session.execute(select(UnpackedImage.device_id, UnpackedImage.device_name, UnpackedImage.size_bytes,
+        layers = session.execute(select(UnpackedImage.device_id, UnpackedImage.device_name,
                                         UnpackedImage.state)).all()
         snapshots = session.execute(select(Snapshot.device_id, Snapshot.device_name, Snapshot.origin_device_id,
                                            Snapshot.state)).all()
         orphans = set(session.scalars(select(OrphanedDevice.device_id).where(OrphanedDevice.cleaned_at.is_(None))))
-    sizes = {row.device_id: row.size_bytes for row in layers}
     named = {row.device_id for row in layers} | {row.device_id for row in snapshots} | orphans
     for row in (*layers, *snapshots):
-        if row.state == "ready" and row.device_id not in devices:
+        if row.state == DeviceState.READY and row.device_id not in devices:
             result.missing.append(row.device_name)
             log.warning("device recorded in the database is missing from the pool", device_name=row.device_name)
+    ledger = DeviceLedger(pool, engine_transactions(engine))
     for row in snapshots:
         device = devices.get(row.device_id)
-        if row.state != "ready" or device is None or device.active:
+        if row.state != DeviceState.READY or device is None or device.active:
             continue
         try:
-            path = pool.activate(row.device_id, sizes.get(row.origin_device_id, 0))
+            path = ledger.activate(row.device_id)
         except ManagerError as exc:
             result.failed[row.device_name] = str(exc)
             log.error("could not re-activate snapshot", device_name=row.device_name, error=str(exc))

@@ -1,5 +1,6 @@
-"""Reads and writes of catalog rows, always inside a caller's transaction (a Session),
-so a device row and the job's own state commit together."""
+"""Reads and writes of catalog rows other than a device's state, always inside a caller's
+transaction (a Session), so a row and the job's own state commit together. Device rows
+are written by catalog/ledger.py alone."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from datetime import datetime, timezone
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from catalog.models import (DeviceIdCounter, Image, ImageLayer, Layer, OrphanedDevice, Snapshot,
+from catalog.models import (DeviceIdCounter, DeviceState, Image, ImageLayer, Layer, OrphanedDevice, Snapshot,
                             UnpackedImage)
-from devices.base import device_name
 
 FIRST_DEVICE_ID = 1
 # The guide's words for a device left for gc; logged wherever one is met.
@@ -57,40 +57,11 @@ def find_chain(session: Session, chain_id: str) -> UnpackedImage | None:
     return session.scalars(select(UnpackedImage).where(UnpackedImage.chain_id == chain_id)).first()
 
 
-def begin_layer_device(session: Session, *, chain_id: str, layer_digest: str, parent_chain_id: str | None,
-                       size_bytes: int, job_id: int) -> UnpackedImage:
-    """The row of a device about to be created (state `creating`): intent first."""
-    device_id = allocate_device_id(session)
-    now = utcnow()
-    row = UnpackedImage(chain_id=chain_id, layer_digest=layer_digest, parent_chain_id=parent_chain_id,
-                        device_id=device_id, device_name=device_name(device_id), size_bytes=size_bytes,
-                        state="creating", job_id=job_id, created_at=now, updated_at=now)
-    session.add(row)
-    session.flush()
-    return row
-
-
-def set_layer_device_state(session: Session, device_id: int, state: str) -> None:
-    row = session.scalars(select(UnpackedImage).where(UnpackedImage.device_id == device_id)).one()
-    row.state = state
-    row.updated_at = utcnow()
-
-
-def orphan_device(session: Session, *, device_id: int, reason: str, job_id: int | None) -> OrphanedDevice:
-    """Move a device from its live row to orphaned_devices: recorded, not touched."""
-    session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
-    session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
-    row = OrphanedDevice(device_id=device_id, device_name=device_name(device_id), reason=reason, job_id=job_id,
-                         detected_at=utcnow())
-    session.add(row)
-    return row
-
-
 def unfinished_devices_of_job(session: Session, job_id: int) -> list[int]:
     """Device ids this job recorded but did not finish (layer devices and snapshots)."""
     layers = session.scalars(select(UnpackedImage.device_id).where(UnpackedImage.job_id == job_id,
-                                                                   UnpackedImage.state != "ready"))
-    snaps = session.scalars(select(Snapshot.device_id).where(Snapshot.job_id == job_id, Snapshot.state != "ready"))
+                                                                   UnpackedImage.state != DeviceState.READY))
+    snaps = session.scalars(select(Snapshot.device_id).where(Snapshot.job_id == job_id, Snapshot.state != DeviceState.READY))
     return sorted(set(layers) | set(snaps))
 
 
@@ -112,15 +83,6 @@ def upsert_image(session: Session, *, name: str, source: str, chain: list[tuple[
         session.add(ImageLayer(image_id=image.id, position=position, digest=digest, chain_id=chain_id))
     session.flush()
     return image
-
-
-def begin_snapshot(session: Session, *, image_id: int, origin_device_id: int, job_id: int) -> Snapshot:
-    device_id = allocate_device_id(session)
-    row = Snapshot(image_id=image_id, origin_device_id=origin_device_id, device_id=device_id,
-                   device_name=device_name(device_id), state="creating", job_id=job_id, created_at=utcnow())
-    session.add(row)
-    session.flush()
-    return row
 
 
 def live_device_names(session: Session) -> set[str]:
@@ -146,4 +108,33 @@ def image_has_ready_snapshot(session: Session, source: str) -> bool:
     if image is None:
         return False
     return session.scalars(select(Snapshot.id).where(Snapshot.image_id == image.id,
-                                                     Snapshot.state == "ready")).first() is not None
+                                                     Snapshot.state == DeviceState.READY)).first() is not None
+
+
+def find_image(session: Session, name_or_id: str) -> Image | None:
+    """The image `images` lists under this id or name (the newest of that name)."""
+    if name_or_id.isdigit():
+        image = session.get(Image, int(name_or_id))
+        if image is not None:
+            return image
+    return session.scalars(select(Image).where(Image.name == name_or_id).order_by(Image.id.desc())).first()
+
+
+def top_layer_device(session: Session, image: Image) -> UnpackedImage | None:
+    """The device of the image's top layer chain, whatever its state."""
+    if image.top_chain_id is None:
+        return None
+    return find_chain(session, image.top_chain_id)
+
+
+def snapshot_of_vm(session: Session, image_id: int, vm_id: str) -> Snapshot | None:
+    return session.scalars(select(Snapshot).where(Snapshot.image_id == image_id, Snapshot.vm_id == vm_id)).first()
+
+
+def snapshots_of_vm(session: Session, vm_id: str) -> list[Snapshot]:
+    return list(session.scalars(select(Snapshot).where(Snapshot.vm_id == vm_id).order_by(Snapshot.id)))
+
+
+def snapshot_of_job(session: Session, job_id: int) -> Snapshot | None:
+    """The snapshot a job made (or began): each job makes at most one."""
+    return session.scalars(select(Snapshot).where(Snapshot.job_id == job_id)).first()

@@ -136,15 +136,10 @@ def open_runner(state_dir: Path, will_run_jobs: bool = True) -> Runner:
     A runner that will run jobs first makes sure the pool exists (after a reboot it is
     recreated from its files and the catalog reconciled with it), as the guide's first
     process-image does."""
-    from catalog.reconcile import ensure_pool
-    from fsm.runner import Runner
-    from states.registry import all_workflows, build_services
+    from states.registry import open_environment
 
-    services = build_services(state_dir, backend=default_backend(), show_progress=show_progress())
-    store = open_store(state_dir)
-    if will_run_jobs:
-        ensure_pool(services.pool, store.engine)
-    return Runner(store, all_workflows(services))
+    return open_environment(state_dir, open_store(state_dir), backend=default_backend(),
+                            show_progress=show_progress(), ensure_pool=will_run_jobs).runner
 
 
 def default_backend() -> str:

@@ -1,5 +1,6 @@
-"""The product's top-level commands: process-image, setup-pool, images, snapshots,
-delete-snapshot. Each parses, calls one thing, prints; no logic of its own."""
+"""The product's top-level commands: process-image, snapshot, setup-pool, images,
+snapshots, delete-snapshot. Each parses, calls one thing, prints; no logic of its own.
+What a command needs beyond click is imported inside it: `--help` starts fast."""
 
 from __future__ import annotations
 
@@ -9,12 +10,7 @@ import click
 
 from cli.app import common_options, exclusive, image_source_options, open_store, options_of, show_progress
 from cli.main import register
-from catalog.queries import delete_snapshot, list_images, list_snapshots
-from catalog.reconcile import ensure_pool
-from devices.select import BACKENDS, open_pool
-from fsm.runner import Runner
-from states.registry import all_workflows, build_services
-from states.submit import process_request, resolve_request
+from devices.select import BACKENDS
 from support.log import get_logger
 from support.sizes import parse_size
 
@@ -30,17 +26,18 @@ log = get_logger("cli")
 @click.pass_context
 def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None,
                   url: str | None, bucket: str, endpoint_url: str | None, backend: str, device_size: str) -> None:
+    from states.registry import open_environment
+    from states.submit import process_request, resolve_request
+
     options = options_of(ctx)
+    size = parse_size(device_size)
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
-                              endpoint_url=endpoint_url)
+                              endpoint_url=endpoint_url, device_size_bytes=size)
     with exclusive(options.state_dir, "process-image"):
-        services = build_services(options.state_dir, backend=backend, device_size_bytes=parse_size(device_size),
-                                  show_progress=show_progress())
+        environment = open_environment(options.state_dir, open_store(options.state_dir), backend=backend,
+                                       show_progress=show_progress())
         log.info("safeguards initialized")
-        store = open_store(options.state_dir)
-        ensure_pool(services.pool, store.engine)
-        runner = Runner(store, all_workflows(services))
-        job = process_request(runner, request)
+        job = process_request(environment.runner, request)
     data = json.loads(job.context or "{}")
     result = {"job_id": job.id, "state": job.state, "image": request.name,
               "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
@@ -58,6 +55,40 @@ def _top_device(data: dict) -> str | None:
     return f"thin-{devices[layers[-1]['chain_id']]}"
 
 
+@click.command("snapshot", help="Give a VM its own copy-on-write snapshot of a complete image, as a durable job.")
+@click.argument("image")
+@click.option("--vm", "vm_id", required=True, help="The VM's id: one snapshot per (image, VM); asking again returns it.")
+@click.option("--size", default=None, help="The snapshot's size (default: the image's device size; larger grows its ext4).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
+              help="Pool backend (env FLYIO_BACKEND).")
+@common_options
+@click.pass_context
+def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, backend: str) -> None:
+    from states.registry import open_environment
+    from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
+
+    options = options_of(ctx)
+    size_bytes = parse_size(size) if size else None
+    with exclusive(options.state_dir, "snapshot"):
+        store = open_store(options.state_dir)
+        with store.transaction() as session:
+            request = resolve_snapshot_request(session, image, vm_id, size_bytes)
+        environment = open_environment(options.state_dir, store, backend=backend, show_progress=show_progress())
+        job = process_snapshot_request(environment.runner, request)
+    click.echo(snapshot_result_line(job.id, job.state, job.context, job.error))
+    if job.state != "complete":
+        ctx.exit(1)
+
+
+def snapshot_result_line(job_id: int | None, state: str | None, context: str | None, error: str | None) -> str:
+    """`job_id= state= image= vm= snapshot= snapshot_device= size=`, as `snapshot` prints it."""
+    data = json.loads(context or "{}")
+    result = {"job_id": job_id, "state": state, "image": (data.get("image") or {}).get("name"), "vm": data.get("vm_id"),
+              "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
+              "snapshot_device": data.get("snapshot_device"), "size": data.get("snapshot_size_bytes"), "error": error}
+    return " ".join(f"{k}={v}" for k, v in result.items() if v is not None)
+
+
 @click.command("setup-pool", help="Create the thin pool if missing, or re-attach it after a reboot.")
 @click.option("--db", "db", default=None, type=click.Path(dir_okay=False),
               help="Database path; the pool files go in its directory (default <state-dir>/images.db).")
@@ -70,7 +101,9 @@ def _top_device(data: dict) -> str | None:
 def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, backend: str) -> None:
     from pathlib import Path
 
+    from catalog.reconcile import ensure_pool
     from devices.base import PoolConfig
+    from devices.select import open_pool
 
     options = options_of(ctx)
     state_dir = Path(db).parent if db else options.state_dir
@@ -91,6 +124,8 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
 @common_options
 @click.pass_context
 def images_cmd(ctx: click.Context, as_json: bool) -> None:
+    from catalog.queries import list_images
+
     rows = list_images(open_store(options_of(ctx).state_dir).engine)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -106,30 +141,51 @@ def images_cmd(ctx: click.Context, as_json: bool) -> None:
 @common_options
 @click.pass_context
 def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
+    from catalog.queries import list_snapshots
+
     rows = list_snapshots(open_store(options_of(ctx).state_dir).engine)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
-    click.echo(f"{'ID':>4}  {'DEVICE':<12} {'STATE':<9} {'IMAGE':<20} ORIGIN")
+    click.echo(f"{'ID':>4}  {'DEVICE':<12} {'STATE':<9} {'IMAGE':<20} {'VM':<20} {'SIZE':>8}  ORIGIN")
     for r in rows:
-        click.echo(f"{r['id']:>4}  {r['device_name']:<12} {r['state']:<9} {r['image']:<20} thin-{r['origin_device_id']}")
+        click.echo(f"{r['id']:>4}  {r['device_name']:<12} {r['state']:<9} {r['image']:<20} {r['vm_id'] or '-':<20} "
+                   f"{_size(r['size_bytes']):>8}  thin-{r['origin_device_id']}")
 
 
-@click.command("delete-snapshot", help="Deactivate and delete one snapshot's device, then its row.")
-@click.argument("snapshot_id", type=int)
+def _size(size_bytes: int | None) -> str:
+    if not size_bytes:
+        return "-"
+    for unit, scale in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size_bytes >= scale and size_bytes % scale == 0:
+            return f"{size_bytes // scale}{unit}"
+    return str(size_bytes)
+
+
+@click.command("delete-snapshot", help="Deactivate and delete a snapshot's device, then its row: by id, or every "
+                                      "snapshot of one VM with --vm.")
+@click.argument("snapshot_id", type=int, required=False)
+@click.option("--vm", "vm_id", default=None, help="Delete the snapshots of this VM instead of one by id.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
               help="Pool backend (env FLYIO_BACKEND).")
 @common_options
 @click.pass_context
-def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int, backend: str) -> None:
+def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int | None, vm_id: str | None, backend: str) -> None:
+    from catalog.queries import delete_snapshot
+    from devices.select import open_pool
+    from support.errors import ManagerError
+
+    if (snapshot_id is None) == (vm_id is None):
+        raise ManagerError("give a snapshot id or --vm VM_ID, not both")
     options = options_of(ctx)
     with exclusive(options.state_dir, "delete-snapshot"):
         store = open_store(options.state_dir)
-        name = delete_snapshot(store.engine, open_pool(options.state_dir, backend), snapshot_id)
-    click.echo(f"deleted snapshot {snapshot_id} ({name})")
+        names = delete_snapshot(store.engine, open_pool(options.state_dir, backend), snapshot_id, vm_id=vm_id)
+    what = f"snapshot {snapshot_id}" if snapshot_id is not None else f"VM {vm_id}'s snapshot"
+    click.echo(f"deleted {what} ({', '.join(names)})")
 
 
-for _command in (process_image, setup_pool, images_cmd, snapshots_cmd, delete_snapshot_cmd):
+for _command in (process_image, snapshot_cmd, setup_pool, images_cmd, snapshots_cmd, delete_snapshot_cmd):
     register(_command)
 
 from cli import db_cmds  # noqa: E402,F401  (backup, check-db)

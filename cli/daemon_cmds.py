@@ -8,9 +8,9 @@ import time
 import click
 
 from cli.app import common_options, image_source_options, open_store, options_of
+from cli.commands import snapshot_result_line
 from cli.main import register
 from daemon.protocol import DaemonNotRunning, request
-from daemon.server import Daemon, DaemonConfig
 from devices.select import BACKENDS
 from support.errors import ManagerError
 from support.sizes import parse_size
@@ -32,6 +32,8 @@ from support.sizes import parse_size
 @click.pass_context
 def daemon_cmd(ctx: click.Context, metrics_port: int, metrics_address: str, workers: int, backend: str,
                device_size: str, health_interval: float) -> None:
+    from daemon.server import Daemon, DaemonConfig
+
     state_dir = options_of(ctx).state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=parse_size(device_size),
@@ -63,23 +65,34 @@ def shutdown_cmd(ctx: click.Context, wait: bool, timeout: float) -> None:
     click.echo(f"daemon pid {reply.get('pid')} {'stopped' if wait else 'stopping'}")
 
 
-@click.command("submit", help="Queue a process-image request on the running daemon; prints the request id.")
+@click.command("submit", help="Queue a request on the running daemon: process-image (an image source option) or, "
+                              "with --snapshot IMAGE --vm VM_ID, a VM's snapshot; prints the request id.")
 @image_source_options
 @click.option("--device-size", default=None, help="Virtual size of each thin device (default: the daemon's).")
-@click.option("--wait", is_flag=True, help="Poll until the job is final and print process-image's result line.")
+@click.option("--snapshot", "snapshot_of", default=None, metavar="IMAGE",
+              help="Snapshot this complete image (name or id) for --vm, as `snapshot` does.")
+@click.option("--vm", "vm_id", default=None, help="With --snapshot: the VM's id.")
+@click.option("--size", default=None, help="With --snapshot: the snapshot's size (default: the image's).")
+@click.option("--wait", is_flag=True, help="Poll until the job is final and print the command's result line.")
 @click.option("--timeout", default=3600.0, show_default=True, type=float, help="With --wait: give up after this long.")
 @common_options
 @click.pass_context
 def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None, url: str | None,
-               bucket: str, endpoint_url: str | None, device_size: str | None, wait: bool, timeout: float) -> None:
+               bucket: str, endpoint_url: str | None, device_size: str | None, snapshot_of: str | None,
+               vm_id: str | None, size: str | None, wait: bool, timeout: float) -> None:
     state_dir = options_of(ctx).state_dir
-    given = {k: v for k, v in (("s3_key", s3_key), ("image", image), ("s3_prefix", s3_prefix), ("url", url)) if v}
-    if len(given) != 1:
-        raise ManagerError("give exactly one of --s3-key, --image, --s3-prefix or --url")
-    if device_size:
-        parse_size(device_size)  # a bad size fails here, not in the daemon
-    reply = request(state_dir, {"op": "process-image", **given, "bucket": bucket, "endpoint_url": endpoint_url,
-                                "device_size": device_size})
+    message = _snapshot_message(snapshot_of, vm_id, size) if snapshot_of or vm_id or size else None
+    if message is None:
+        given = {k: v for k, v in (("s3_key", s3_key), ("image", image), ("s3_prefix", s3_prefix), ("url", url)) if v}
+        if len(given) != 1:
+            raise ManagerError("give exactly one of --s3-key, --image, --s3-prefix or --url (or --snapshot IMAGE --vm VM_ID)")
+        if device_size:
+            parse_size(device_size)  # a bad size fails here, not in the daemon
+        message = {"op": "process-image", **given, "bucket": bucket, "endpoint_url": endpoint_url,
+                   "device_size": device_size}
+    elif s3_key or image or s3_prefix or url or device_size:
+        raise ManagerError("--snapshot takes no image source or --device-size options")
+    reply = request(state_dir, message)
     if not wait:
         click.echo(f"request={reply['id']} state={reply['state']}")
         return
@@ -91,9 +104,18 @@ def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_pre
         if time.monotonic() > deadline:
             raise ManagerError(f"request {reply['id']} not final after {timeout:g}s (state {status.get('state')})")
         time.sleep(0.5)
-    click.echo(result_line(status))
+    click.echo(result_line(status) if message["op"] == "process-image" else snapshot_result_line(
+        status.get("job_id"), status.get("job_state") or status.get("state"), status.get("context"), status.get("error")))
     if status.get("job_state") != "complete":
         ctx.exit(1)
+
+
+def _snapshot_message(image: str | None, vm_id: str | None, size: str | None) -> dict:
+    if not image or not vm_id:
+        raise ManagerError("a snapshot needs both --snapshot IMAGE and --vm VM_ID")
+    if size:
+        parse_size(size)
+    return {"op": "snapshot", "image": image, "vm": vm_id, "size": size}
 
 
 def result_line(status: dict) -> str:

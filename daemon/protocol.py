@@ -2,8 +2,9 @@
 `<state-dir>/fsm/manager.sock` (mode 0600: only root talks to the manager).
 
 Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url": ..., "bucket", "endpoint_url",
-"device_size"}, {"op": "status"}, {"op": "job", "id": N}, {"op": "shutdown"}. Every reply has
-"ok"; a failed one has "error" (one line)."""
+"device_size"}, {"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
+{"op": "job", "id": N}, {"op": "shutdown"}. Every reply has "ok"; a failed one has "error"
+(one line)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from support.errors import ManagerError
 SOCKET_NAME = "manager.sock"
 MAX_LINE_BYTES = 64 * 1024
 SOURCE_FIELDS = ("s3_key", "image", "s3_prefix", "url")
-OPS = ("process-image", "status", "job", "shutdown")
+OPS = ("process-image", "snapshot", "status", "job", "shutdown")
+JOB_OPS = ("process-image", "snapshot")  # ops that queue a job
 
 
 class DaemonNotRunning(ManagerError):

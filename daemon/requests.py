@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon.protocol import SOURCE_FIELDS
+from daemon.protocol import JOB_OPS, SOURCE_FIELDS
 from states.submit import DEFAULT_BUCKET
 from support.sizes import parse_size
 
@@ -23,13 +23,15 @@ UNFINISHED = (QUEUED, RUNNING, WAITING)
 
 @dataclass
 class ImageRequestRecord:
-    """One process-image request as the daemon received it, and where it stands."""
+    """One process-image or snapshot request as the daemon received it, and where it stands."""
 
     id: int
-    source: dict[str, str]                  # exactly one of SOURCE_FIELDS -> value
+    source: dict[str, str]                  # exactly one of SOURCE_FIELDS -> value (snapshot: {"image": ...})
     bucket: str = DEFAULT_BUCKET
     endpoint_url: str | None = None
-    device_size_bytes: int | None = None    # None: the daemon's default
+    device_size_bytes: int | None = None    # None: the daemon's default (snapshot: the origin's)
+    op: str = "process-image"               # one of JOB_OPS
+    vm_id: str | None = None                # snapshot: the VM
     state: str = QUEUED
     job_id: int | None = None
     error: str | None = None
@@ -37,22 +39,36 @@ class ImageRequestRecord:
 
     def describe(self) -> str:
         (kind, value), = self.source.items()
-        return f"{kind}={value}"
+        return f"{kind}={value}" if self.op != "snapshot" else f"snapshot {kind}={value} vm={self.vm_id}"
 
 
 def record_from_message(request_id: int, message: dict[str, Any], default_bucket: str = DEFAULT_BUCKET) -> ImageRequestRecord:
-    """Validate a process-image message without touching the network (ValueError: one line)."""
+    """Validate a process-image or snapshot message without touching the network
+    (ValueError: one line)."""
+    op = str(message.get("op") or "process-image")
+    if op not in JOB_OPS:
+        raise ValueError(f"{op!r} does not queue a job")
+    if op == "snapshot":
+        if not message.get("image") or not message.get("vm"):
+            raise ValueError('a snapshot request needs "image" (name or id) and "vm"')
+        return ImageRequestRecord(id=request_id, source={"image": str(message["image"])}, op=op,
+                                  vm_id=str(message["vm"]), device_size_bytes=request_size(message.get("size"), "size"))
     given = {name: str(message[name]) for name in SOURCE_FIELDS if message.get(name)}
     if len(given) != 1:
         raise ValueError("give exactly one of s3_key, image, s3_prefix or url")
-    size = message.get("device_size")
-    device_size = None
-    if size not in (None, ""):
-        device_size = parse_size(str(size)) if not isinstance(size, int) else size
-        if device_size <= 0:
-            raise ValueError(f"device_size must be positive, got {size!r}")
     return ImageRequestRecord(id=request_id, source=given, bucket=str(message.get("bucket") or default_bucket),
-                              endpoint_url=message.get("endpoint_url") or None, device_size_bytes=device_size)
+                              endpoint_url=message.get("endpoint_url") or None,
+                              device_size_bytes=request_size(message.get("device_size"), "device_size"))
+
+
+def request_size(value: Any, name: str) -> int | None:
+    """A size field of a request ("8G" or bytes), None when absent; ValueError when bad."""
+    if value in (None, ""):
+        return None
+    size = parse_size(str(value)) if not isinstance(value, int) else value
+    if size <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return size
 
 
 class RequestSpool:

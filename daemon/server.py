@@ -10,7 +10,6 @@ checks) and the metrics HTTP server. The main thread waits for the stop signal.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import socketserver
@@ -26,18 +25,19 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from catalog.reconcile import ensure_pool
 from daemon.metrics import DaemonMetrics
 from daemon.protocol import decode, encode, socket_path
-from daemon.requests import DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool
+from daemon.requests import (DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool,
+                             request_size)
 from fsm.definition import FINAL_STATES
 from fsm.runner import JobAborted, Runner
 from fsm.store import JobBusy, JobNotFound, JobStore
 from safeguards.health import SystemHealthChecker
 from safeguards.manager_lock import LockLost, ManagerLock
-from states.registry import all_workflows, build_services
+from states.registry import open_environment
 from states.services import ImageServices
 from states.submit import ImageRequest, process_request, resolve_request
+from states.vm_snapshot import SNAPSHOT_WORKFLOW, SnapshotRequest, process_snapshot_request, resolve_snapshot_request
 from states.workflow import WORKFLOW_NAME
 from support.errors import ManagerError
 from support.log import get_logger
@@ -72,8 +72,7 @@ class Daemon:
         self.spool = RequestSpool(config.state_dir / "fsm" / "requests")
         self.lock = ManagerLock(lock_path(config.state_dir), "daemon")
         self.services: ImageServices | None = None
-        self._runners: dict[int, Runner] = {}
-        self._runners_lock = threading.Lock()
+        self._runner: Runner | None = None
         self._job_locks: dict[int, threading.Lock] = {}
         self._running: set[int] = set()
         self._state_lock = threading.Lock()
@@ -93,9 +92,9 @@ class Daemon:
         housekeeping: threading.Thread | None = None
         try:
             self._install_signal_handlers()
-            self.services = build_services(self.config.state_dir, backend=self.config.backend,
-                                           device_size_bytes=self.config.device_size_bytes, show_progress=False)
-            ensure_pool(self.services.pool, self.store.engine)
+            environment = open_environment(self.config.state_dir, self.store, backend=self.config.backend,
+                                           stop_event=self.stop_event)
+            self.services, self._runner = environment.services, environment.runner
             self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts)
             if self.config.metrics_port is not None:
                 try:
@@ -175,7 +174,7 @@ class Daemon:
         try:
             message = decode(line)
             op = message["op"]
-            if op == "process-image":
+            if op in ("process-image", "snapshot"):
                 return self._submit(message)
             if op == "status":
                 return self.status()
@@ -192,6 +191,8 @@ class Daemon:
     def _submit(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.stop_event.is_set():
             raise ManagerError("the daemon is shutting down; submit again after it restarts")
+        if message["op"] == "snapshot":
+            self._resolve_snapshot(message.get("image"), message.get("vm"), message.get("size"))  # errors now, not later
         record = self.spool.allocate(message)  # validated and durable before we answer
         log.info("request queued", request_id=record.id, source=record.describe())
         self.executor.submit(self._work, record)
@@ -238,16 +239,18 @@ class Daemon:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def runner_for(self, device_size_bytes: int | None) -> Runner:
-        """One runner per device size, all sharing the one set of services (pool, guard,
-        health checker): only the size of new devices differs."""
-        size = device_size_bytes or self.config.device_size_bytes
-        with self._runners_lock:
-            if size not in self._runners:
-                assert self.services is not None
-                services = dataclasses.replace(self.services, device_size_bytes=size)
-                self._runners[size] = Runner(self.store, all_workflows(services), stop_event=self.stop_event)
-            return self._runners[size]
+    @property
+    def runner(self) -> Runner:
+        """The one runner of every workflow (built in `serve`); a request's device size
+        travels in its job's context, not in the runner."""
+        assert self._runner is not None
+        return self._runner
+
+    def _resolve_snapshot(self, image: Any, vm_id: Any, size: Any) -> SnapshotRequest:
+        if not image or not vm_id:
+            raise ValueError('a snapshot request needs "image" (name or id) and "vm"')
+        with self.store.transaction() as session:
+            return resolve_snapshot_request(session, str(image), str(vm_id), request_size(size, "size"))
 
     @contextmanager
     def _job_slot(self, job_id: int) -> Iterator[None]:
@@ -270,15 +273,21 @@ class Daemon:
         try:
             record.state, record.error = RUNNING, None
             self.spool.save(record)
-            runner = self.runner_for(record.device_size_bytes)
-            resolved: ImageRequest | None = None
+            runner = self.runner
+            resolved: ImageRequest | SnapshotRequest | None = None
             if record.job_id is None:
-                resolved = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url, **record.source)
-                wf = runner.workflow(WORKFLOW_NAME)
-                job, created = self.store.create_or_get(WORKFLOW_NAME, resolved.idempotency_key, wf.initial,
-                                                        resolved.job_context())
+                if record.op == "snapshot":
+                    resolved = self._resolve_snapshot(record.source["image"], record.vm_id, record.device_size_bytes)
+                    workflow = SNAPSHOT_WORKFLOW
+                else:
+                    resolved = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url,
+                                               device_size_bytes=record.device_size_bytes or self.config.device_size_bytes,
+                                               **record.source)
+                    workflow = WORKFLOW_NAME
+                job, created = self.store.create_or_get(workflow, resolved.idempotency_key,
+                                                        runner.workflow(workflow).initial, resolved.job_context())
                 if created:
-                    log.info("job created", job_id=job.id, workflow=WORKFLOW_NAME, key=resolved.idempotency_key)
+                    log.info("job created", job_id=job.id, workflow=workflow, key=resolved.idempotency_key)
                 record.job_id = job.id
                 self.spool.save(record)
             job = self._run_job(runner, record.job_id, resolved)
@@ -295,14 +304,17 @@ class Daemon:
             self.spool.save(record)
             log.error("request failed", request_id=record.id, error=record.error)
 
-    def _run_job(self, runner: Runner, job_id: int, resolved: ImageRequest | None = None) -> Any:
-        """Run the job unless final; a fresh request goes through process_request, as
-        process-image does (a complete job whose snapshot is gone is reopened)."""
+    def _run_job(self, runner: Runner, job_id: int, resolved: ImageRequest | SnapshotRequest | None = None) -> Any:
+        """Run the job unless final; a fresh request goes through process_request (or
+        process_snapshot_request), as the CLI does (a complete job whose snapshot is gone
+        is reopened)."""
         with self._job_slot(job_id):
             if self.stop_event.is_set():
                 return self.store.get(job_id)
             if resolved is not None:
                 try:
+                    if isinstance(resolved, SnapshotRequest):
+                        return process_snapshot_request(runner, resolved)
                     return process_request(runner, resolved)
                 except JobAborted:
                     return self.store.get(job_id)  # final; its error says how to retry
@@ -311,7 +323,7 @@ class Daemon:
 
     def _resume_job(self, job_id: int) -> None:
         try:
-            job = self._run_job(self.runner_for(None), job_id)
+            job = self._run_job(self.runner, job_id)
             log.info("resumed job finished" if job.state in FINAL_STATES else "resumed job left unfinished",
                      job_id=job_id, state=job.state)
         except JobBusy as exc:
@@ -325,7 +337,7 @@ class Daemon:
         claimed = {r.job_id for r in records if r.job_id is not None}
         for record in records:
             self.executor.submit(self._work, record)
-        orphan_jobs = [job.id for job in self.runner_for(None).resumable_jobs() if job.id not in claimed]
+        orphan_jobs = [job.id for job in self.runner.resumable_jobs() if job.id not in claimed]
         for job_id in orphan_jobs:
             self.executor.submit(self._resume_job, job_id)
         return len(records) + len(orphan_jobs)

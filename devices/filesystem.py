@@ -53,3 +53,20 @@ def flush_filesystem(mount_point: str | os.PathLike[str], *, timeout: float = SY
         run_command(["sync", "--file-system", os.fspath(mount_point)], timeout=timeout)
     except CommandFailed as exc:
         raise HazardError(f"writing back {os.fspath(mount_point)} failed: {exc}") from exc
+
+
+GROW_TIMEOUT = 300.0
+E2FSCK_CLEAN = (0, 1)  # clean, or errors corrected (a journal replayed)
+
+
+def grow_filesystem(device: str, *, timeout: float = GROW_TIMEOUT) -> None:
+    """Grow the (unmounted) ext4 on `device` to fill the device: `e2fsck -f` first, as
+    resize2fs requires of an offline filesystem, then `resize2fs`. A failure or a timeout
+    is a hazard: the snapshot is not handed out."""
+    check = run_command(["e2fsck", "-f", "-p", device], timeout=timeout, check=False)
+    if check.returncode not in E2FSCK_CLEAN:
+        raise HazardError(f"growing the filesystem on {device} failed: {CommandFailed(check)}")
+    try:
+        run_command(["resize2fs", device], timeout=timeout)
+    except CommandFailed as exc:
+        raise HazardError(f"growing the filesystem on {device} failed: {exc}") from exc

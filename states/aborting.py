@@ -3,7 +3,8 @@ row for gc. Runs inside the abort's transaction; touches no device (fail-dumb)."
 
 from __future__ import annotations
 
-from catalog.records import ORPHAN_HINT, orphan_device, unfinished_devices_of_job
+from catalog.ledger import orphan_device
+from catalog.records import ORPHAN_HINT, unfinished_devices_of_job
 from devices.base import device_name
 from fsm.context import StepContext
 from support.log import get_logger

@@ -1,15 +1,17 @@
 """creating_device: the current layer's device. The base layer gets a fresh thin device;
-each next layer a snapshot of its parent's. A chain already unpacked is reused as it is.
+each next layer a snapshot of its parent's. A chain already unpacked is reused as it is,
+at its own size.
 
-Intent first: the device's row (state `creating`) commits before the device is made. A
-device this job left unfinished (a crash mid-layer) is not trusted and not touched: it is
-recorded as orphaned for gc, and the layer starts again on a new device."""
+Intent first (the device ledger writes the row before the kernel call). A device this job
+left unfinished (a crash mid-layer) is not trusted and not touched: it is recorded as
+orphaned for gc, and the layer starts again on a new device."""
 
 from __future__ import annotations
 
-from catalog.records import begin_layer_device, find_chain, orphan_device, set_layer_device_state
+from catalog.models import DeviceState
+from catalog.records import find_chain
 from fsm.context import StepContext
-from states.layers import current_index, current_layer, device_of_chain, layers
+from states.layers import current_index, current_layer, device_size, layers
 from states.services import ImageServices
 from support.errors import TransientError
 from support.log import get_logger
@@ -33,30 +35,35 @@ def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
     layer = current_layer(ctx)
     index = current_index(ctx)
     parent_chain = layers(ctx)[index - 1]["chain_id"] if index > 0 else None
+    ledger = services.ledger(ctx)
     with ctx.transaction() as session:
         row = find_chain(session, layer["chain_id"])
-        if row is not None and row.state == "ready":
+        if row is not None and row.state == DeviceState.READY:
             ctx.data["devices"][layer["chain_id"]] = row.device_id
             ctx.data["layer_index"] = index + 1
             log.info("layer already unpacked; reusing its device", layer=index + 1, chain_id=layer["chain_id"],
-                     device_name=row.device_name)
+                     device_name=row.device_name, size=row.size_bytes)
+            _log_if_resized(row.device_name, row.size_bytes, device_size(ctx, services))
             return "layer_reused"
         if row is not None and row.job_id != ctx.job_id:
             raise ChainBusy(f"layer chain {layer['chain_id']} is being unpacked by job {row.job_id}")
-        if row is not None:
-            orphan_device(session, device_id=row.device_id, job_id=ctx.job_id,
-                          reason=f"interrupted in state {row.state}; contents untrusted")
-            log.warning("unfinished device from an interrupted run left for gc", device_name=row.device_name)
-        row = begin_layer_device(session, chain_id=layer["chain_id"], layer_digest=layer["digest"],
-                                 parent_chain_id=parent_chain, size_bytes=services.device_size_bytes,
-                                 job_id=ctx.job_id)
-        ctx.data["devices"][layer["chain_id"]] = row.device_id
-        device_id, name = row.device_id, row.device_name
-    if parent_chain is None:
-        services.pool.create_thin(device_id, services.device_size_bytes)
-    else:
-        services.pool.create_snapshot(device_id, device_of_chain(ctx, parent_chain))
-    with ctx.transaction() as session:
-        set_layer_device_state(session, device_id, "created")
-    log.info("device created", device_name=name, layer=index + 1, base=parent_chain is None)
+        stale = row.device_id if row is not None else None
+    if stale is not None:
+        ledger.orphan(stale, reason=f"interrupted in state {row.state}; contents untrusted", job_id=ctx.job_id)
+        log.warning("unfinished device from an interrupted run left for gc", device_name=row.device_name)
+    device = ledger.create_layer_device(chain_id=layer["chain_id"], layer_digest=layer["digest"],
+                                        parent_chain_id=parent_chain, size_bytes=device_size(ctx, services),
+                                        job_id=ctx.job_id)
+    ctx.data["devices"][layer["chain_id"]] = device.device_id
+    ctx.save()
+    log.info("device created", device_name=device.name, layer=index + 1, base=parent_chain is None,
+             size=device.size_bytes)
+    if parent_chain is not None:
+        _log_if_resized(device.name, device.size_bytes, device_size(ctx, services))
     return "device_created"
+
+
+def _log_if_resized(name: str, chain_size: int, asked: int) -> None:
+    """A chain made at another --device-size keeps its size: say so, do not fail."""
+    if chain_size != asked:
+        log.info("layer chain keeps its own size", device_name=name, size=chain_size, requested_size=asked)

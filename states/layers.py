@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsm.context import StepContext
+from states.services import ImageServices
 
 
 def layers(ctx: StepContext) -> list[dict[str, Any]]:
@@ -41,3 +42,8 @@ def device_of_chain(ctx: StepContext, chain_id: str) -> int:
 
 def top_device_id(ctx: StepContext) -> int:
     return device_of_chain(ctx, layers(ctx)[-1]["chain_id"])
+
+
+def device_size(ctx: StepContext, services: ImageServices) -> int:
+    """The size asked for this job's new base devices: the request's, else the default."""
+    return int(ctx.data["image"].get("device_size_bytes") or services.device_size_bytes)

@@ -21,7 +21,7 @@ MKFS_FAILED = "failed to create filesystem; leaving device active for manual/GC 
 def run(ctx: StepContext, services: ImageServices) -> str:
     device_id = device_of_chain(ctx, current_layer(ctx)["chain_id"])
     with services.operation("make-filesystem"):
-        path = services.pool.activate(device_id, services.device_size_bytes)
+        path = services.ledger(ctx).activate(device_id)
         try:
             make_filesystem(path)
         except ManagerError as exc:

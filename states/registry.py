@@ -1,17 +1,18 @@
-"""Every workflow the product runs, and the services its steps need, built per process."""
+"""Every workflow the product runs, and the one place that builds the services and the
+runner of a process (the CLI's commands and the daemon alike)."""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from fsm.definition import Workflow
-from images.blobstore import BlobStore
-from images.source import make_s3_client
+from fsm.runner import Runner
+from fsm.store import JobStore
 from states.services import DEFAULT_DEVICE_SIZE, ImageServices
+from states.vm_snapshot import SNAPSHOT_WORKFLOW, build_snapshot_workflow
 from states.workflow import WORKFLOW_NAME, build_image_workflow
-from support.progress import Progress, no_progress, terminal_progress
-from devices.select import open_pool
-from safeguards.setup import build_safeguards
 
 
 def build_services(
@@ -22,6 +23,12 @@ def build_services(
     show_progress: bool = False,
 ) -> ImageServices:
     """The real collaborators: the chosen pool backend, blob store, S3, health checks, guard."""
+    from devices.select import open_pool
+    from images.blobstore import BlobStore
+    from images.source import make_s3_client
+    from safeguards.setup import build_safeguards
+    from support.progress import no_progress, terminal_progress
+
     pool = open_pool(state_dir, backend)
     health_guard, operation = build_safeguards(state_dir, pool)
     return ImageServices(
@@ -38,4 +45,25 @@ def build_services(
 
 def all_workflows(services: ImageServices | None = None) -> dict[str, Workflow]:
     """The product's workflows by name (unbound to services when only drawing them)."""
-    return {WORKFLOW_NAME: build_image_workflow(services)}
+    return {WORKFLOW_NAME: build_image_workflow(services), SNAPSHOT_WORKFLOW: build_snapshot_workflow(services)}
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    """What a process runs jobs with: one set of services, one runner over every workflow."""
+
+    services: ImageServices
+    runner: Runner
+
+
+def open_environment(state_dir: Path, store: JobStore, *, backend: str = "auto", show_progress: bool = False,
+                     stop_event: threading.Event | None = None, ensure_pool: bool = True) -> JobEnvironment:
+    """The services and the runner, on `store`. With `ensure_pool` the pool is made sure of
+    first (after a reboot recreated from its files, and the catalog reconciled with it), as
+    the guide's first process-image does."""
+    from catalog.reconcile import ensure_pool as ensure
+
+    services = build_services(state_dir, backend=backend, show_progress=show_progress)
+    if ensure_pool:
+        ensure(services.pool, store.engine)
+    return JobEnvironment(services=services, runner=Runner(store, all_workflows(services), stop_event=stop_event))

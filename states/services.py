@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catalog.ledger import DeviceLedger
 from devices.base import ThinPool
+from fsm.context import StepContext
 from images.blobstore import BlobStore
 from images.formats import DEFAULT_LIMITS, Limits
 from support.progress import Progress, no_progress
@@ -18,7 +20,8 @@ DEFAULT_DEVICE_SIZE = 4 * 1024**3
 @dataclass
 class ImageServices:
     """The job's collaborators. `health_guard` returns None when the host is healthy,
-    else the reason the job must wait; `operation` serializes device-mapper work."""
+    else the reason the job must wait; `operation` serializes device-mapper work.
+    `device_size_bytes` is the size of a new base device when the request names none."""
 
     state_dir: Path
     pool: ThinPool
@@ -33,3 +36,7 @@ class ImageServices:
     @property
     def mount_root(self) -> Path:
         return self.state_dir / "mnt"
+
+    def ledger(self, ctx: StepContext) -> DeviceLedger:
+        """The device ledger for a step: its rows commit with the job's context."""
+        return DeviceLedger(self.pool, ctx.transaction)

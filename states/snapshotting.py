@@ -1,14 +1,22 @@
-"""snapshotting: a writable copy-on-write snapshot of the image's top layer, active, for a VM."""
+"""snapshotting: a writable copy-on-write snapshot of the image's top layer, active, for a
+VM. Shared by the image job (its first snapshot, no VM id, the origin's size) and the
+snapshot job (one per VM id, at the size asked, never below the origin's).
+
+A snapshot larger than its origin is activated at its own size and its ext4 grown before
+it is handed out. An interrupted run's unfinished snapshot is not trusted: recorded for
+gc, and a new one is made."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from catalog.models import Image, Snapshot
-from catalog.records import begin_snapshot, orphan_device
+from catalog.ledger import Device, device_of_row
+from catalog.models import DeviceState, Image
+from catalog.records import snapshot_of_job, top_layer_device
+from devices.filesystem import grow_filesystem
 from fsm.context import StepContext
-from states.layers import top_device_id
 from states.services import ImageServices
+from support.errors import ManagerError
 from support.log import get_logger
 
 log = get_logger("states.snapshotting")
@@ -21,23 +29,43 @@ def run(ctx: StepContext, services: ImageServices) -> str:
 
 
 def _snapshot(ctx: StepContext, services: ImageServices) -> str:
-    origin = top_device_id(ctx)
+    ledger = services.ledger(ctx)
+    image_id = int(ctx.data["image_id"])
     with ctx.transaction() as session:
-        previous = ctx.data.get("snapshot_device_id")
-        row = session.scalars(select(Snapshot).where(Snapshot.device_id == previous)).first() if previous else None
-        if row is not None and row.state == "ready":
-            return "snapshotted"  # done before an interruption; nothing left to do
-        if row is not None:
-            orphan_device(session, device_id=row.device_id, job_id=ctx.job_id,
-                          reason="snapshot interrupted; contents untrusted")
-        row = begin_snapshot(session, image_id=ctx.data["image_id"], origin_device_id=origin, job_id=ctx.job_id)
-        ctx.data["snapshot_device_id"] = row.device_id
-        snapshot_id, name = row.device_id, row.device_name
-    services.pool.create_snapshot(snapshot_id, origin)
-    path = services.pool.activate(snapshot_id, services.device_size_bytes)
+        origin = origin_device(session, image_id)
+        previous = snapshot_of_job(session, ctx.job_id)
+        previous_device = device_of_row(previous) if previous is not None else None
+    if previous_device is not None and previous_device.state == DeviceState.READY:
+        # Ready before an interruption: only the hand-out (activation, image active) may be missing.
+        return _hand_out(ctx, previous_device, ledger.activate(previous_device.device_id), origin)
+    if previous_device is not None:
+        ledger.orphan(previous_device.device_id, job_id=ctx.job_id,
+                      reason=f"snapshot interrupted in state {previous_device.state}; contents untrusted")
+    size = int(ctx.data.get("snapshot_size_bytes") or origin.size_bytes)
+    snapshot = ledger.create_vm_snapshot(image_id=image_id, origin=origin, vm_id=ctx.data.get("vm_id"),
+                                         size_bytes=size, job_id=ctx.job_id)
+    ctx.data["snapshot_device_id"] = snapshot.device_id
+    ctx.save()
+    path = ledger.activate(snapshot.device_id)
+    if snapshot.size_bytes > origin.size_bytes:
+        grow_filesystem(path)
+    return _hand_out(ctx, ledger.mark_ready(snapshot.device_id), path, origin)
+
+
+def origin_device(session: Session, image_id: int) -> Device:
+    """The image's top layer device, which must be ready: what every VM snapshot copies."""
+    image = session.get(Image, image_id)
+    row = top_layer_device(session, image) if image is not None else None
+    if row is None or row.state != DeviceState.READY:
+        raise ManagerError(f"image {image_id} has no ready top layer device to snapshot")
+    return device_of_row(row)
+
+
+def _hand_out(ctx: StepContext, snapshot: Device, path: str, origin: Device) -> str:
     with ctx.transaction() as session:
-        session.scalars(select(Snapshot).where(Snapshot.device_id == snapshot_id)).one().state = "ready"
-        session.get(Image, ctx.data["image_id"]).activation_status = "active"
+        session.get(Image, int(ctx.data["image_id"])).activation_status = "active"
+        ctx.data["snapshot_device_id"] = snapshot.device_id
         ctx.data["snapshot_device"] = path
-    log.info("snapshot ready", device_name=name, device=path, origin_device_id=origin)
+    log.info("snapshot ready", device_name=snapshot.name, device=path, origin_device_id=origin.device_id,
+             vm_id=ctx.data.get("vm_id"), size=snapshot.size_bytes, origin_size=origin.size_bytes)
     return "snapshotted"

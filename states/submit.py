@@ -26,6 +26,7 @@ class ImageRequest:
     source: str
     objects: tuple[ObjectRef, ...]
     endpoint_url: str | None
+    device_size_bytes: int | None = None  # new base devices' size; None: the process's default
 
     @property
     def idempotency_key(self) -> str:
@@ -35,7 +36,8 @@ class ImageRequest:
 
     def job_context(self) -> dict[str, Any]:
         return {
-            "image": {"name": self.name, "source": self.source, "endpoint_url": self.endpoint_url},
+            "image": {"name": self.name, "source": self.source, "endpoint_url": self.endpoint_url,
+                      "device_size_bytes": self.device_size_bytes},
             "objects": [{"url": o.url, "size": o.size, "etag": o.etag} for o in self.objects],
         }
 
@@ -48,8 +50,10 @@ def resolve_request(
     s3_prefix: str | None = None,
     url: str | None = None,
     endpoint_url: str | None = None,
+    device_size_bytes: int | None = None,
 ) -> ImageRequest:
-    """Exactly one of s3_key (one layer), image (a family), s3_prefix, or url (s3:// or file://)."""
+    """Exactly one of s3_key (one layer), image (a family), s3_prefix, or url (s3:// or file://);
+    `device_size_bytes` the size of the image's new base devices (None: the default)."""
     given = [x for x in (s3_key, image, s3_prefix, url) if x]
     if len(given) != 1:
         raise PermanentError("give exactly one of --s3-key, --image, --s3-prefix or --url")
@@ -57,7 +61,8 @@ def resolve_request(
         parsed = urlparse(url)
         if parsed.scheme == "file":
             ref = file_ref(Path(parsed.path))
-            return ImageRequest(name=Path(parsed.path).name, source=ref.url, objects=(ref,), endpoint_url=None)
+            return ImageRequest(name=Path(parsed.path).name, source=ref.url, objects=(ref,), endpoint_url=None,
+                                device_size_bytes=device_size_bytes)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise PermanentError(f"unsupported URL {url!r}: use s3://bucket/key, s3://bucket/prefix/ or file:///path")
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -68,11 +73,13 @@ def resolve_request(
     client = make_s3_client(endpoint_url=endpoint_url)
     if s3_key:
         ref = head_object(bucket, s3_key, client)
-        return ImageRequest(name=s3_key, source=s3_url(bucket, s3_key), objects=(ref,), endpoint_url=endpoint_url)
+        return ImageRequest(name=s3_key, source=s3_url(bucket, s3_key), objects=(ref,), endpoint_url=endpoint_url,
+                            device_size_bytes=device_size_bytes)
     prefix = family_prefix(image) if image else str(s3_prefix)
     refs = list_family(bucket, prefix, client)
     name = image or prefix.rstrip("/").rsplit("/", 1)[-1]
-    return ImageRequest(name=name, source=s3_url(bucket, prefix), objects=tuple(refs), endpoint_url=endpoint_url)
+    return ImageRequest(name=name, source=s3_url(bucket, prefix), objects=tuple(refs), endpoint_url=endpoint_url,
+                        device_size_bytes=device_size_bytes)
 
 
 def process_request(runner: Runner, request: ImageRequest) -> Job:

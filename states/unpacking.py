@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 
-from catalog.records import set_layer_device_state
 from devices.base import device_name
 from devices.filesystem import flush_filesystem
 from devices.mount import mounted
@@ -34,10 +33,10 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     blob = services.blobs.path(layer["digest"])
     target = services.mount_root / device_name(device_id)
     target.mkdir(parents=True, exist_ok=True)
+    ledger = services.ledger(ctx)
     with services.operation("unpack-image"):
-        path = services.pool.activate(device_id, services.device_size_bytes)
-        with ctx.transaction() as session:
-            set_layer_device_state(session, device_id, "unpacking")
+        path = ledger.activate(device_id)
+        ledger.begin_unpack(device_id)
         # The unpacker reports bytes of (decompressed) tar read; verification counted them.
         bar = services.progress(f"unpack layer {index + 1}", layer.get("tar_bytes") or blob.stat().st_size)
         try:
@@ -54,10 +53,9 @@ def run(ctx: StepContext, services: ImageServices) -> str:
                     raise HazardError(f"{UNPACK_FAILED}: {exc}", device_name=device_name(device_id)) from exc
         finally:
             bar.close()
-        services.pool.deactivate(device_id)
+        ledger.deactivate(device_id)
     target.rmdir()
-    with ctx.transaction() as session:
-        set_layer_device_state(session, device_id, "ready")
+    ledger.mark_ready(device_id)
     ctx.data["layer_index"] = index + 1
     log.info("layer unpacked", layer=index + 1, device_name=device_name(device_id), entries=stats.entries,
              bytes=stats.bytes_written, seconds=round(stats.seconds, 2))

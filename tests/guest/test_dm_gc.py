@@ -63,23 +63,20 @@ def dm_names() -> set[str]:
 
 
 def test_gc_on_dm_thin(state_dir: Path, tmp_path: Path) -> None:
-    from sqlalchemy.orm import Session
-
-    from catalog.records import begin_layer_device
+    from catalog.ledger import DeviceLedger, engine_transactions
     from fsm.database import open_engine
     from migrations import upgrade_database
 
     db = state_dir / "images.db"
     upgrade_database(db)
     engine = open_engine(db)
-    with Session(engine) as session, session.begin():
-        live = begin_layer_device(session, chain_id="sha256:" + "a" * 64, layer_digest="sha256:" + "a" * 64,
-                                  parent_chain_id=None, size_bytes=16 * MB, job_id=None)
-        live_id = live.device_id
-    engine.dispose()  # closed now, not whenever the garbage collector gets to it
     pool = DevicemapperPool(PoolConfig(directory=str(state_dir)))
-    pool.create_thin(live_id, 16 * MB)
-    pool.activate(live_id, 16 * MB)
+    pool.ensure_pool_exists()
+    ledger = DeviceLedger(pool, engine_transactions(engine))
+    live_id = ledger.create_layer_device(chain_id="sha256:" + "a" * 64, layer_digest="sha256:" + "a" * 64,
+                                         parent_chain_id=None, size_bytes=16 * MB, job_id=None).device_id
+    ledger.activate(live_id)
+    engine.dispose()  # closed now, not whenever the garbage collector gets to it
     pool.create_thin(50, 16 * MB)  # orphan, active, mounted
     device = pool.activate(50, 16 * MB)
     make_filesystem(device)

@@ -1,0 +1,246 @@
+"""The device ledger: the one owner of every thin device's life.
+
+Modelled on containerd's devmapper `PoolDevice`: each change of a device is one call here,
+which commits the row's new state *before* the kernel call it announces and the outcome
+*after* it. A kernel call that fails moves the device to `orphaned_devices` (recorded,
+never cleaned here: gc does that when the host is idle) and the error goes on up. Nothing
+else writes a device row's state or calls the pool's create, activate, deactivate or
+delete; everything else only reads rows (catalog/records.py).
+
+    (none) --create--> creating --kernel ok--> created
+    created --begin_unpack--> unpacking --mark_ready--> ready       (a layer chain's device)
+    created --mark_ready--> ready                                  (a VM snapshot)
+    ready --delete--> deleting --kernel ok--> (row removed)
+    any state --kernel call failed / job aborted--> orphaned (an orphaned_devices row)
+
+A device's size is its row's: every activation reads it from there, so a device made
+with one `--device-size` is never activated at another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from catalog.models import DeviceState, OrphanedDevice, Snapshot, UnpackedImage
+from catalog.records import allocate_device_id, utcnow
+from devices.base import ThinPool, device_name
+from support.errors import HazardError, ManagerError, PermanentError
+from support.log import get_logger
+
+log = get_logger("catalog.ledger")
+T = TypeVar("T")
+
+Transaction = Callable[[], AbstractContextManager[Session]]
+
+
+class SnapshotTooSmall(PermanentError):
+    """A VM snapshot asked for less room than its origin holds."""
+
+
+class DeviceKind(StrEnum):
+    LAYER = "layer"        # one per layer chain (unpacked_images)
+    SNAPSHOT = "snapshot"  # one per VM (snapshots)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device as its row records it."""
+
+    device_id: int
+    name: str
+    kind: DeviceKind
+    state: DeviceState
+    size_bytes: int
+    job_id: int | None
+
+
+def device_of_row(row: UnpackedImage | Snapshot) -> Device:
+    kind = DeviceKind.LAYER if isinstance(row, UnpackedImage) else DeviceKind.SNAPSHOT
+    return Device(device_id=row.device_id, name=row.device_name, kind=kind, state=DeviceState(row.state),
+                  size_bytes=int(row.size_bytes or 0), job_id=row.job_id)
+
+
+def find_device(session: Session, device_id: int) -> Device | None:
+    """The live row of `device_id` (layer chain or snapshot), or None."""
+    row: UnpackedImage | Snapshot | None = session.scalars(
+        select(UnpackedImage).where(UnpackedImage.device_id == device_id)).first()
+    if row is None:
+        row = session.scalars(select(Snapshot).where(Snapshot.device_id == device_id)).first()
+    return device_of_row(row) if row is not None else None
+
+
+def orphan_device(session: Session, *, device_id: int, reason: str, job_id: int | None) -> OrphanedDevice:
+    """Move a device from its live row to orphaned_devices, inside the caller's transaction
+    (an abort's): recorded, not touched."""
+    session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
+    session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
+    row = OrphanedDevice(device_id=device_id, device_name=device_name(device_id), reason=reason, job_id=job_id,
+                         detected_at=utcnow())
+    session.add(row)
+    return row
+
+
+def engine_transactions(engine: Engine) -> Transaction:
+    """Write transactions on `engine`, for a ledger used outside a job (gc, delete-snapshot)."""
+    return sessionmaker(engine, expire_on_commit=False).begin
+
+
+class DeviceLedger:
+    """Every device transition, against one pool and one database.
+
+    `transaction` opens one write transaction (a job passes its StepContext's, so its
+    context data commits with the row)."""
+
+    def __init__(self, pool: ThinPool, transaction: Transaction) -> None:
+        self.pool = pool
+        self.transaction = transaction
+
+    # -- creating ------------------------------------------------------------------------
+
+    def create_layer_device(self, *, chain_id: str, layer_digest: str, parent_chain_id: str | None,
+                            size_bytes: int, job_id: int) -> Device:
+        """The device of a layer chain: a fresh thin device of `size_bytes` for the base
+        layer; for an upper one a thin snapshot of the parent chain's device, at the
+        parent's size (the chain's size stands, whatever this job asked for)."""
+        with self.transaction() as session:
+            parent = _ready_chain_device(session, parent_chain_id) if parent_chain_id else None
+            size = parent.size_bytes if parent is not None else size_bytes
+            device_id = allocate_device_id(session)
+            now = utcnow()
+            session.add(UnpackedImage(chain_id=chain_id, layer_digest=layer_digest, parent_chain_id=parent_chain_id,
+                                      device_id=device_id, device_name=device_name(device_id), size_bytes=size,
+                                      state=DeviceState.CREATING, job_id=job_id, created_at=now, updated_at=now))
+        if parent is None:
+            self._kernel(device_id, job_id, "create_thin", lambda: self.pool.create_thin(device_id, size))
+        else:
+            self._kernel(device_id, job_id, "create_snap",
+                         lambda: self.pool.create_snapshot(device_id, parent.device_id))
+        return self._set_state(device_id, DeviceState.CREATED)
+
+    def create_vm_snapshot(self, *, image_id: int, origin: Device, vm_id: str | None, size_bytes: int,
+                           job_id: int) -> Device:
+        """A writable snapshot of an image's top layer device for one VM (None: the image's
+        first snapshot, made by process-image), of `size_bytes` (not below the origin's)."""
+        if size_bytes < origin.size_bytes:
+            raise SnapshotTooSmall(f"snapshot size {size_bytes} bytes is below its origin {origin.name}'s "
+                                   f"{origin.size_bytes} bytes")
+        with self.transaction() as session:
+            device_id = allocate_device_id(session)
+            now = utcnow()
+            session.add(Snapshot(image_id=image_id, origin_device_id=origin.device_id, device_id=device_id,
+                                 device_name=device_name(device_id), state=DeviceState.CREATING, vm_id=vm_id,
+                                 size_bytes=size_bytes, job_id=job_id, created_at=now, updated_at=now))
+        self._kernel(device_id, job_id, "create_snap", lambda: self.pool.create_snapshot(device_id, origin.device_id))
+        return self._set_state(device_id, DeviceState.CREATED)
+
+    # -- using ---------------------------------------------------------------------------
+
+    def activate(self, device_id: int) -> str:
+        """Map the device at its row's size; its block device path. Activation is not a
+        state of the row: a failure raises and changes nothing (a job's abort then records
+        its unfinished devices; a ready device stays ready for the operator to look at)."""
+        device = self._get(device_id)
+        return self.pool.activate(device_id, device.size_bytes)
+
+    def deactivate(self, device_id: int) -> None:
+        """Unmap the device (its data stays). A failure is left to the caller: the device
+        stays where it is, named by its row (or by none, for gc's orphans)."""
+        self.pool.deactivate(device_id)
+
+    def begin_unpack(self, device_id: int) -> Device:
+        """A layer's contents are about to be written: until mark_ready they are not trusted."""
+        return self._set_state(device_id, DeviceState.UNPACKING)
+
+    def mark_ready(self, device_id: int) -> Device:
+        return self._set_state(device_id, DeviceState.READY)
+
+    def orphan(self, device_id: int, *, reason: str, job_id: int | None) -> None:
+        """Give up on a device: recorded for gc, not touched."""
+        with self.transaction() as session:
+            orphan_device(session, device_id=device_id, reason=reason, job_id=job_id)
+
+    # -- deleting ------------------------------------------------------------------------
+
+    def delete(self, device_id: int, *, why: str) -> None:
+        """Deactivate and delete a live device, then its row. A deactivate the kernel
+        refuses (the device is mounted or held open) leaves it as it was; one that fails
+        or hangs, or a failed delete, leaves it orphaned for gc; both raise."""
+        device = self._get(device_id)
+        self._set_state(device_id, DeviceState.DELETING)
+        try:
+            self.pool.deactivate(device_id)
+        except HazardError as exc:
+            self.orphan(device_id, reason=f"{why}: deactivate failed: {exc}", job_id=device.job_id)
+            raise
+        except ManagerError:
+            # Refused, not broken (mounted, held open): the device is as it was.
+            self._set_state(device_id, device.state)
+            raise
+        self._kernel(device_id, device.job_id, f"{why}: delete", lambda: self.pool.delete(device_id))
+        with self.transaction() as session:
+            session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
+            session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
+        log.info("device deleted", device_name=device.name, kind=device.kind.value, reason=why)
+
+    def free_orphan(self, device_id: int) -> None:
+        """Delete a device no live row names (gc, after unmount and deactivate), and mark
+        its orphaned_devices rows cleaned. A failure raises; nothing is recorded."""
+        self.pool.delete(device_id)
+        with self.transaction() as session:
+            session.execute(update(OrphanedDevice).where(OrphanedDevice.device_name == device_name(device_id),
+                                                         OrphanedDevice.cleaned_at.is_(None))
+                            .values(cleaned_at=utcnow()))
+
+    def forget_gone_orphans(self, row_ids: list[int]) -> None:
+        """Mark cleaned the orphaned_devices rows whose device the pool no longer holds."""
+        with self.transaction() as session:
+            session.execute(update(OrphanedDevice).where(OrphanedDevice.id.in_(row_ids),
+                                                         OrphanedDevice.cleaned_at.is_(None))
+                            .values(cleaned_at=utcnow()))
+
+    # -- the one pattern -------------------------------------------------------------------
+
+    def _kernel(self, device_id: int, job_id: int | None, what: str, call: Callable[[], T]) -> T:
+        """Run one kernel call on a device whose row already says what is being tried; on
+        any failure the device becomes an orphan (its state is unknown) and the error is
+        raised as it was."""
+        try:
+            return call()
+        except BaseException as exc:
+            reason = f"{what} failed: {exc}" if str(exc) else f"{what} interrupted ({type(exc).__name__})"
+            if isinstance(exc, Exception):
+                self.orphan(device_id, reason=reason, job_id=job_id)
+                log.error("device left for gc", device_name=device_name(device_id), step=what, error=str(exc))
+            raise
+
+    def _set_state(self, device_id: int, state: DeviceState) -> Device:
+        with self.transaction() as session:
+            row: UnpackedImage | Snapshot | None = session.scalars(
+                select(UnpackedImage).where(UnpackedImage.device_id == device_id)).first()
+            if row is None:
+                row = session.scalars(select(Snapshot).where(Snapshot.device_id == device_id)).one()
+            row.state = state
+            row.updated_at = utcnow()
+            session.flush()
+            return device_of_row(row)
+
+    def _get(self, device_id: int) -> Device:
+        with self.transaction() as session:
+            device = find_device(session, device_id)
+        if device is None:
+            raise LookupError(f"no row names {device_name(device_id)}")
+        return device
+
+
+def _ready_chain_device(session: Session, chain_id: str) -> Device:
+    row = session.scalars(select(UnpackedImage).where(UnpackedImage.chain_id == chain_id)).first()
+    if row is None or row.state != DeviceState.READY:
+        raise ManagerError(f"parent layer chain {chain_id} has no ready device")
+    return device_of_row(row)

@@ -1,0 +1,160 @@
+"""The snapshot job: one more VM's copy-on-write snapshot of a complete image.
+
+    pending -> activating -> snapshotting -> complete       (any non-final --abort--> aborted)
+
+One job per (image, VM id): a second request for the same pair returns the same job.
+`pending` checks the image can be snapshotted at the size asked; `activating` makes sure
+its top layer device is in the pool and marks the image used; `snapshotting` is the image
+job's own step (states/snapshotting.py). Kill it anywhere and `fsm resume` finishes it:
+an unfinished snapshot is recorded for gc and made again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from catalog.ledger import SnapshotTooSmall
+from catalog.models import DeviceState, Image
+from catalog.records import find_image, snapshot_of_vm, top_layer_device
+from fsm.context import StepContext
+from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
+from fsm.models import Job
+from fsm.runner import Runner
+from states import snapshotting
+from states.aborting import record_orphans
+from states.services import ImageServices
+from support.errors import PermanentError
+from support.log import get_logger
+
+log = get_logger("states.vm_snapshot")
+
+SNAPSHOT_WORKFLOW = "snapshot"
+MAX_VM_ID = 128
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class ImageNotReady(PermanentError):
+    """The image named has no complete, ready top layer to snapshot."""
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """A VM's snapshot of one image, checked against the catalog."""
+
+    image_id: int
+    image_name: str
+    vm_id: str
+    size_bytes: int  # the snapshot's size: the origin's unless more was asked
+    origin_size_bytes: int
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"image:{self.image_id}/vm:{self.vm_id}"
+
+    def job_context(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "image": {"name": self.image_name}, "vm_id": self.vm_id,
+                "snapshot_size_bytes": self.size_bytes}
+
+
+def resolve_snapshot_request(session: Session, image: str, vm_id: str, size_bytes: int | None) -> SnapshotRequest:
+    """The request for `image` (name or id, as `images` lists it), or a one-line
+    PermanentError: unknown or incomplete image, bad VM id, a size below the origin's."""
+    if not vm_id or len(vm_id) > MAX_VM_ID or not vm_id.isprintable() or "/" in vm_id:
+        raise PermanentError(f"invalid VM id {vm_id!r}: 1-{MAX_VM_ID} printable characters, no '/'")
+    row = find_image(session, image)
+    if row is None:
+        raise ImageNotReady(f"image {image!r} not found; `images` lists them")
+    origin = _ready_origin(session, row)
+    size = size_bytes if size_bytes is not None else origin.size_bytes
+    if size < origin.size_bytes:
+        raise SnapshotTooSmall(f"--size {size} bytes is below image {row.name!r}'s device size "
+                               f"{origin.size_bytes} bytes; a snapshot can only be the same size or larger")
+    return SnapshotRequest(image_id=row.id, image_name=row.name, vm_id=vm_id, size_bytes=size,
+                           origin_size_bytes=int(origin.size_bytes))
+
+
+def _ready_origin(session: Session, image: Image) -> Any:
+    origin = top_layer_device(session, image)
+    if image.job_id is None or origin is None or origin.state != DeviceState.READY:
+        raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
+                            f"`fsm show {image.job_id}` says where its job stands")
+    job = session.get(Job, image.job_id)
+    if job is None or job.state != "complete":
+        raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
+                            f"`fsm show {image.job_id}` says where its job stands")
+    return origin
+
+
+def process_snapshot_request(runner: Runner, request: SnapshotRequest) -> Job:
+    """Run the VM's snapshot job; a complete one returns at once, unless its snapshot was
+    deleted since: then it is reopened and a new snapshot made."""
+    job = runner.store.find(SNAPSHOT_WORKFLOW, request.idempotency_key)
+    if job is not None and job.state == "complete":
+        with runner.store.transaction() as session:
+            existing = snapshot_of_vm(session, request.image_id, request.vm_id)
+        if existing is None:
+            runner.reopen(job.id, f"VM {request.vm_id}'s snapshot was deleted")
+    return runner.start(SNAPSHOT_WORKFLOW, request.idempotency_key, request.job_context())
+
+
+# -- the steps -----------------------------------------------------------------------------
+
+def check_request(ctx: StepContext, services: ImageServices) -> str:
+    """pending: the image is still complete and the size still fits (checked again: the
+    job may run long after it was asked for)."""
+    with ctx.transaction() as session:
+        image = session.get(Image, int(ctx.data["image_id"]))
+        if image is None:
+            raise ImageNotReady(f"image {ctx.data['image_id']} no longer exists")
+        resolve_snapshot_request(session, str(image.id), ctx.data["vm_id"], ctx.data.get("snapshot_size_bytes"))
+        existing = snapshot_of_vm(session, image.id, ctx.data["vm_id"])
+        if existing is not None and existing.job_id != ctx.job_id:
+            raise PermanentError(f"VM {ctx.data['vm_id']!r} already has snapshot {existing.id} of image "
+                                 f"{image.name!r} (made by job {existing.job_id})")
+    return "start"
+
+
+def activate_origin(ctx: StepContext, services: ImageServices) -> str:
+    """activating: the image's top layer device is in the pool (a reset or a lost pool file
+    would make the snapshot fail half-way), and the image is marked used now."""
+    with ctx.transaction() as session:
+        image = session.get(Image, int(ctx.data["image_id"]))
+        origin = _ready_origin(session, image)
+        origin_id, origin_name = origin.device_id, origin.device_name
+    present = {device.device_id for device in services.pool.list_devices()}
+    if origin_id not in present:
+        raise ImageNotReady(f"image {ctx.data['image']['name']!r}: its device {origin_name} is missing from the pool; "
+                            f"process the image again")
+    return "activated"
+
+
+def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
+    """The snapshot workflow bound to `services` (None: for drawing the graph only)."""
+
+    def step(module_run: Callable[[StepContext, ImageServices], str]) -> Callable[[StepContext], str]:
+        bound = partial(module_run, services=services)
+        return lambda ctx: bound(ctx)
+
+    def healthy(ctx: StepContext) -> str | None:
+        return services.health_guard() if services is not None else None
+
+    return Workflow(
+        name=SNAPSHOT_WORKFLOW,
+        initial="pending",
+        states=(
+            StateSpec("pending", step=step(check_request)),
+            StateSpec("activating", step=step(activate_origin)),
+            StateSpec("snapshotting", step=step(snapshotting.run), retry=NO_RETRY),
+        ),
+        transitions=(
+            TransitionSpec("start", "pending", "activating"),
+            TransitionSpec("activated", "activating", "snapshotting", guards=(healthy,)),
+            TransitionSpec("snapshotted", "snapshotting", "complete"),
+        ),
+        on_abort=record_orphans,
+    )
