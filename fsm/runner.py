@@ -163,17 +163,18 @@ class Runner:
         """Abort a job: its workflow's abort hook records what it leaves; nothing is cleaned.
 
         A job run by a live process is asked to abort instead: the request is recorded and
-        the returned job (not yet aborted, `abort_requested` set) stops at its next safe
-        point: any wait within a fraction of a second, a running step when it returns."""
+        the job is returned as the request left it (not aborted, `abort_requested` set); its
+        owner aborts it at its next safe point: any wait within a fraction of a second, a
+        running step when it returns."""
         job = self.store.get(job_id)
         if job.state in FINAL_STATES:
             raise InvalidOperation(f"job {job_id} is {job.state}; only unfinished jobs can be aborted")
         try:
             job = self.store.claim(job_id, self.owner, self.config.lease_seconds)
         except JobBusy:
-            self.store.request_abort(job_id, reason, requested_by_pid=self.owner.pid)
+            job = self.store.request_abort(job_id, reason, requested_by_pid=self.owner.pid)
             log.warning("abort requested", job_id=job_id, owner_pid=job.owner_pid, reason=reason)
-            return self.store.get(job_id)
+            return job
         try:
             ctx = self._context(job)
             self._abort(ctx, reason, started_at=utcnow())

@@ -199,9 +199,10 @@ class JobStore:
                                               Job.owner_boot_id == owner.boot_id)
                             .values(stopped_before_step=stopped))
 
-    def request_abort(self, job_id: int, reason: str, *, requested_by_pid: int) -> None:
+    def request_abort(self, job_id: int, reason: str, *, requested_by_pid: int) -> Job:
         """Ask the job's owner to abort at its next safe point (every wait checks within a
-        fraction of a second); the request is kept in history with who asked and when."""
+        fraction of a second); the request is kept in history with who asked and when.
+        Returns the job as the request left it (its owner may abort it a moment later)."""
         with self.transaction() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -212,6 +213,7 @@ class JobStore:
             session.add(JobNote(job_id=job_id, kind=NoteKind.ABORT_REQUEST.value, state=job.state, started_at=now,
                                 finished_at=now, reasons=json.dumps([reason]), waits=0,
                                 requested_by_pid=requested_by_pid))
+            return job
 
     def add_note(self, session: Session, note: JobNote) -> None:
         """Append a wait episode (or other note) inside the caller's transaction."""
