@@ -2,7 +2,7 @@
 guests (marked `vm`) that boot Debian's kernel and drive device-mapper in it.
 
 Guest tests need root (9p passthrough, apt-get) and the guest's assets; they skip with the
-reason when those are missing. TCG is slow, so each guest does one small scenario.
+reason when those are missing (under CI=true they fail with it: tests/vm/ci.py). TCG is slow, so each guest does one small scenario.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.vm.harness import (
-    AssetsUnavailable,
     CpioWriter,
     GuestResult,
     VmAssets,
@@ -33,6 +32,7 @@ from tests.vm.harness import (
     run_in_guest,
     start_guest,
 )
+from tests.vm.ci import require_guest
 
 # Generous: a boot is ~10 s on an idle 2-core host but several times that when other
 # guests share the CPUs.
@@ -169,13 +169,8 @@ def test_cpio_writer_output_extracts_with_cpio(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def assets() -> VmAssets:
-    """The guest's kernel and initramfs, or a skip saying why they cannot be had."""
-    if os.geteuid() != 0:
-        pytest.skip("QEMU guest tests need root (9p passthrough of /, apt-get for the assets)")
-    try:
-        return ensure_assets()
-    except AssetsUnavailable as exc:
-        pytest.skip(f"guest assets unobtainable (no network to Debian's mirrors?): {exc}")
+    """The guest's kernel and initramfs, or a skip (under CI=true: a failure) saying why they cannot be had."""
+    return require_guest()
 
 
 @pytest.mark.vm

@@ -1,4 +1,6 @@
 """`python -m tests.vm [--timeout S] [--share DIR] -- CMD...`: run CMD in a dm-thin guest.
+`python -m tests.vm --assets-only`: fetch (or find cached) the guest's kernel, modules and
+initramfs, print what they are and exit (scripts/setup runs this).
 
 The console is streamed as it arrives; the exit status is CMD's (124: timed out,
 125: the guest ended without running it to completion, e.g. a setup failure or crash).
@@ -12,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.vm.harness import ROOT_CACHES, SHARE_CACHES, AssetsUnavailable, GuestResult, VmError, run_in_guest
+from tests.vm.harness import (ROOT_CACHES, SHARE_CACHES, AssetsUnavailable, GuestResult, VmError, ensure_assets,
+                              run_in_guest)
 
 EXIT_TIMEOUT = 124
 EXIT_NO_MARKER = 125
@@ -32,10 +35,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="9p cache mode of the read-only host root (none: always re-read from the host)")
     parser.add_argument("--share-cache", choices=SHARE_CACHES, default="mmap",
                         help="9p cache mode of the share (mmap: shared mmap works, e.g. SQLite WAL)")
+    parser.add_argument("--assets-only", action="store_true",
+                        help="only fetch/build the kernel, modules and initramfs (from Debian's packages), then exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not args.command:
+    if not args.command and not args.assets_only:
         parser.error("no command given (python -m tests.vm -- CMD...)")
     for item in args.env:
         if "=" not in item:
@@ -83,6 +88,11 @@ def _report(result: GuestResult) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
+        if args.assets_only:
+            assets = ensure_assets()
+            print(f"flyio-vm: guest kernel {assets.kernel_version} ready: {assets.kernel} + {assets.initrd} "
+                  f"({len(assets.modules)} modules)")
+            return 0
         if args.share is not None:
             args.share.mkdir(parents=True, exist_ok=True)
             return _report(_run(args, args.share))
