@@ -37,7 +37,8 @@ def require_guest() -> VmAssets:
     try:
         return ensure_assets()
     except AssetsUnavailable as exc:
-        skip_or_fail(f"guest assets unobtainable (the Debian kernel package, its modules, QEMU or busybox): {exc}")
+        missing = str(exc)  # failed outside the handler: the report shows the reason, not a chain
+    skip_or_fail(f"guest assets unobtainable (the Debian kernel package, its modules, QEMU or busybox): {missing}")
 
 
 def guest_suite_size(suite: str = GUEST_SUITE) -> int:
