@@ -2,9 +2,9 @@
 
     stats = unpack_layer(tar_stream, Path("/mnt/layer"), limits=UnpackLimits())
 
-`tarfile` only parses the stream (mode "r|": one pass, nothing held in memory; Python
-3.11.7 predates the 2025 tarfile filter bypasses, so its extract functions are never
-used). Every filesystem operation is done here, relative to directory file descriptors
+images/tarstream.py only parses the stream (one pass, nothing held in memory; it parses
+headers as tarfile does, and Python 3.11.7's tarfile predates the 2025 filter bypasses, so
+no extract function of it is ever used). Every filesystem operation is done here, relative to directory file descriptors
 that images/resolve.py resolved *inside the root* (openat2 RESOLVE_IN_ROOT, or the same
 walk by hand), so no path can resolve outside it. Policy, in short (docs/unpacker.md has
 it all):
@@ -30,16 +30,18 @@ import errno
 import math
 import os
 import stat
-import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO
 
 from images.formats import Limits
 from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver
+from images.tarstream import Member, TarFormatError, TarReader
 from images.verify import TarStreamGuard
+from images.writers import WriteFailed, WriterPool, pwrite_all
 from support.errors import PermanentError
 from support.log import get_logger
 
@@ -58,6 +60,13 @@ MIN_TIME = -(2**31)
 MAX_TIME = 15_032_385_535
 WARNINGS_PER_REASON = 10
 PARENT_CACHE = 64  # resolved parent directories kept open (tar members come grouped by directory)
+# File data and its metadata calls on writer threads beside the reading one; 0 writes
+# inline. On this 2-core host (shared) the threads were slower: docs/performance.md.
+WRITERS_ENV = "FLYIO_UNPACK_WRITERS"
+DEFAULT_WRITER_THREADS = 0
+MAX_QUEUED_BYTES = 16 << 20  # file data read but not yet written: bounds the peak RSS
+PIECE_BYTES = 1 << 20  # a large file goes to the writers in pieces of about this much
+READ_BYTES = 1 << 20  # one read of the (decompressed) stream
 
 
 class UnsafeArchive(PermanentError):
@@ -104,10 +113,12 @@ class UnpackStats:
     skipped: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
     seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def skip(self, reason: str, entry: str) -> None:
-        count = self.skipped.get(reason, 0) + 1
-        self.skipped[reason] = count
+        with self._lock:  # writer threads skip xattrs too
+            count = self.skipped.get(reason, 0) + 1
+            self.skipped[reason] = count
         if count <= WARNINGS_PER_REASON:
             log.warning("entry skipped", reason=reason, entry=entry)
 
@@ -126,12 +137,19 @@ def normalize(name: str, limits: UnpackLimits, *, entry: str | None = None, what
     at `etc/x` and `x` under the root). This is lexical: the name's own components are
     never resolved here. NUL bytes and names over the limits raise UnsafeArchive naming
     `entry` (default: `name`)."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if (0 < size <= limits.max_name_bytes and "\0" not in name and not name.startswith((".", "/"))
+            and "//" not in name and "/." not in name):
+        # The common case, quickly: nothing to drop or clamp, no component can be too long.
+        parts = name.rstrip("/").split("/")
+        if len(parts) <= limits.max_depth:
+            return tuple(parts)
     prefix = f"entry {_show(entry if entry is not None else name)}: " + ("" if what == "path" else f"{what} ")
     if "\0" in name:
         raise UnsafeArchive(f"{prefix}NUL byte in {what}")
-    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
+    if size > limits.max_path_bytes:
         raise UnsafeArchive(f"{prefix}{what} longer than max_path_bytes={limits.max_path_bytes}")
-    parts: list[str] = []
+    parts = []
     for part in name.split("/"):
         if part in ("", "."):
             continue
@@ -183,13 +201,22 @@ class _Layer:
         self.dirs: dict[str, _DirMeta] = {}
         self.dir_tree: dict[str, set[str]] = {}  # path -> children leading to entries of self.dirs
         self.is_root = os.geteuid() == 0
+        self.umask = _umask_if_plain(self.root_fd)
         # Resolved parents by the name the entry gave them. Removing a directory or a
         # symlink may change what a name resolves to, so it marks the cache stale; it is
         # emptied at the next lookup, as the entry being applied may still use its fd.
         self._parents: dict[tuple[str, ...], Resolved] = {}
+        # The owner a new file gets in a cached parent, as seen on the first one made there
+        # (the kernel's rule: our fsuid, and the directory's group if it is setgid or the
+        # mount says grpid): files already owned as the tar says need no fchown.
+        self._new_owner: dict[int, tuple[int, int]] = {}
         self._cache_stale = False
+        threads = _writer_threads()
+        self.writers = WriterPool(threads, MAX_QUEUED_BYTES) if threads else None
 
     def close(self) -> None:
+        if self.writers is not None:
+            self.writers.close()
         self._drop_cache()
         os.close(self.root_fd)
 
@@ -229,6 +256,7 @@ class _Layer:
         for found in self._parents.values():
             os.close(found.fd)
         self._parents.clear()
+        self._new_owner.clear()
         self._cache_stale = False
 
     def mark_written(self, rel: str) -> None:
@@ -329,13 +357,13 @@ class _Layer:
 
     # -- entries ------------------------------------------------------------------------
 
-    def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def apply(self, tar: TarReader, member: Member) -> None:
         """Apply one tar member."""
         name = member.name
         parts = normalize(name, self.limits)
-        for label, value in (("uid", member.uid), ("gid", member.gid)):
-            if not 0 <= value <= MAX_ID:
-                raise UnsafeArchive(f"entry {_show(name)}: {label} {value} out of range")
+        if not (0 <= member.uid <= MAX_ID and 0 <= member.gid <= MAX_ID):
+            label, value = ("uid", member.uid) if not 0 <= member.uid <= MAX_ID else ("gid", member.gid)
+            raise UnsafeArchive(f"entry {_show(name)}: {label} {value} out of range")
         if not parts:
             self.apply_root(member)
             return
@@ -349,8 +377,7 @@ class _Layer:
             self.make_dir(member, parent_fd, leaf, rel)
         elif member.isreg():
             self.check_file_size(member)
-            self.replace(parent_fd, leaf, rel)
-            self.write_file(tar, member, parent_fd, leaf)
+            self.write_file(tar, member, parent_fd, leaf, rel)
         elif member.issym():
             self.check_symlink_target(member)
             self.replace(parent_fd, leaf, rel)
@@ -376,7 +403,7 @@ class _Layer:
             return
         self.mark_written(rel)
 
-    def apply_root(self, member: tarfile.TarInfo) -> None:
+    def apply_root(self, member: Member) -> None:
         """An entry naming the root (`./`, `/`, `..`, `a/..`): a directory gives the root its
         owner, xattrs, mode and mtime; anything else cannot replace the root and is skipped
         (containerd ignores every entry that resolves to the root)."""
@@ -384,6 +411,7 @@ class _Layer:
             self.stats.skip("not a directory, names the root", member.name)
             return
         self.set_owner_xattrs(self.root_fd, member)
+        self._cache_stale = True  # the root's group may have changed (see _new_owner)
         self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, member.name))
 
     def replace(self, parent_fd: int, leaf: str, rel: str) -> None:
@@ -420,7 +448,7 @@ class _Layer:
             self.dirs.pop(path, None)
             pending.extend(self.dir_tree.pop(path, ()))
 
-    def make_dir(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
+    def make_dir(self, member: Member, parent_fd: int, leaf: str, rel: str) -> None:
         try:
             existing: os.stat_result | None = os.lstat(leaf, dir_fd=parent_fd)
         except FileNotFoundError:
@@ -430,6 +458,8 @@ class _Layer:
             existing = None
         if existing is None:
             os.mkdir(leaf, 0o700, dir_fd=parent_fd)
+        elif existing.st_gid != member.gid:
+            self._cache_stale = True  # a new file's group there may follow the directory's
         fd = os.open(leaf, DIR_FLAGS, dir_fd=parent_fd)
         try:
             self.set_owner_xattrs(fd, member)
@@ -473,7 +503,7 @@ class _Layer:
             # directory again for every repeated whiteout of it (O(N^2) for a hostile layer).
             self.opaque.add(victim)
 
-    def check_file_size(self, member: tarfile.TarInfo) -> None:
+    def check_file_size(self, member: Member) -> None:
         if member.size > self.limits.max_file_bytes:
             raise UnsafeArchive(f"entry {_show(member.name)}: {member.size} bytes is over "
                                 f"max_file_bytes={self.limits.max_file_bytes}")
@@ -481,7 +511,7 @@ class _Layer:
             raise UnsafeArchive(f"entry {_show(member.name)}: the layer would write more than "
                                 f"max_total_bytes={self.limits.max_total_bytes}")
 
-    def check_symlink_target(self, member: tarfile.TarInfo) -> None:
+    def check_symlink_target(self, member: Member) -> None:
         target = member.linkname
         if not target:
             raise UnsafeArchive(f"entry {_show(member.name)}: empty symlink target")
@@ -491,30 +521,61 @@ class _Layer:
             raise UnsafeArchive(f"entry {_show(member.name)}: symlink target longer than "
                                 f"max_symlink_target_bytes={self.limits.max_symlink_target_bytes}")
 
-    def write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent_fd: int, leaf: str) -> None:
-        source = tar.extractfile(member)
-        if source is None:
-            raise UnsafeArchive(f"entry {_show(member.name)}: no data")
-        fd = os.open(leaf, FILE_FLAGS, 0o600, dir_fd=parent_fd)
-        try:
-            remaining = member.size
-            while remaining:
-                chunk = source.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise UnsafeArchive(f"truncated or corrupt tar: {_show(member.name)} ends early")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-                remaining -= len(chunk)
-            self.stats.bytes_written += member.size
-            self.set_owner_xattrs(fd, member, mode=member.mode & 0o7777)
-            mtime = _clamped_time(member.mtime, self.stats, member.name)
-            os.utime(fd, (mtime, mtime))
-        finally:
-            os.close(fd)
+    def write_file(self, tar: TarReader, member: Member, parent_fd: int, leaf: str, rel: str) -> None:
+        """Create the file here (every name is touched by this thread alone, in tar order);
+        its data and then its metadata are written by the writer pool."""
+        mode = member.mode & 0o7777
+        # Created with its final mode when open(2) gives exactly that (no setuid/setgid/sticky
+        # bit, which must follow the chown; nothing the umask takes away): one fchmod less.
+        exact = self.umask is not None and not mode & (0o7000 | self.umask)
+        fd = self.create_file(parent_fd, leaf, rel, mode if exact else 0o600)
+        mode_to_set = None if exact else mode
+        chown = self.is_root and (member.uid, member.gid) != self.new_owner(parent_fd, fd)
+        mtime = _clamped_time(member.mtime, self.stats, member.name)
+        if self.writers is None:
+            try:
+                if member.size <= PIECE_BYTES:
+                    pwrite_all(fd, tar.small(member), 0)
+                else:
+                    for offset, views in tar.pieces(member, PIECE_BYTES):
+                        pwrite_all(fd, views, offset)
+                self.finish_file(fd, member, chown, mode_to_set, mtime)
+            finally:
+                os.close(fd)
+        else:
+            handle = self.writers.open_file(fd, lambda fd: self.finish_file(fd, member, chown, mode_to_set, mtime),
+                                            member.name)
+            for offset, views in tar.pieces(member, PIECE_BYTES):
+                self.writers.write(handle, views, offset)
+            self.writers.seal(handle)
+        self.stats.bytes_written += member.size
         self.stats.files += 1
 
-    def hardlink(self, member: tarfile.TarInfo, parent_fd: int, leaf: str, rel: str) -> None:
+    def finish_file(self, fd: int, member: Member, chown: bool, mode: int | None, mtime: float) -> None:
+        """After the data (a write clears security.capability and sets the mtime): owner
+        (unless it is already right), mode (None: created with it), xattrs, mtime. May run
+        on a writer thread."""
+        self.set_owner_xattrs(fd, member, mode=mode, chown=chown)
+        os.utime(fd, (mtime, mtime))
+
+    def new_owner(self, parent_fd: int, fd: int) -> tuple[int, int]:
+        """The owner files get when made in `parent_fd` (a cached parent), from the first."""
+        owner = self._new_owner.get(parent_fd)
+        if owner is None:
+            st = os.fstat(fd)
+            owner = self._new_owner[parent_fd] = (st.st_uid, st.st_gid)
+        return owner
+
+    def create_file(self, parent_fd: int, leaf: str, rel: str, mode: int) -> int:
+        """A new, empty file at `leaf` (O_EXCL, O_NOFOLLOW): whatever was there is replaced.
+        Trying the create first saves an lstat per file; a name in use is the rare case."""
+        try:
+            return os.open(leaf, FILE_FLAGS, mode, dir_fd=parent_fd)
+        except FileExistsError:
+            self.replace(parent_fd, leaf, rel)
+            return os.open(leaf, FILE_FLAGS, mode, dir_fd=parent_fd)
+
+    def hardlink(self, member: Member, parent_fd: int, leaf: str, rel: str) -> None:
         """Link to what is already at the target (this or a lower layer), anything but a
         directory: the target's parents resolved inside the root, the target itself never
         followed (a symlink is linked itself). The link gets no metadata of its own."""
@@ -549,18 +610,20 @@ class _Layer:
 
     # -- metadata -----------------------------------------------------------------------
 
-    def set_owner_xattrs(self, fd: int, member: tarfile.TarInfo, mode: int | None = None) -> None:
+    def set_owner_xattrs(self, fd: int, member: Member, mode: int | None = None, chown: bool = True) -> None:
         """Owner, then mode (chown clears setuid/setgid), then xattrs (chown also clears
         security.capability), on an open fd."""
-        if self.is_root:
+        if self.is_root and chown:
             os.fchown(fd, member.uid, member.gid)
         if mode is not None:
             os.fchmod(fd, mode)
+        if not member.pax_headers:
+            return
         for key, value in member.pax_headers.items():
             if key.startswith(XATTR_PREFIX):
                 self.set_xattr(fd, key[len(XATTR_PREFIX):], value, member.name)
 
-    def set_metadata_at(self, parent_fd: int, leaf: str, member: tarfile.TarInfo, *, symlink: bool) -> None:
+    def set_metadata_at(self, parent_fd: int, leaf: str, member: Member, *, symlink: bool) -> None:
         """Owner, mode, xattrs and mtime of a symlink, fifo or device node, by name, never
         following (nor opening: opening a device node can have side effects)."""
         if self.is_root:
@@ -612,6 +675,36 @@ class _Layer:
                 os.close(fd)
 
 
+def _umask_if_plain(root_fd: int) -> int | None:
+    """The process's umask, read without changing it (/proc/self/status), when open(2)'s
+    mode is then exactly `mode & ~umask` under the root: None when unknown, or when the root
+    has a default ACL (which replaces the umask; a layer cannot set one: system.* xattrs are
+    not kept, so no directory below gets one either)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        os.getxattr(root_fd, "system.posix_acl_default")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return umask
+        return None
+    return None
+
+
+def _writer_threads() -> int:
+    value = os.environ.get(WRITERS_ENV, "")
+    if not value:
+        return DEFAULT_WRITER_THREADS
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"{WRITERS_ENV}={value!r}: expected a number of threads") from None
+    return max(0, min(threads, 8))
+
+
 def _split(rel: str) -> tuple[str, ...]:
     return tuple(rel.split("/")) if rel else ()
 
@@ -641,20 +734,22 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
     layer = _Layer(Path(root), bounds, resolver)
     current = ""
     try:
-        # tarfile's default 10 KiB stream buffer: its reader re-slices the whole buffer on
-        # every read (each 512-byte header), so a 1 MiB buffer cost ~30% of the unpack time.
-        with tarfile.open(fileobj=cast(Any, guarded), mode="r|") as tar:
-            for member in tar:
-                current = member.name
-                layer.stats.entries += 1
-                if layer.stats.entries > bounds.max_entries:
-                    raise UnsafeArchive(f"entry {_show(member.name)}: more than max_entries={bounds.max_entries} entries")
-                if member.issparse():
-                    raise UnsafeArchive(f"entry {_show(member.name)}: GNU sparse files are not supported")
-                layer.apply(tar, member)
-                if on_progress is not None:
-                    on_progress(guarded.position)
+        # The guard has checked every header's checksum by the time the reader parses it
+        # (it follows each read whole, before handing it on).
+        tar = TarReader(guarded, READ_BYTES, verify_checksums=False)
+        for member in tar.members():
+            current = member.name
+            layer.stats.entries += 1
+            if layer.stats.entries > bounds.max_entries:
+                raise UnsafeArchive(f"entry {_show(member.name)}: more than max_entries={bounds.max_entries} entries")
+            if member.issparse():
+                raise UnsafeArchive(f"entry {_show(member.name)}: GNU sparse files are not supported")
+            layer.apply(tar, member)
+            if on_progress is not None:
+                on_progress(guarded.position)
         current = ""
+        if layer.writers is not None:
+            layer.writers.drain()
         while guarded.read(CHUNK):  # what follows the end marker must be zeros (the guard checks)
             pass
         if not guarded.saw_end:
@@ -665,7 +760,9 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
         layer.finish()
     except UnsafeArchive:
         raise
-    except (tarfile.TarError, EOFError, ValueError) as exc:
+    except WriteFailed as exc:
+        raise UnpackFailed(f"unpacking entry {_show(exc.entry)}: {exc.error.strerror or exc.error}") from exc.error
+    except (TarFormatError, ValueError) as exc:
         raise UnsafeArchive(f"truncated or corrupt tar: {exc}") from None
     except PermanentError as exc:  # from the guard: oversized records, sparse, trailing data
         raise UnsafeArchive(str(exc)) from None

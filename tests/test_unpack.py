@@ -4,10 +4,12 @@ both resolvers (openat2 RESOLVE_IN_ROOT and the fd-relative walk)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from demo.samples import EntrySpec, diff_trees, snapshot_tree
 from images.resolve import resolver_name
-from images.unpack import UnpackStats, UnsafeArchive, unpack_layer
+from images.unpack import UnpackFailed, UnpackStats, UnsafeArchive, unpack_layer
 from tests.hostile_tars import HOSTILE_CASES, PROBE_PATHS, HostileCase, Member, device, tar_of
 
 MTIME = 1_700_000_000
@@ -411,3 +413,65 @@ def test_opaque_and_whiteout_see_what_the_layer_wrote_through_another_name(resol
     unpack(tar_bytes(file("bin/new", b"new\n"), file("usr/bin/.wh..wh..opq", b"")), root, resolver=resolver)
     assert sorted(os.listdir(root / "usr/bin")) == ["new"]
     assert os.readlink(root / "bin") == "usr/bin"
+
+
+# --- the writer pool, the owner and mode shortcuts -----------------------------------------
+
+@pytest.mark.parametrize("writers", ["0", "2"])
+def test_normal_layer_with_and_without_writer_threads(writers: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLYIO_UNPACK_WRITERS=2 hands file data and its metadata to two threads: the same tree,
+    modes, owners, xattrs and mtimes as writing inline (0, the default)."""
+    monkeypatch.setenv("FLYIO_UNPACK_WRITERS", writers)
+    members, expected, mtimes = normal_layer()
+    big = file("usr/lib/big", bytes(range(256)) * 20_000)  # 5 MB: written in several pieces
+    root = tmp_path / "root"
+    unpack(tar_bytes(*members, big), root)
+    expected["usr/lib/big"] = EntrySpec("file", 0o644, *owner(0, 0), size=len(big.data), sha256=sha(big.data), nlink=1)
+    assert diff_trees(expected, snapshot_tree(root)) == []
+    for path, mtime in mtimes.items():
+        assert os.lstat(root / path).st_mtime == mtime, path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("writers", ["0", "2"])
+def test_a_full_filesystem_is_unpack_failed_naming_the_entry(writers: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from a real (1 MiB tmpfs) filesystem, inline or on a writer thread: UnpackFailed
+    naming the entry, with the OSError as its cause (states/unpacking.py reads its errno)."""
+    monkeypatch.setenv("FLYIO_UNPACK_WRITERS", writers)
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True, timeout=60,
+                   capture_output=True)
+    try:
+        with pytest.raises(UnpackFailed, match=r"^unpacking entry 'big': No space left on device$") as raised:
+            unpack(tar_bytes(file("small", b"ok\n"), file("big", os.urandom(3 << 20))), root)
+        assert isinstance(raised.value.__cause__, OSError) and raised.value.__cause__.errno == errno.ENOSPC
+    finally:
+        subprocess.run(["umount", str(root)], check=True, timeout=60, capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners other than our own need root")
+def test_owner_is_right_in_a_setgid_directory(tmp_path: Path) -> None:
+    """A file made in a setgid directory takes the directory's group: the fchown skipped for
+    files already owned as the tar says must not skip these (the owner is seen, not guessed)."""
+    root = tmp_path / "root"
+    unpack(tar_bytes(directory("shared", mode=0o2775, gid=50)), root)
+    unpack(tar_bytes(file("shared/root-owned", gid=0), file("shared/group-owned", gid=50),
+                     file("plain", gid=0)), root)
+    assert os.lstat(root / "shared/root-owned").st_gid == 0
+    assert os.lstat(root / "shared/group-owned").st_gid == 50
+    assert (os.lstat(root / "plain").st_uid, os.lstat(root / "plain").st_gid) == (0, 0)
+
+
+def test_modes_survive_any_umask(tmp_path: Path) -> None:
+    """Files created with their final mode (one fchmod less) only when the umask takes nothing
+    from it: under umask 077 a 0644 file is still 0644."""
+    old = os.umask(0o077)
+    try:
+        unpack(tar_bytes(file("a", mode=0o644), file("b", mode=0o600), file("c", mode=0o4755)), tmp_path / "root")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE(os.lstat(tmp_path / "root" / name).st_mode) for name in "abc"}
+    assert modes == {"a": 0o644, "b": 0o600, "c": 0o4755}
