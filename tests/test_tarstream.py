@@ -1,0 +1,111 @@
+"""images/tarstream.py reads members exactly as tarfile does (the verifier parses the same
+bytes with tarfile): every layer of the hostile corpus, the normal test layer, and archives
+written by GNU tar itself in its three formats, member by member."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from images.tarstream import Member, TarFormatError, TarReader
+from tests.hostile_tars import HOSTILE_CASES, HostileCase
+from tests.test_unpack import normal_layer, tar_bytes
+
+
+def _fields(member: tarfile.TarInfo | Member) -> tuple[object, ...]:
+    # tarfile drops a directory's trailing "/" in some paths and not others; the unpacker
+    # normalizes names either way, so compare them without it.
+    devices = (member.devmajor, member.devminor) if member.ischr() or member.isblk() else (0, 0)
+    mtime = "nan" if isinstance(member.mtime, float) and math.isnan(member.mtime) else member.mtime
+    return (member.name.rstrip("/"), member.type, member.mode, member.uid, member.gid, member.size,
+            mtime, member.linkname, devices, dict(member.pax_headers))
+
+
+def with_tarfile(data: bytes) -> list[tuple[object, ...]]:
+    result = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as archive:
+        for member in archive:
+            fields = _fields(member)
+            if member.isreg():
+                fields += (archive.extractfile(member).read(),)  # type: ignore[union-attr]
+            result.append(fields)
+    return result
+
+
+def with_reader(data: bytes) -> list[tuple[object, ...]]:
+    reader = TarReader(io.BytesIO(data), read_size=4096)  # small reads: headers and data span them
+    result = []
+    for member in reader.members():
+        fields = _fields(member)
+        if member.isreg():
+            fields += (b"".join(bytes(view) for view in reader.data(member)),)
+        result.append(fields)
+    return result
+
+
+def _tarfile_reads(data: bytes) -> bool:
+    try:
+        with_tarfile(data)
+    except (tarfile.TarError, EOFError, ValueError):
+        return False
+    return True
+
+
+# Where the reader deliberately differs from tarfile (the unpacker refuses both anyway, and
+# TarStreamGuard refuses them before either parser sees them):
+# * a bad checksum after the first member: tarfile ends the archive there quietly, the
+#   reader raises;
+# * GNU sparse members: tarfile maps them, the reader yields them unmapped (issparse()).
+STRICTER = {"bad_checksum_mid_archive"}
+SPARSE = {"gnu_sparse_member"}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
+def test_hostile_layers_read_as_tarfile_reads_them(case: HostileCase) -> None:
+    data = case.build()
+    if case.name in STRICTER:
+        with pytest.raises(TarFormatError, match="bad checksum"):
+            with_reader(data)
+        return
+    if case.name in SPARSE:
+        assert [m.issparse() for m in TarReader(io.BytesIO(data)).members()] == [True]
+        return
+    if not _tarfile_reads(data):  # refused by tarfile (truncations, garbage): the reader refuses too
+        with pytest.raises(TarFormatError):
+            with_reader(data)
+        return
+    assert with_reader(data) == with_tarfile(data)
+
+
+def test_the_normal_layer_reads_as_tarfile_reads_it() -> None:
+    members, _, _ = normal_layer()
+    data = tar_bytes(*members)
+    assert with_reader(data) == with_tarfile(data) and len(with_reader(data)) == len(members)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "ustar", "posix"])
+def test_gnu_tar_archives_read_as_tarfile_reads_them(fmt: str, tmp_path: Path) -> None:
+    """Written by GNU tar: long names and link targets (GNU L/K records, ustar prefixes, pax
+    records), a hardlink, a fifo, odd modes."""
+    tree = tmp_path / "tree"
+    deep = tree / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 90)).write_bytes(os.urandom(70_000))
+    (tree / "small").write_bytes(b"x" * 511)
+    (tree / "small").chmod(0o4755)
+    os.symlink("/" + "t" * (90 if fmt == "ustar" else 150), tree / "longlink")  # ustar: 100 at most
+    os.link(tree / "small", tree / "hard")
+    os.mkfifo(tree / "fifo")
+    archive = tmp_path / "a.tar"
+    subprocess.run(["tar", "-cf", str(archive), f"--format={fmt}", "-C", str(tree), "."], check=True,
+                   timeout=60, capture_output=True)
+    data = archive.read_bytes()
+    got = with_reader(data)
+    assert got == with_tarfile(data)
+    assert any(len(str(fields[0])) > 200 for fields in got)  # the long name came through whole
