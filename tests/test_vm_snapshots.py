@@ -8,10 +8,8 @@ import io
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.test_process_image import REPO, fields, teardown
+from tests.killpoints import (SNAPSHOT_KILL_POINTS, assert_every_device_named_once, db_rows, manager, pool_devices,
+                              run_until)
+from tests.test_process_image import fields, teardown
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
 MB = 1024**2
-
-
-def manager(state_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "FLYIO_BACKEND": "blockfile"})
 
 
 def layer_tar(files: dict[str, bytes]) -> bytes:
@@ -65,31 +59,9 @@ def process(state_dir: Path, source: dict[str, str], family: str, size: str) -> 
                    "--endpoint-url", source["endpoint"], "--device-size", size)
 
 
-def db_rows(state_dir: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(state_dir / "images.db") as db:
-        return db.execute(sql).fetchall()
-
-
 def catalog_dump(state_dir: Path) -> dict[str, list[tuple]]:
     return {table: db_rows(state_dir, f"SELECT * FROM {table} ORDER BY 1")
             for table in ("jobs", "job_events", "unpacked_images", "snapshots", "orphaned_devices", "images")}
-
-
-def pool_devices(state_dir: Path) -> set[int]:
-    from devices.base import PoolConfig
-    from devices.blockfile import BlockfilePool
-
-    return {device.device_id for device in BlockfilePool(PoolConfig(directory=str(state_dir))).list_devices()}
-
-
-def assert_every_device_named_once(state_dir: Path) -> None:
-    """Every device in the pool is named by exactly one row: a live row, or one uncleaned
-    orphan record (what gc will clean)."""
-    names = [row[0] for row in db_rows(state_dir, "SELECT device_id FROM unpacked_images UNION ALL "
-                                                  "SELECT device_id FROM snapshots UNION ALL SELECT device_id FROM "
-                                                  "orphaned_devices WHERE cleaned_at IS NULL")]
-    assert len(names) == len(set(names)), f"a device named twice: {sorted(names)}"
-    assert pool_devices(state_dir) <= set(names), f"unnamed: {pool_devices(state_dir) - set(names)}"
 
 
 def mounted(device: str, target: Path, *options: str) -> subprocess.CompletedProcess[str]:
@@ -240,40 +212,6 @@ def test_delete_snapshot_by_vm(state_dir: Path, images_bucket: dict[str, str]) -
     assert_every_device_named_once(state_dir)
 
 
-# The snapshot job's kill points: each a log event of the real run (JSON log lines).
-KILL_POINTS = (
-    ("job created", lambda e: e.get("msg") == "job created"),
-    ("into activating", lambda e: e.get("msg") == "transition" and e.get("to_state") == "activating"),
-    ("into snapshotting", lambda e: e.get("msg") == "transition" and e.get("to_state") == "snapshotting"),
-    ("operation started snapshot", lambda e: e.get("msg") == "operation started" and e.get("operation") == "snapshot"),
-    ("create_snap done", lambda e: e.get("msg") == "snapshot created"),
-    ("snapshot ready", lambda e: e.get("msg") == "snapshot ready"),
-)
-
-
-def run_until(state_dir: Path, args: list[str], point: str) -> bool:
-    """Run the CLI with JSON logs and SIGKILL it on the first line matching kill point
-    `point`; True when that line was seen (the kill landed there)."""
-    match = dict(KILL_POINTS)[point]
-    child = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "--log-format", "json",
-                              *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "FLYIO_BACKEND": "blockfile"})
-    assert child.stderr is not None
-    hit = False
-    for line in child.stderr:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if match(event):
-            child.send_signal(signal.SIGKILL)
-            hit = True
-            break
-    child.stderr.close()
-    child.wait(timeout=120)
-    return hit
-
-
 @pytest.mark.slow
 def test_kill_minus_nine_anywhere_in_the_snapshot_job_then_resume(state_dir: Path, images_bucket: dict[str, str]) -> None:
     """≥ 20 SIGKILLs, each at a named log event of a real `snapshot` run (every kill point
@@ -281,12 +219,12 @@ def test_kill_minus_nine_anywhere_in_the_snapshot_job_then_resume(state_dir: Pat
     one row, no snapshot shared by two VMs."""
     assert process(state_dir, images_bucket, "fa", "64M").returncode == 0
     rng = random.Random(8)
-    points = [name for name, _ in KILL_POINTS] * 4
+    points = [point.name for point in SNAPSHOT_KILL_POINTS] * 4
     rng.shuffle(points)
     hits: dict[str, int] = {}
     for trial, point in enumerate(points[:24]):
         size = ["--size", "96M"] if trial % 3 == 0 else []
-        if run_until(state_dir, ["snapshot", "fa", "--vm", f"vm-{trial}", *size], point):
+        if run_until(state_dir, ["snapshot", "fa", "--vm", f"vm-{trial}", *size], point).hit:
             hits[point] = hits.get(point, 0) + 1
         resumed = manager(state_dir, "fsm", "resume")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
