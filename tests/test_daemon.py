@@ -17,7 +17,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,23 @@ def scrape(port: int) -> tuple[dict[str, list[Any]], float]:
     return {family.name: family.samples for family in text_string_to_metric_families(body)}, elapsed
 
 
+def scrape_until(port: int, ready: Callable[[dict[str, list[Any]]], bool],
+                 timeout: float = 60) -> tuple[dict[str, list[Any]], float]:
+    """Scrape until `ready(metrics)` holds (a sample not there yet counts as not ready);
+    the last scrape when the deadline passes, for the assertions to say what is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics, seconds = scrape(port)
+        try:
+            if ready(metrics):
+                return metrics, seconds
+        except (AssertionError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            return metrics, seconds
+        time.sleep(0.2)
+
+
 def sample_value(metrics: dict[str, list[Any]], family: str, sample: str | None = None, **labels: str) -> float:
     for s in metrics[family]:
         if (sample is None or s.name == sample) and all(s.labels.get(k) == v for k, v in labels.items()):
@@ -257,8 +274,11 @@ def test_twenty_jobs_survive_sigterm_and_finish_after_restart(state_dir: Path, d
     assert max_overlap(log_lines, "downloading") >= 2, "no two downloads ran at once"
     assert "snapshot_device_id" in json.loads(one["context"])
 
-    time.sleep(2.5)  # one housekeeping round: transitions since the restart are observed
-    metrics, scrape_seconds = scrape(daemon.metrics_port)
+    # Housekeeping (every 2 s) observes the transitions since the restart: poll for it.
+    metrics, scrape_seconds = scrape_until(daemon.metrics_port, lambda m: (
+        sample_value(m, "flyio_jobs", state="complete") == JOBS
+        and sample_value(m, "flyio_transition_duration_seconds", "flyio_transition_duration_seconds_count",
+                         from_state="snapshotting", to_state="complete") >= 1))
     assert sample_value(metrics, "flyio_jobs", state="complete") == JOBS
     assert sample_value(metrics, "flyio_jobs", state="aborted") == 0
     assert sample_value(metrics, "flyio_orphaned_devices") == 0
