@@ -39,15 +39,13 @@ from typing import BinaryIO
 
 from images.formats import Limits
 from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver
-from images.tarstream import Member, TarFormatError, TarReader
-from images.verify import TarStreamGuard
+from images.tarstream import Member, TarFormatError, TarReader, TarRefused
 from images.writers import WriteFailed, WriterPool, pwrite_all
 from support.errors import PermanentError
 from support.log import get_logger
 
 log = get_logger("images.unpack", component="unpacker")
 
-CHUNK = 1 << 20
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -166,6 +164,8 @@ def normalize(name: str, limits: UnpackLimits, *, entry: str | None = None, what
 
 
 def _clamped_time(value: float, stats: UnpackStats, entry: str) -> float:
+    if MIN_TIME <= value <= MAX_TIME:  # the common case (a NaN compares false)
+        return value
     if not math.isfinite(value):
         stats.skip("mtime not a number (set to 0)", entry)
         return 0.0
@@ -205,7 +205,7 @@ class _Layer:
         # Resolved parents by the name the entry gave them. Removing a directory or a
         # symlink may change what a name resolves to, so it marks the cache stale; it is
         # emptied at the next lookup, as the entry being applied may still use its fd.
-        self._parents: dict[tuple[str, ...], Resolved] = {}
+        self._parents: dict[tuple[str, ...], tuple[Resolved, str]] = {}  # and the canonical path joined
         # The owner a new file gets in a cached parent, as seen on the first one made there
         # (the kernel's rule: our fsuid, and the directory's group if it is setgid or the
         # mount says grpid): files already owned as the tar says need no fchown.
@@ -239,21 +239,21 @@ class _Layer:
             self.mark_written("/".join(made))
         return found
 
-    def parent_dir(self, parts: tuple[str, ...], entry: str) -> tuple[int, tuple[str, ...]]:
+    def parent_dir(self, parts: tuple[str, ...], entry: str) -> tuple[int, str]:
         """The (cached) fd of an entry's parent directory, created if missing, and its
-        canonical path. The fd is not to be closed."""
+        canonical path ("" for the root). The fd is not to be closed."""
         if self._cache_stale:
             self._drop_cache()
-        found = self._parents.get(parts)
-        if found is None:
+        cached = self._parents.get(parts)
+        if cached is None:
             found = self.resolve(parts, create=True, entry=entry)
             if len(self._parents) >= PARENT_CACHE:
                 self._drop_cache()
-            self._parents[parts] = found
-        return found.fd, found.parts
+            cached = self._parents[parts] = (found, "/".join(found.parts))
+        return cached[0].fd, cached[1]
 
     def _drop_cache(self) -> None:
-        for found in self._parents.values():
+        for found, _ in self._parents.values():
             os.close(found.fd)
         self._parents.clear()
         self._new_owner.clear()
@@ -372,7 +372,7 @@ class _Layer:
             self.whiteout(parts, name)
             return
         parent_fd, where = self.parent_dir(parts[:-1], name)
-        rel = "/".join((*where, leaf))
+        rel = f"{where}/{leaf}" if where else leaf
         if member.isdir():
             self.make_dir(member, parent_fd, leaf, rel)
         elif member.isreg():
@@ -726,46 +726,35 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
     it) picks how paths are resolved inside the root: both give the same result."""
     started = time.monotonic()
     bounds = _as_unpack_limits(limits)
-    # The guard checks structure and metadata records; entry counts and sizes are checked
-    # here, per member, so the messages name the limit.
-    guard_limits = Limits(max_entries=2**62, max_entry_bytes=2**62, max_path_bytes=bounds.max_path_bytes,
-                          max_metadata_bytes=bounds.max_metadata_bytes)
-    guarded = TarStreamGuard(tar_stream, guard_limits)
+    # One pass, one parser: the reader also refuses what images/verify.py's TarStreamGuard
+    # refuses (oversized records, sparse, bad checksums, trailing data); entry counts and
+    # sizes are checked here, per member, so the messages name the limit.
+    tar = TarReader(tar_stream, READ_BYTES, max_metadata_bytes=bounds.max_metadata_bytes,
+                    max_path_bytes=bounds.max_path_bytes)
     layer = _Layer(Path(root), bounds, resolver)
     current = ""
     try:
-        # The guard has checked every header's checksum by the time the reader parses it
-        # (it follows each read whole, before handing it on).
-        tar = TarReader(guarded, READ_BYTES, verify_checksums=False)
         for member in tar.members():
             current = member.name
             layer.stats.entries += 1
             if layer.stats.entries > bounds.max_entries:
                 raise UnsafeArchive(f"entry {_show(member.name)}: more than max_entries={bounds.max_entries} entries")
-            if member.issparse():
-                raise UnsafeArchive(f"entry {_show(member.name)}: GNU sparse files are not supported")
             layer.apply(tar, member)
             if on_progress is not None:
-                on_progress(guarded.position)
+                on_progress(tar.position)
         current = ""
         if layer.writers is not None:
             layer.writers.drain()
-        while guarded.read(CHUNK):  # what follows the end marker must be zeros (the guard checks)
-            pass
-        if not guarded.saw_end:
-            raise UnsafeArchive("truncated or corrupt tar: no end-of-archive marker")
-        if guarded.entries != layer.stats.entries:
-            raise UnsafeArchive(f"truncated or corrupt tar: {layer.stats.entries} members parsed "
-                                f"but {guarded.entries} headers seen")
+        tar.finish()
         layer.finish()
     except UnsafeArchive:
         raise
     except WriteFailed as exc:
         raise UnpackFailed(f"unpacking entry {_show(exc.entry)}: {exc.error.strerror or exc.error}") from exc.error
+    except TarRefused as exc:
+        raise UnsafeArchive(str(exc)) from None
     except (TarFormatError, ValueError) as exc:
         raise UnsafeArchive(f"truncated or corrupt tar: {exc}") from None
-    except PermanentError as exc:  # from the guard: oversized records, sparse, trailing data
-        raise UnsafeArchive(str(exc)) from None
     except OSError as exc:
         where = f"entry {_show(current)}" if current else "finishing the layer"
         raise UnpackFailed(f"unpacking {where}: {exc.strerror or exc}") from exc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from images.tarstream import Member, TarFormatError, TarReader
+from images.tarstream import Member, TarFormatError, TarReader, TarRefused
 from tests.hostile_tars import HOSTILE_CASES, HostileCase
 from tests.test_unpack import normal_layer, tar_bytes
 
@@ -57,24 +57,22 @@ def _tarfile_reads(data: bytes) -> bool:
     return True
 
 
-# Where the reader deliberately differs from tarfile (the unpacker refuses both anyway, and
-# TarStreamGuard refuses them before either parser sees them):
-# * a bad checksum after the first member: tarfile ends the archive there quietly, the
-#   reader raises;
-# * GNU sparse members: tarfile maps them, the reader yields them unmapped (issparse()).
-STRICTER = {"bad_checksum_mid_archive"}
-SPARSE = {"gnu_sparse_member"}
+# Where the reader deliberately differs from tarfile, refusing as TarStreamGuard does in
+# front of tarfile (the verifier's way):
+# * a bad checksum after the first member: tarfile ends the archive there quietly;
+# * GNU sparse members: tarfile maps them;
+# * a pax path over max_path_bytes, a component over max_name_bytes: tarfile reads them
+#   (the reader refuses the first, the unpacker the second).
+STRICTER = {"bad_checksum_mid_archive": "bad header checksum", "gnu_sparse_member": "sparse",
+            "path_too_long": "path too long"}
 
 
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
 def test_hostile_layers_read_as_tarfile_reads_them(case: HostileCase) -> None:
     data = case.build()
     if case.name in STRICTER:
-        with pytest.raises(TarFormatError, match="bad checksum"):
+        with pytest.raises((TarFormatError, TarRefused), match=STRICTER[case.name]):
             with_reader(data)
-        return
-    if case.name in SPARSE:
-        assert [m.issparse() for m in TarReader(io.BytesIO(data)).members()] == [True]
         return
     if not _tarfile_reads(data):  # refused by tarfile (truncations, garbage): the reader refuses too
         with pytest.raises(TarFormatError):
@@ -109,3 +107,81 @@ def test_gnu_tar_archives_read_as_tarfile_reads_them(fmt: str, tmp_path: Path) -
     got = with_reader(data)
     assert got == with_tarfile(data)
     assert any(len(str(fields[0])) > 200 for fields in got)  # the long name came through whole
+
+
+# --- the reader refuses what the verifier's TarStreamGuard refuses ---------------------------
+
+def _pax_member(records: dict[str, str], kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """A pax header of `records` (type x, or g for global) before one small file."""
+    body = b"".join(_record(key, value) for key, value in records.items())
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = kind, len(body)
+    info = tarfile.TarInfo("file")
+    info.size = 2
+    return (header.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
+            + info.tobuf(tarfile.USTAR_FORMAT) + b"x\n" + bytes(510) + bytes(1024))
+
+
+def _record(key: str, value: str) -> bytes:
+    payload = f" {key}={value}\n".encode()
+    length = len(payload) + 1
+    while len(str(length)) + len(payload) != length:
+        length += 1
+    return str(length).encode() + payload
+
+
+def _dir_with_data() -> bytes:
+    info = tarfile.TarInfo("d")
+    info.type, info.size = tarfile.DIRTYPE, 512
+    return info.tobuf(tarfile.USTAR_FORMAT) + bytes(512) + bytes(1024)
+
+
+CRAFTED = {
+    "oversized-pax-record": _pax_member({"comment": "c" * (2 << 20)}),
+    "global-pax-path": _pax_member({"path": "elsewhere"}, tarfile.XGLTYPE),
+    "pax-sparse-map": _pax_member({"GNU.sparse.map": "0,1"}),
+    "directory-with-data": _dir_with_data(),
+    "pax-ok": _pax_member({"comment": "fine", "mtime": "1700000000.5"}),
+}
+
+
+def _guard_refuses(data: bytes) -> bool:
+    from images.formats import DEFAULT_LIMITS
+    from images.verify import TarStreamGuard
+    from support.errors import PermanentError
+
+    guard = TarStreamGuard(None, DEFAULT_LIMITS)
+    try:
+        guard.feed(data)
+        guard.finish()
+    except PermanentError:
+        return True
+    return False
+
+
+def _reader_refuses(data: bytes) -> bool:
+    from images.formats import DEFAULT_LIMITS
+
+    reader = TarReader(io.BytesIO(data), 4096, max_metadata_bytes=DEFAULT_LIMITS.max_metadata_bytes,
+                       max_path_bytes=DEFAULT_LIMITS.max_path_bytes)
+    try:
+        for member in reader.members():
+            if member.carries_data():
+                for _ in reader.data(member):
+                    pass
+        reader.finish()
+    except (TarFormatError, TarRefused):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", [*(case.name for case in HOSTILE_CASES), *CRAFTED])
+def test_the_reader_refuses_what_the_stream_guard_refuses(name: str) -> None:
+    """The unpacker no longer runs the guard in front of its reader: one parser in one pass.
+    So the reader must refuse exactly the streams the guard refuses."""
+    data = CRAFTED[name] if name in CRAFTED else next(c for c in HOSTILE_CASES if c.name == name).build()
+    assert _reader_refuses(data) == _guard_refuses(data)
+    if name == "pax-ok":
+        assert not _reader_refuses(data)
+    elif name in CRAFTED:
+        assert _reader_refuses(data)
