@@ -13,6 +13,11 @@ deactivate and delete on small devices.
 `--backend devicemapper` on a host without device-mapper boots a QEMU guest (tests/vm)
 and runs there; use `--sizes-mb 10,200` (TCG writes slowly).
 
+Then the cost of one whole `flyio-image-manager snapshot IMAGE --vm VM` command (process
+start to exit, `--command-runs` times on a small processed image, each a new VM), and of
+the pool work inside it: the Operation Guard's `snapshot` operation (create_snap,
+activate, mark ready) as its `operation finished ... duration_ms` log line reports it.
+
 Backends are entries of BACKENDS: a function from (PoolConfig) to a ThinPool; add one
 there (e.g. devicemapper) and every figure is measured the same way.
 """
@@ -20,9 +25,13 @@ there (e.g. devicemapper) and every figure is measured the same way.
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -149,12 +158,47 @@ def call_latencies(pool: ThinPool, repeats: int, next_id: Iterator[int]) -> dict
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def command_cost(backend: str, work: Path, runs: int) -> dict[str, float]:
+    """Median ms of a whole `snapshot` command, of the Operation Guard's snapshot operation
+    inside it, and of the job's transitions (JSON log lines), over `runs` new VMs."""
+    repo = Path(__file__).resolve().parents[1]
+    layer = work / "layer.tar"
+    with tarfile.open(layer, "w") as tar:
+        for n in range(20):
+            body = os.urandom(16 * 1024)
+            info = tarfile.TarInfo(f"srv/file-{n}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    state = work / "command-state"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state), "--log-format", "json", *args],
+                              cwd=repo, capture_output=True, text=True, timeout=900, check=True)
+
+    cli("process-image", "--url", f"file://{layer}", "--backend", backend, "--device-size", "64M")
+    figures: dict[str, list[float]] = {"command": [], "pool work (guarded snapshot)": [], "job transitions": []}
+    try:
+        for n in range(runs):
+            started = time.perf_counter()
+            done = cli("snapshot", "layer.tar", "--vm", f"bench-{n}", "--backend", backend)
+            figures["command"].append((time.perf_counter() - started) * 1000)
+            events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+            figures["pool work (guarded snapshot)"].extend(
+                e["duration_ms"] for e in events if e.get("msg") == "operation finished" and e.get("operation") == "snapshot")
+            figures["job transitions"].append(sum(e["duration_ms"] for e in events if e.get("msg") == "transition"))
+    finally:
+        with open_pool(backend, state, 2 * 1024**3):
+            pass  # deactivates every device and detaches the pool's loop devices
+    return {name: statistics.median(values) for name, values in figures.items() if values}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="blockfile")
     parser.add_argument("--sizes-mb", default="10,1024", help="origin sizes (all filled with data)")
     parser.add_argument("--repeats", type=int, default=7, help="samples per figure (the median is printed)")
     parser.add_argument("--work-dir", default=None, help="where the pool files go (default: a new temp dir)")
+    parser.add_argument("--command-runs", type=int, default=5, help="whole `snapshot` commands to time (0: none)")
     args = parser.parse_args()
     if args.backend == "devicemapper" and not Path("/dev/mapper/control").exists():
         run_in_vm(sys.argv[1:])
@@ -174,6 +218,10 @@ def main() -> None:
         print(f"{'call':>18} {'median ms':>10}")
         for name, seconds in call_latencies(pool, args.repeats, ids).items():
             print(f"{name:>18} {seconds * 1000:>10.2f}")
+    if args.command_runs:
+        print(f"one `snapshot` command, median of {args.command_runs} (ms)")
+        for name, ms in command_cost(args.backend, work, args.command_runs).items():
+            print(f"{name:>30} {ms:>10.1f}")
 
 
 if __name__ == "__main__":

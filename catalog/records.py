@@ -138,3 +138,22 @@ def snapshots_of_vm(session: Session, vm_id: str) -> list[Snapshot]:
 def snapshot_of_job(session: Session, job_id: int) -> Snapshot | None:
     """The snapshot a job made (or began): each job makes at most one."""
     return session.scalars(select(Snapshot).where(Snapshot.job_id == job_id)).first()
+
+
+def get_image(session: Session, image_id: int) -> Image | None:
+    return session.get(Image, image_id)
+
+
+def mark_image_active(session: Session, image_id: int) -> None:
+    """The image has a ready snapshot now (a VM can boot from it)."""
+    image = session.get(Image, image_id)
+    image.activation_status = "active"
+    image.updated_at = utcnow()
+
+
+def image_job_state(session: Session, image: Image) -> str | None:
+    """The state of the job that last processed the image (None: no such job)."""
+    from fsm.models import Job
+
+    job = session.get(Job, image.job_id) if image.job_id is not None else None
+    return job.state if job is not None else None

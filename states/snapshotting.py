@@ -11,8 +11,8 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from catalog.ledger import Device, device_of_row
-from catalog.models import DeviceState, Image
-from catalog.records import snapshot_of_job, top_layer_device
+from catalog.models import DeviceState
+from catalog.records import get_image, mark_image_active, snapshot_of_job, top_layer_device
 from devices.filesystem import grow_filesystem
 from fsm.context import StepContext
 from states.services import ImageServices
@@ -54,7 +54,7 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
 
 def origin_device(session: Session, image_id: int) -> Device:
     """The image's top layer device, which must be ready: what every VM snapshot copies."""
-    image = session.get(Image, image_id)
+    image = get_image(session, image_id)
     row = top_layer_device(session, image) if image is not None else None
     if row is None or row.state != DeviceState.READY:
         raise ManagerError(f"image {image_id} has no ready top layer device to snapshot")
@@ -63,7 +63,7 @@ def origin_device(session: Session, image_id: int) -> Device:
 
 def _hand_out(ctx: StepContext, snapshot: Device, path: str, origin: Device) -> str:
     with ctx.transaction() as session:
-        session.get(Image, int(ctx.data["image_id"])).activation_status = "active"
+        mark_image_active(session, int(ctx.data["image_id"]))
         ctx.data["snapshot_device_id"] = snapshot.device_id
         ctx.data["snapshot_device"] = path
     log.info("snapshot ready", device_name=snapshot.name, device=path, origin_device_id=origin.device_id,

@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from catalog.ledger import SnapshotTooSmall
-from catalog.models import DeviceState, Image
-from catalog.records import find_image, snapshot_of_vm, top_layer_device
+from catalog.models import DeviceState, Image, UnpackedImage
+from catalog.records import find_image, get_image, image_job_state, snapshot_of_vm, top_layer_device
 from fsm.context import StepContext
 from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
 from fsm.models import Job
@@ -78,13 +78,11 @@ def resolve_snapshot_request(session: Session, image: str, vm_id: str, size_byte
                            origin_size_bytes=int(origin.size_bytes))
 
 
-def _ready_origin(session: Session, image: Image) -> Any:
+def _ready_origin(session: Session, image: Image) -> UnpackedImage:
+    """The image's top layer device, when the image is complete (its job complete, the
+    device ready); else ImageNotReady."""
     origin = top_layer_device(session, image)
-    if image.job_id is None or origin is None or origin.state != DeviceState.READY:
-        raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
-                            f"`fsm show {image.job_id}` says where its job stands")
-    job = session.get(Job, image.job_id)
-    if job is None or job.state != "complete":
+    if origin is None or origin.state != DeviceState.READY or image_job_state(session, image) != "complete":
         raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
                             f"`fsm show {image.job_id}` says where its job stands")
     return origin
@@ -108,7 +106,7 @@ def check_request(ctx: StepContext, services: ImageServices) -> str:
     """pending: the image is still complete and the size still fits (checked again: the
     job may run long after it was asked for)."""
     with ctx.transaction() as session:
-        image = session.get(Image, int(ctx.data["image_id"]))
+        image = get_image(session, int(ctx.data["image_id"]))
         if image is None:
             raise ImageNotReady(f"image {ctx.data['image_id']} no longer exists")
         resolve_snapshot_request(session, str(image.id), ctx.data["vm_id"], ctx.data.get("snapshot_size_bytes"))
@@ -123,7 +121,7 @@ def activate_origin(ctx: StepContext, services: ImageServices) -> str:
     """activating: the image's top layer device is in the pool (a reset or a lost pool file
     would make the snapshot fail half-way), and the image is marked used now."""
     with ctx.transaction() as session:
-        image = session.get(Image, int(ctx.data["image_id"]))
+        image = get_image(session, int(ctx.data["image_id"]))
         origin = _ready_origin(session, image)
         origin_id, origin_name = origin.device_id, origin.device_name
     present = {device.device_id for device in services.pool.list_devices()}

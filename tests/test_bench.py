@@ -39,12 +39,15 @@ def test_unpack_compares_with_gnu_tar_and_reports_peak_rss() -> None:
 
 @needs_root
 def test_snapshot_reports_cost_by_size_and_call_latencies() -> None:
-    out = bench("bench.snapshot", "--backend", "blockfile", "--sizes-mb", "4,16", "--repeats", "1")
+    out = bench("bench.snapshot", "--backend", "blockfile", "--sizes-mb", "4,16", "--repeats", "1", "--command-runs", "2")
     rows = re.findall(r"^\s+(\d+) MiB\s+([\d.]+)\s+([\d.]+) MiB$", out, re.MULTILINE)
     assert [size for size, _, _ in rows] == ["4", "16"], out
     assert all(float(growth) == 0 for _, _, growth in rows), out  # reflink: a snapshot takes no data space
     for call in ("create_thin", "create_snapshot", "activate", "deactivate", "delete"):
         assert re.search(rf"^\s+{call}\s+[\d.]+$", out, re.MULTILINE), (call, out)
+    command = dict(re.findall(r"^\s+(command|pool work \(guarded snapshot\)|job transitions)\s+([\d.]+)$", out, re.MULTILINE))
+    assert set(command) == {"command", "pool work (guarded snapshot)", "job transitions"}, out
+    assert 0 < float(command["pool work (guarded snapshot)"]) < float(command["command"]), out
 
 
 @needs_root

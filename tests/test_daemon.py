@@ -365,8 +365,17 @@ def test_images_sharing_base_layers_run_at_once_and_all_complete(state_dir: Path
         assert result["snapshot_device"] and result["device"].startswith("thin-")
     node_job = request(state_dir, {"op": "job", "id": ids[1]})["job_id"]
     assert result["job_id"] == str(node_job) and result["image"] == "node"  # the job node already had
+    # A VM's snapshot through the socket: the same job as `snapshot node --vm`, once per VM.
+    snaps = [manager(state_dir, "submit", "--snapshot", "node", "--vm", "vm-d", "--wait") for _ in range(2)]
+    for done in snaps:
+        assert done.returncode == 0, (done.stderr, daemon.log())
+    first, again = (dict(p.split("=", 1) for p in d.stdout.strip().splitlines()[-1].split()) for d in snaps)
+    assert first["state"] == "complete" and first["vm"] == "vm-d" and first["snapshot"].startswith("thin-")
+    assert again["snapshot"] == first["snapshot"] and again["job_id"] == first["job_id"]
+    refused = manager(state_dir, "submit", "--snapshot", "no-such-image", "--vm", "vm-d")
+    assert refused.returncode == 1 and refused.stderr.strip() == "error: image 'no-such-image' not found; `images` lists them"
     queued = manager(state_dir, "submit", "--image", "python", "--bucket", sample_bucket.name,
                      "--endpoint-url", sample_bucket.endpoint_url)
-    assert queued.returncode == 0 and queued.stdout.strip() == "request=6 state=queued", queued.stdout
+    assert queued.returncode == 0 and queued.stdout.strip() == "request=8 state=queued", queued.stdout
     request(state_dir, {"op": "shutdown"})
     assert daemon.wait() == 0
