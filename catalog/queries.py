@@ -1,4 +1,4 @@
-"""What the listing commands show, and the operator's delete of a snapshot."""
+"""The operator's delete of a snapshot (the listings are catalog/listing.py)."""
 
 from __future__ import annotations
 
@@ -19,26 +19,6 @@ from support.errors import ManagerError
 from support.log import get_logger
 
 log = get_logger("catalog.queries")
-
-
-def list_images(engine: Engine) -> list[dict[str, Any]]:
-    with Session(engine) as session:
-        rows = []
-        for image in session.scalars(select(Image).order_by(Image.id)):
-            top = session.scalars(select(UnpackedImage).where(UnpackedImage.chain_id == image.top_chain_id)).first()
-            rows.append({"id": image.id, "name": image.name, "source": image.source, "layer_count": image.layer_count,
-                         "activation_status": image.activation_status, "top_device": top.device_name if top else None,
-                         "job_id": image.job_id, "updated_at": image.updated_at})
-        return rows
-
-
-def list_snapshots(engine: Engine) -> list[dict[str, Any]]:
-    with Session(engine) as session:
-        query = select(Snapshot, Image.name).join(Image, Image.id == Snapshot.image_id).order_by(Snapshot.id)
-        return [{"id": snap.id, "device_name": snap.device_name, "device_id": snap.device_id, "state": snap.state,
-                 "vm_id": snap.vm_id, "size_bytes": snap.size_bytes, "image": name, "image_id": snap.image_id,
-                 "origin_device_id": snap.origin_device_id, "created_at": snap.created_at}
-                for snap, name in session.execute(query)]
 
 
 def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int | None = None, *, vm_id: str | None = None,

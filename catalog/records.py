@@ -101,16 +101,6 @@ def count_uncleaned_orphans(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(OrphanedDevice).where(OrphanedDevice.cleaned_at.is_(None))) or 0
 
 
-def image_has_ready_snapshot(session: Session, source: str) -> bool:
-    """Whether the image from `source` still has a ready snapshot row (a reset or a manual
-    cleanup of the database removes them)."""
-    image = session.scalars(select(Image).where(Image.source == source)).first()
-    if image is None:
-        return False
-    return session.scalars(select(Snapshot.id).where(Snapshot.image_id == image.id,
-                                                     Snapshot.state == DeviceState.READY)).first() is not None
-
-
 def find_image(session: Session, name_or_id: str) -> Image | None:
     """The image `images` lists under this id or name (the newest of that name)."""
     if name_or_id.isdigit():

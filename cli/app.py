@@ -78,7 +78,7 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def image_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Where an image comes from, as process-image and submit both take it."""
-    from states.submit import DEFAULT_BUCKET
+    from images.bucket import DEFAULT_BUCKET
 
     for option in reversed([
         click.option("--s3-key", default=None, help="One object: an image of one layer (e.g. images/node/5.tar)."),
@@ -104,17 +104,24 @@ def state_dir_of(ctx: click.Context) -> Path:
     return options_of(ctx).state_dir
 
 
-def open_store(state_dir: Path) -> JobStore:
-    """The job store on `<state-dir>/images.db`, migrated to the newest schema first."""
+def open_database(state_dir: Path) -> Path:
+    """`<state-dir>/images.db`, checked and migrated to the newest schema (sqlite3 only when
+    it is already there: the listing commands read it without loading SQLAlchemy)."""
     from daemon.database import integrity_check_once
-    from fsm.database import open_engine
-    from fsm.store import JobStore
     from migrations import upgrade_database
 
     db_path = database_path(state_dir)
     integrity_check_once(state_dir)  # once per process: a corrupt file stops here, naming the backup
     upgrade_database(db_path)
-    return JobStore(open_engine(db_path))
+    return db_path
+
+
+def open_store(state_dir: Path) -> JobStore:
+    """The job store on `<state-dir>/images.db`, migrated to the newest schema first."""
+    from fsm.database import open_engine
+    from fsm.store import JobStore
+
+    return JobStore(open_engine(open_database(state_dir)))
 
 
 @contextmanager

@@ -5,10 +5,12 @@ What a command needs beyond click is imported inside it: `--help` starts fast.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import click
 
-from cli.app import common_options, exclusive, image_source_options, open_store, options_of, show_progress
+from cli.app import common_options, exclusive, image_source_options, open_database, open_store, options_of, show_progress
 from cli.main import register
 from devices.select import BACKENDS
 from support.log import get_logger
@@ -26,25 +28,43 @@ log = get_logger("cli")
 @click.pass_context
 def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None,
                   url: str | None, bucket: str, endpoint_url: str | None, backend: str, device_size: str) -> None:
-    from states.registry import open_environment
-    from states.submit import process_request, resolve_request
+    from states.submit import completed_job, resolve_request
 
     options = options_of(ctx)
     size = parse_size(device_size)
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size)
     with exclusive(options.state_dir, "process-image"):
-        environment = open_environment(options.state_dir, open_store(options.state_dir), backend=backend,
-                                       show_progress=show_progress())
-        log.info("safeguards initialized")
-        job = process_request(environment.runner, request)
-    data = json.loads(job.context or "{}")
-    result = {"job_id": job.id, "state": job.state, "image": request.name,
+        job = completed_job(open_database(options.state_dir), request) if _pool_attached(options.state_dir, backend) else None
+        if job is not None:
+            log.info("image already complete; nothing to do", job_id=job["id"], image=request.name)
+        else:
+            job = _run_image_job(options.state_dir, backend, request)
+    data = json.loads(job["context"] or "{}")
+    result = {"job_id": job["id"], "state": job["state"], "image": request.name,
               "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
-              "snapshot_device": data.get("snapshot_device"), "error": job.error}
+              "snapshot_device": data.get("snapshot_device"), "error": job["error"]}
     click.echo(" ".join(f"{k}={v}" for k, v in result.items() if v is not None))
-    if job.state != "complete":
+    if job["state"] != "complete":
         ctx.exit(1)
+
+
+def _pool_attached(state_dir: Path, backend: str) -> bool:
+    """Whether the pool is there (after a reboot it is not: the full path re-attaches it and
+    re-activates the snapshots before anything is answered)."""
+    from devices.select import open_pool
+
+    return open_pool(state_dir, backend).get_pool_status().exists
+
+
+def _run_image_job(state_dir: Path, backend: str, request: Any) -> dict[str, Any]:
+    from states.registry import open_environment
+    from states.submit import process_request
+
+    environment = open_environment(state_dir, open_store(state_dir), backend=backend, show_progress=show_progress())
+    log.info("safeguards initialized")
+    job = process_request(environment.runner, request)
+    return {"id": job.id, "state": job.state, "context": job.context, "error": job.error}
 
 
 def _top_device(data: dict) -> str | None:
@@ -99,8 +119,6 @@ def snapshot_result_line(job_id: int | None, state: str | None, context: str | N
 @common_options
 @click.pass_context
 def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, backend: str) -> None:
-    from pathlib import Path
-
     from catalog.reconcile import ensure_pool
     from devices.base import PoolConfig
     from devices.select import open_pool
@@ -124,9 +142,9 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
 @common_options
 @click.pass_context
 def images_cmd(ctx: click.Context, as_json: bool) -> None:
-    from catalog.queries import list_images
+    from catalog.listing import list_images
 
-    rows = list_images(open_store(options_of(ctx).state_dir).engine)
+    rows = list_images(open_database(options_of(ctx).state_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -141,9 +159,9 @@ def images_cmd(ctx: click.Context, as_json: bool) -> None:
 @common_options
 @click.pass_context
 def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
-    from catalog.queries import list_snapshots
+    from catalog.listing import list_snapshots
 
-    rows = list_snapshots(open_store(options_of(ctx).state_dir).engine)
+    rows = list_snapshots(open_database(options_of(ctx).state_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return

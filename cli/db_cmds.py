@@ -9,7 +9,6 @@ import click
 
 from cli.app import common_options, options_of
 from cli.main import register
-from daemon.database import backup_database, check_integrity, restore_hint
 from support.errors import ManagerError
 from support.paths import database_path
 
@@ -20,6 +19,8 @@ from support.paths import database_path
 @common_options
 @click.pass_context
 def backup_cmd(ctx: click.Context, target: str | None) -> None:
+    from daemon.database import backup_database
+
     state_dir = options_of(ctx).state_dir
     started = time.monotonic()
     written = backup_database(state_dir, Path(target) if target else None)
@@ -30,6 +31,8 @@ def backup_cmd(ctx: click.Context, target: str | None) -> None:
 @common_options
 @click.pass_context
 def check_db_cmd(ctx: click.Context) -> None:
+    from daemon.database import check_integrity, restore_hint
+
     state_dir = options_of(ctx).state_dir
     db = database_path(state_dir)
     if not db.exists():

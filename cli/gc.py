@@ -9,19 +9,19 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from catalog.gc import GcRefused, collect_garbage, log_summary, open_read_only, refuse_if_jobs_running
 from cli.app import common_options, exclusive, open_store, options_of
 from cli.main import register
-from devices.base import ThinPool
 from devices.select import BACKENDS, open_pool
-from safeguards.health import SystemHealthChecker
-from safeguards.setup import build_cleanup_guard
 from support.errors import ManagerError
 from support.log import configure_logging, get_logger
 from support.paths import database_path
+
+if TYPE_CHECKING:
+    from devices.base import ThinPool
 
 log = get_logger("catalog.gc")
 
@@ -34,6 +34,10 @@ log = get_logger("catalog.gc")
 @common_options
 @click.pass_context
 def gc_cmd(ctx: click.Context, dry_run: bool, force: bool, backend: str) -> None:
+    from catalog.gc import GcRefused, collect_garbage, log_summary, open_read_only, refuse_if_jobs_running
+    from safeguards.health import SystemHealthChecker
+    from safeguards.setup import build_cleanup_guard
+
     if dry_run and force:
         raise ManagerError("--dry-run and --force exclude each other; choose one")
     options = options_of(ctx)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from cli.app import configure, exclusive, last_options, open_runner, open_store, state_dir_of
+from cli.app import configure, exclusive, last_options, open_database, open_runner, open_store, state_dir_of
 from fsm.cli import FsmApp, make_fsm_group
 from support.errors import ManagerError
 from support.paths import database_path
@@ -34,7 +34,8 @@ def _workflows() -> dict:
     return all_workflows()
 
 
-FSM_APP = FsmApp(workflows=_workflows, open_store=open_store, open_runner=open_runner, exclusive=exclusive, state_dir=state_dir_of)
+FSM_APP = FsmApp(workflows=_workflows, open_store=open_store, open_database=open_database, open_runner=open_runner,
+                 exclusive=exclusive, state_dir=state_dir_of)
 fsm_group = make_fsm_group(FSM_APP)
 
 

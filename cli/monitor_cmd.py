@@ -11,9 +11,7 @@ import click
 
 from cli.app import common_options, default_backend, options_of
 from cli.main import register
-from daemon.dashboard import read_frame, render_plain, render_rich
 from devices.select import BACKENDS, open_pool
-from safeguards.health import SystemHealthChecker
 
 
 @click.command("monitor", help="Live dashboard: pool usage, jobs by state, running jobs, recent transitions, "
@@ -26,6 +24,9 @@ from safeguards.health import SystemHealthChecker
 def monitor_cmd(ctx: click.Context, once: bool, interval: float, backend: str | None) -> None:
     from rich.console import Console
     from rich.live import Live
+
+    from daemon.dashboard import read_frame, render_plain, render_rich
+    from safeguards.health import SystemHealthChecker
 
     # The dashboard shows failing checks itself; log lines on stderr would tear the screen.
     logging.disable(logging.WARNING)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.protocol import JOB_OPS, SOURCE_FIELDS
-from states.submit import DEFAULT_BUCKET
+from images.bucket import DEFAULT_BUCKET
 from support.sizes import parse_size
 
 QUEUED, RUNNING, WAITING, DONE, FAILED = "queued", "running", "waiting", "done", "failed"

@@ -13,17 +13,18 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fsm.definition import ABORTED, FINAL_STATES, Workflow
-from fsm.graph import render_graph
-from fsm.models import Job, JobEvent, JobNote, NoteKind
 from fsm.ownership import owner_alive
-from fsm.runner import Runner
-from fsm.store import JobStore, load_context, utcnow
 from support.errors import ManagerError
+
+if TYPE_CHECKING:  # SQLAlchemy and transitions load only in the commands that use them
+    from fsm.models import Job, JobEvent, JobNote
+    from fsm.runner import Runner
+    from fsm.store import JobStore
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class FsmApp:
 
     workflows: Callable[[], dict[str, Workflow]]
     open_store: Callable[[Path], JobStore]
+    open_database: Callable[[Path], Path]  # the checked, migrated database file (for sqlite3 reads)
     open_runner: Callable[[Path, bool], Runner]  # (state_dir, will_run_jobs)
     exclusive: Callable[[Path, str], AbstractContextManager[Any]]
     state_dir: Callable[[click.Context], Path]
@@ -65,6 +67,8 @@ def event_summary(event: JobEvent) -> dict[str, Any]:
 
 def note_summary(note: JobNote) -> dict[str, Any]:
     """A wait episode or an abort request as `fsm history --json` shows it."""
+    from fsm.models import NoteKind
+
     reasons = json.loads(note.reasons)
     if note.kind == NoteKind.ABORT_REQUEST.value:
         return {"kind": note.kind, "state": note.state, "requested_at": _iso(note.started_at),
@@ -85,6 +89,9 @@ def job_history(store: JobStore, job_id: int) -> list[dict[str, Any]]:
 def job_now(job: Job, store: JobStore, workflow: Workflow | None) -> dict[str, Any]:
     """What the job is doing now: owner and liveness, the wait it is in, a pending abort,
     and the workflow's own summary (for the image job: the current layer, its devices)."""
+    from fsm.models import NoteKind
+    from fsm.store import load_context, utcnow
+
     now = utcnow()
     alive = owner_alive(job.owner_pid, job.owner_boot_id, job.lease_expires_at, now)
     waiting = None
@@ -122,6 +129,8 @@ def _show_lines(detail: dict[str, Any]) -> list[str]:
 
 
 def _history_line(row: dict[str, Any]) -> list[str]:
+    from fsm.models import NoteKind
+
     if row["kind"] == "transition":
         lines = [f"{row['seq']:>4}  {row['event']:<16} {row['from'] or '-':<16} {row['to']:<16} {row['started_at']:<24} "
                  f"{row['duration_ms']:>8.1f}ms  {row['attempt']:<7}  {(row['detail'] or {}).get('text', '')}".rstrip()]
@@ -159,7 +168,9 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def list_cmd(ctx: click.Context, state: str | None, as_json: bool) -> None:
-        jobs = [job_summary(j) for j in store(ctx).list_jobs(state)]
+        from fsm.listing import list_job_summaries
+
+        jobs = list_job_summaries(app.open_database(app.state_dir(ctx)), state)
         if as_json:
             click.echo(json.dumps(jobs, indent=2))
             return
@@ -174,6 +185,8 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def show_cmd(ctx: click.Context, job_id: int, as_json: bool) -> None:
+        from fsm.store import load_context
+
         jobs = store(ctx)
         job = jobs.get(job_id)
         detail = job_summary(job) | {"context": load_context(job), "lease_expires_at": _iso(job.lease_expires_at),
@@ -257,6 +270,8 @@ def make_fsm_group(app: FsmApp) -> click.Group:
             raise ManagerError(f"unknown workflow {name!r}; known: {', '.join(workflows)}")
         if fmt == "png" and output is None:
             raise ManagerError("--format png needs --output FILE")
+        from fsm.graph import render_graph
+
         data = render_graph(workflows[name], fmt)
         if output is not None:
             output.write_bytes(data)

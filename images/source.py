@@ -29,22 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-import boto3
-import urllib3.exceptions
-from botocore import UNSIGNED
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
-
 from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, BlobWriter, StreamCheck
 from support.errors import ManagerError, PermanentError, TransientError
 from support.log import get_logger
@@ -64,18 +48,19 @@ THROTTLING_CODES = frozenset({
 })
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled"})
-NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    EndpointConnectionError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-    IncompleteReadError,
-    HTTPClientError,
-    urllib3.exceptions.HTTPError,
-    ConnectionError,
-    socket.timeout,
-)
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the network (not the request) failed: worth a retry.
+    botocore loads here, not at import: commands that never reach S3 start fast."""
+    import urllib3.exceptions
+    from botocore.exceptions import (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                                     HTTPClientError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
+
+    return (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
+            ResponseStreamingError, IncompleteReadError, HTTPClientError, urllib3.exceptions.HTTPError,
+            ConnectionError, socket.timeout)
 
 
 @dataclass(frozen=True)
@@ -127,6 +112,10 @@ def make_s3_client(
     means unsigned requests exactly when no AWS credentials are configured (the production
     bucket is public). botocore's retries are off: the job engine's retry of the
     downloading state is the one retry layer."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     session = boto3.session.Session()
     if anonymous is None:
@@ -159,6 +148,8 @@ def make_s3_client(
 
 def classify_error(exc: BaseException, url: str) -> ManagerError:
     """Map a boto3/network exception to TransientError or PermanentError, one clear line."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     if isinstance(exc, ManagerError):
         return exc
     if isinstance(exc, ClientError):
@@ -174,7 +165,7 @@ def classify_error(exc: BaseException, url: str) -> ManagerError:
         if status >= 500 or status == 429 or code in THROTTLING_CODES:
             return TransientError(f"{url}: server error {status} {code}".rstrip())
         return PermanentError(f"{url}: {code or status}: {message}".rstrip(": "))
-    if isinstance(exc, NETWORK_ERRORS):
+    if isinstance(exc, network_errors()):
         return TransientError(f"{url}: {type(exc).__name__}: {exc}")
     if isinstance(exc, BotoCoreError):
         return PermanentError(f"{url}: {exc}")

@@ -1,21 +1,24 @@
-"""From what the operator typed to a job: the objects of the image and its idempotency key."""
+"""From what the operator typed to a job: the objects of the image and its idempotency key;
+and the answer for an image already complete, read without building anything."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from catalog.records import image_has_ready_snapshot
-from fsm.models import Job
-from fsm.runner import Runner
+from images.bucket import DEFAULT_BUCKET
 from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, make_s3_client, s3_url
-from states.workflow import WORKFLOW_NAME
+from states.names import IMAGE_WORKFLOW
 from support.errors import PermanentError
 
-DEFAULT_BUCKET = "flyio-platform-hiring-challenge"
+if TYPE_CHECKING:
+    from fsm.models import Job
+    from fsm.runner import Runner
+
+__all__ = ["DEFAULT_BUCKET", "ImageRequest", "completed_job", "process_request", "resolve_request"]
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,30 @@ def resolve_request(
                         device_size_bytes=device_size_bytes)
 
 
+def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None:
+    """The image's job when it is complete and its snapshot still ready (nothing to do), read
+    with sqlite3: a repeat `process-image` answers without SQLAlchemy, the pool or the
+    safeguards. None: the job must run (or be reopened) the usual way."""
+    from catalog.listing import image_has_ready_snapshot
+    from fsm.listing import find_job
+
+    if not db_path.exists():
+        return None
+    job = find_job(db_path, IMAGE_WORKFLOW, request.idempotency_key)
+    if job is None or job["state"] != "complete" or not image_has_ready_snapshot(db_path, request.source):
+        return None
+    return job
+
+
 def process_request(runner: Runner, request: ImageRequest) -> Job:
     """Run the image's job; a complete one returns at once, unless its snapshot is gone (the
     pool was reset or the database cleaned as the guide's recovery says): then it is
     reopened and done again."""
-    job = runner.store.find(WORKFLOW_NAME, request.idempotency_key)
+    from catalog.listing import image_has_ready_snapshot
+
+    job = runner.store.find(IMAGE_WORKFLOW, request.idempotency_key)
     if job is not None and job.state == "complete":
-        with runner.store.transaction() as session:
-            intact = image_has_ready_snapshot(session, request.source)
-        if not intact:
+        db_path = Path(str(runner.store.engine.url.database))
+        if not image_has_ready_snapshot(db_path, request.source):
             runner.reopen(job.id, "the image's snapshot is gone (pool reset or database cleaned)")
-    return runner.start(WORKFLOW_NAME, request.idempotency_key, request.job_context())
+    return runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())

@@ -27,13 +27,13 @@ from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
 from states.aborting import record_orphans
+from states.names import SNAPSHOT_WORKFLOW
 from states.services import ImageServices
 from support.errors import PermanentError
 from support.log import get_logger
 
 log = get_logger("states.vm_snapshot")
 
-SNAPSHOT_WORKFLOW = "snapshot"
 MAX_VM_ID = 128
 NO_RETRY = RetryPolicy(max_attempts=1)
 

@@ -22,9 +22,10 @@ from states import (activating, creating_device, downloading, making_fs, pending
                     unpacking, verifying)
 from states.aborting import record_orphans
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
+from states.names import IMAGE_WORKFLOW
 from states.services import ImageServices
 
-WORKFLOW_NAME = "image"
+WORKFLOW_NAME = IMAGE_WORKFLOW
 
 # Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
 NO_RETRY = RetryPolicy(max_attempts=1)

@@ -53,6 +53,17 @@ def corrupt_middle(db_path: Path) -> None:
         fh.write(b"\xa5" * 4096)
 
 
+def wait_for_rows(db_path: Path, more_than: int, timeout: float = 60) -> None:
+    """Until the jobs table holds more than `more_than` rows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5) as db:
+            if db.execute("SELECT count(*) FROM jobs").fetchone()[0] > more_than:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"the writer added no row past {more_than} within {timeout}s")
+
+
 def test_backup_of_a_live_database_while_another_process_writes(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     assert manager(state_dir, "fsm", "list").returncode == 0  # creates and migrates images.db
@@ -62,7 +73,8 @@ def test_backup_of_a_live_database_while_another_process_writes(tmp_path: Path) 
     backups: list[tuple[Path, list[str]]] = []
     try:
         for n in range(4):
-            time.sleep(0.3)
+            # Each copy after the writer has added rows since the last one (polled, not slept).
+            wait_for_rows(state_dir / "images.db", more_than=len(backups[-1][1]) if backups else 0)
             target = tmp_path / f"copy-{n}.db"
             done = manager(state_dir, "backup", "--to", str(target))
             assert done.returncode == 0, done.stderr

@@ -56,3 +56,9 @@ def test_no_database_has_no_revision(tmp_path: Path) -> None:
 
 def test_the_cli_shared_module_and_progress_import_nothing_heavy() -> None:
     assert imported_after("import cli.app, support.progress, migrations") == set()
+
+
+def test_help_loads_nothing_heavy() -> None:
+    """`--help` of the product and of `fsm` import none of the heavy libraries."""
+    for entry in ("cli.main", "fsm.cli"):
+        assert imported_after(f"import {entry}") == set(), entry
