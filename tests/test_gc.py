@@ -84,14 +84,18 @@ def orphan_rows(state_dir: Path) -> dict[str, str | None]:
         return dict(db.execute("SELECT device_name, cleaned_at FROM orphaned_devices"))
 
 
-def traversal_tar() -> bytes:
-    """An ordinary file, then `../x`: the unpacker has written to the device when it refuses."""
+def refused_tar() -> bytes:
+    """An ordinary file, then a hardlink to a file the layer never made: the unpacker has
+    written to the device when it refuses the layer. (A `../x` entry no longer serves:
+    it is clamped inside the root, as containerd does.)"""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in (("etc/hostname", b"box\n"), ("../x", b"escaped\n")):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 1_700_000_000
-            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("etc/hostname")
+        info.size, info.mtime = 4, 1_700_000_000
+        tar.addfile(info, io.BytesIO(b"box\n"))
+        link = tarfile.TarInfo("etc/link")
+        link.type, link.linkname, link.mtime = tarfile.LNKTYPE, "etc/missing", 1_700_000_000
+        tar.addfile(link)
     return buffer.getvalue()
 
 
@@ -148,7 +152,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 def test_gc_finds_and_removes_exactly_the_orphans(state_dir: Path, tmp_path: Path, sample_bucket: SampleBucket,
                                                  s3_client: Any, make_bucket: Callable[..., str]) -> None:
     bucket = make_bucket("gc-hostile")
-    s3_client.put_object(Bucket=bucket, Key="images/evil/1.tar", Body=traversal_tar())
+    s3_client.put_object(Bucket=bucket, Key="images/evil/1.tar", Body=refused_tar())
 
     hostile = process(state_dir, bucket, sample_bucket.endpoint_url, "images/evil/1.tar")
     assert hostile.returncode == 1, hostile.stderr[-3000:]
@@ -219,7 +223,7 @@ def test_gc_finds_and_removes_exactly_the_orphans(state_dir: Path, tmp_path: Pat
 def test_rows_of_devices_already_gone_are_skipped_and_marked(state_dir: Path, s3_client: Any,
                                                             make_bucket: Callable[..., str], s3_server: Any) -> None:
     bucket = make_bucket("gc-gone")
-    s3_client.put_object(Bucket=bucket, Key="images/evil/1.tar", Body=traversal_tar())
+    s3_client.put_object(Bucket=bucket, Key="images/evil/1.tar", Body=refused_tar())
     assert process(state_dir, bucket, s3_server.endpoint_url, "images/evil/1.tar").returncode == 1
     (name,) = orphan_rows(state_dir)
     pool = pool_of(state_dir)
