@@ -122,6 +122,8 @@ class Daemon:
                 server.server_close()
                 socket_path(self.config.state_dir).unlink(missing_ok=True)
             self.executor.shutdown(wait=True, cancel_futures=True)
+            if self.services is not None:
+                self.services.prefetch.shutdown()  # background downloads stop at their next chunk
             if housekeeping is not None:
                 housekeeping.join(timeout=10)
             if metrics_server is not None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 
 
+def next_chain_id(parent: str | None, digest: str) -> str:
+    """The chain id of layer `digest` on the chain `parent` (None: a base layer)."""
+    if parent is None:
+        return digest
+    return "sha256:" + hashlib.sha256(f"{parent} {digest}".encode()).hexdigest()
+
+
 def chain_ids(digests: list[str]) -> list[str]:
     """The chain id of each prefix of `digests` (each "sha256:<hex>")."""
     chains: list[str] = []
     for digest in digests:
-        if not chains:
-            chains.append(digest)
-        else:
-            chains.append("sha256:" + hashlib.sha256(f"{chains[-1]} {digest}".encode()).hexdigest())
+        chains.append(next_chain_id(chains[-1] if chains else None, digest))
     return chains

@@ -11,7 +11,7 @@ from __future__ import annotations
 from catalog.models import DeviceState
 from catalog.records import find_chain
 from fsm.context import StepContext
-from states.layers import current_index, current_layer, device_size, layers
+from states.layers import current_index, current_layer, device_size, layers, resolve_layer
 from states.services import ImageServices
 from support.errors import TransientError
 from support.log import get_logger
@@ -25,8 +25,11 @@ class ChainBusy(TransientError):
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
-    # The guard (and its health check) first: a check that makes the step wait must find
-    # no row written yet, or the re-run would orphan a device that was never made.
+    # The layer's blob first, outside the guard: a wait for a background download must not
+    # hold other jobs' device steps. Then the guard (and its health check): a check that
+    # makes the step wait must find no row written yet, or the re-run would orphan a
+    # device that was never made.
+    resolve_layer(ctx, services)
     with services.operation("create-device"):
         return _create_or_reuse(ctx, services)
 

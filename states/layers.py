@@ -47,3 +47,31 @@ def top_device_id(ctx: StepContext) -> int:
 def device_size(ctx: StepContext, services: ImageServices) -> int:
     """The size asked for this job's new base devices: the request's, else the default."""
     return int(ctx.data["image"].get("device_size_bytes") or services.device_size_bytes)
+
+
+def resolve_layer(ctx: StepContext, services: ImageServices) -> dict[str, Any]:
+    """The current layer with its digest and chain id. A layer still downloading in the
+    background is waited for (in slices: an abort or a shutdown ends the wait), recorded
+    and, when the object was an archive of several layers, spliced in; a job resumed in
+    another process fetches it here itself. Then its chain id, from the layer below."""
+    from images.chain import next_chain_id
+    from images.source import ObjectRef
+    from states.downloading import fetch_object, record_layers
+
+    index = current_index(ctx)
+    layer = current_layer(ctx)
+    if layer.get("pending"):
+        fetched = services.prefetch.take(ctx.job_id, layer["source"], ctx.check_interrupt)
+        if fetched is None:
+            ref = ObjectRef(url=layer["source"], size=layer.get("size"), etag=layer.get("etag"))
+            fetched = fetch_object(ctx, services, ref, show_progress=True)
+        record_layers(ctx, fetched)
+        ctx.data["layers"][index:index + 1] = [
+            {"digest": f["digest"], "format": f["format"], "chain_id": None, "tar_bytes": f.get("tar_bytes")}
+            for f in fetched]
+        layer = current_layer(ctx)
+    if layer.get("chain_id") is None:
+        parent = layers(ctx)[index - 1]["chain_id"] if index > 0 else None
+        layer["chain_id"] = next_chain_id(parent, layer["digest"])
+    ctx.save()
+    return layer

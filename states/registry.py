@@ -3,6 +3,7 @@ runner of a process (the CLI's commands and the daemon alike)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ def build_services(
         state_dir=state_dir,
         pool=pool,
         blobs=BlobStore(state_dir),
-        s3_client=lambda endpoint_url: make_s3_client(endpoint_url=endpoint_url),
+        # One client per endpoint for the process (boto3 clients are thread-safe; making one
+        # costs tens of ms), shared by the job's thread and the prefetch worker.
+        s3_client=functools.cache(lambda endpoint_url: make_s3_client(endpoint_url=endpoint_url)),
         health_guard=health_guard,
         operation=operation,
         device_size_bytes=device_size_bytes,

@@ -12,6 +12,7 @@ from devices.base import ThinPool
 from fsm.context import StepContext
 from images.blobstore import BlobStore
 from images.formats import DEFAULT_LIMITS, Limits
+from images.prefetch import Prefetcher
 from support.progress import Progress, no_progress
 
 DEFAULT_DEVICE_SIZE = 4 * 1024**3
@@ -32,6 +33,7 @@ class ImageServices:
     device_size_bytes: int = DEFAULT_DEVICE_SIZE
     limits: Limits = DEFAULT_LIMITS
     progress: Callable[[str, int | None], Progress] = field(default=no_progress)
+    prefetch: Prefetcher = field(default_factory=Prefetcher)  # later blobs download while layers unpack
 
     @property
     def mount_root(self) -> Path:

@@ -7,6 +7,7 @@ A job interrupted here before the streaming checks existed carries blobs without
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from catalog.records import record_layer
@@ -23,17 +24,30 @@ log = get_logger("states.verifying")
 def run(ctx: StepContext, services: ImageServices) -> str:
     layers: list[dict[str, Any]] = []
     for blob in ctx.data["blobs"]:
+        if blob.get("pending"):
+            layers.append(blob)  # downloading in the background; resolved when its turn comes
+            continue
         layers.extend([blob] if "format" in blob else _verify_unchecked(ctx, blob, services))
     for layer in layers:
-        log.info("blob verified", digest=layer["digest"], format=layer["format"], entries=layer.get("entries"),
-                 uncompressed_bytes=layer.get("tar_bytes"), source=layer["source"])
-    chains = chain_ids([layer["digest"] for layer in layers])
-    ctx.data["layers"] = [{"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
+        if not layer.get("pending"):
+            log.info("blob verified", digest=layer["digest"], format=layer["format"], entries=layer.get("entries"),
+                     uncompressed_bytes=layer.get("tar_bytes"), source=layer["source"])
+    # Chain ids of the layers known now; a pending layer and those above it get theirs in
+    # creating_device (a chain id depends on every layer below).
+    known = [layer["digest"] for layer in itertools.takewhile(lambda layer: not layer.get("pending"), layers)]
+    chains = chain_ids(known) + [None] * (len(layers) - len(known))
+    ctx.data["layers"] = [_pending_layer(layer) if layer.get("pending") else
+                          {"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
                            "tar_bytes": layer.get("tar_bytes")}
                           for layer, chain in zip(layers, chains)]
     ctx.data["layer_index"] = 0
     ctx.data["devices"] = {}
     return "verified"
+
+
+def _pending_layer(blob: dict[str, Any]) -> dict[str, Any]:
+    return {"pending": True, "source": blob["source"], "size": blob.get("size"), "etag": blob.get("etag"),
+            "digest": None, "chain_id": None}
 
 
 def _verify_unchecked(ctx: StepContext, blob: dict[str, Any], services: ImageServices) -> list[dict[str, Any]]:

@@ -24,14 +24,16 @@ from states.aborting import record_orphans
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
 from states.names import IMAGE_WORKFLOW
 from states.services import ImageServices
+from support.errors import TransientError
 
 WORKFLOW_NAME = IMAGE_WORKFLOW
 
 # Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
 NO_RETRY = RetryPolicy(max_attempts=1)
 NETWORK_RETRY = RetryPolicy(max_attempts=3, initial_wait=2.0, max_wait=30.0)
-# creating_device retries one thing only: a chain another job is unpacking (about 10 min).
-CHAIN_BUSY_RETRY = RetryPolicy(max_attempts=45, initial_wait=1.0, max_wait=15.0, transient=(creating_device.ChainBusy,))
+# creating_device retries transient errors only: a chain another job is unpacking (about
+# 10 min), or the layer's background download that failed (fetched again, resumed by Range).
+CHAIN_BUSY_RETRY = RetryPolicy(max_attempts=45, initial_wait=1.0, max_wait=15.0, transient=(TransientError,))
 
 
 def build_image_workflow(services: ImageServices | None) -> Workflow:
@@ -48,6 +50,11 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
 
     def healthy(ctx: StepContext) -> str | None:
         return services.health_guard() if services is not None else None
+
+    def abort_hook(ctx: StepContext, reason: str) -> None:
+        record_orphans(ctx, reason)
+        if services is not None:
+            services.prefetch.cancel(ctx.job_id)  # the layers after this one are not wanted now
 
     guarded = (healthy,)
     return Workflow(
@@ -78,7 +85,7 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
             TransitionSpec("activated", "activating", "snapshotting", guards=guarded),
             TransitionSpec("snapshotted", "snapshotting", "complete"),
         ),
-        on_abort=record_orphans,
+        on_abort=abort_hook,
         describe=describe,
     )
 
@@ -96,7 +103,7 @@ def describe(state: str, data: Mapping[str, Any], event: str | None) -> dict[str
     now = {"devices": data.get("devices"), "snapshot_device_id": data.get("snapshot_device_id")} if event is None else {}
     if state not in LAYER_STATES or index >= len(layers):
         return {k: v for k, v in now.items() if v} or None
-    digest = layers[index]["digest"]
+    digest = layers[index].get("digest") or "pending"
     outcome = LAYER_OUTCOMES.get(event or "")
     text = f"layer {index + 1}/{len(layers)} {digest[:len('sha256:') + 4]}…" + (f" {outcome}" if outcome else "")
     return {"text": text, "layer": index + 1, "layers": len(layers), "digest": digest,

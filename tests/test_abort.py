@@ -175,16 +175,17 @@ def test_a_job_in_a_retry_back_off_is_aborted_at_once_and_abort_wait_returns(sta
                                                                               sample_bucket: SampleBucket) -> None:
     """ChainBusy: another job is making this layer chain's device, so creating_device is
     retried with back-off (up to ~10 min); `fsm abort --wait` ends it at once."""
-    from catalog.records import begin_layer_device
     from cli.app import open_store
     from images.chain import chain_ids
 
     digest = "sha256:" + _sha256(sample_bucket.layers["golang"][0])
     store = open_store(state_dir)
     other, _ = store.create_or_get("image", "another image sharing the base layer", "creating_device", {})
-    with store.transaction() as session:
-        begin_layer_device(session, chain_id=chain_ids([digest])[0], layer_digest=digest, parent_chain_id=None,
-                           size_bytes=64 * 1024**2, job_id=other.id)
+    # The other job's intent row, as the device ledger writes it before create_thin.
+    with sqlite3.connect(state_dir / "images.db") as db:
+        db.execute("INSERT INTO unpacked_images (chain_id, layer_digest, device_id, device_name, size_bytes, state, "
+                   "job_id, created_at, updated_at) VALUES (?, ?, 900, 'thin-900', ?, 'creating', ?, "
+                   "datetime('now'), datetime('now'))", (chain_ids([digest])[0], digest, 64 * 1024**2, other.id))
     proc = start_process_image(state_dir, sample_bucket, "--s3-key", "images/golang/1.tar")
     try:
         rows = poll(lambda: query(state_dir, "SELECT id FROM jobs WHERE error LIKE 'retrying:%being unpacked by job%' "

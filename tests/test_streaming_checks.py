@@ -1,12 +1,15 @@
 """A corrupt blob is caught while it streams in, through a real process-image (SeaweedFS
 over HTTP, real SQLite, the blockfile pool on real loop devices): the job aborts with the
-reason before any device is created, and nothing of the blob is left in the store. A good
-first layer goes first, so the failure is the download's, not an empty pool's."""
+reason before any device is made for it, and nothing of the blob is left in the store. A
+good first layer goes first: the corrupt second one downloads in the background while the
+first is unpacked, so this is also the failure "while the next layer downloads": it leaves
+no half-written blob, and the only device is layer 1's, ready and named by its row."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ REASONS = {"bad digest": "checksum mismatch", "truncated tar": "truncated or cor
 
 @needs_root
 @pytest.mark.parametrize("damage", sorted(REASONS))
-def test_a_corrupt_blob_aborts_the_job_before_any_device(state_dir: Path, s3_client: Any,  # noqa: F811
+def test_a_corrupt_blob_aborts_the_job_before_its_device(state_dir: Path, s3_client: Any,  # noqa: F811
                                                           make_bucket: Callable[..., str], s3_server: Any,
                                                           damage: str) -> None:
     bucket = make_bucket("corrupt")
@@ -58,10 +61,16 @@ def test_a_corrupt_blob_aborts_the_job_before_any_device(state_dir: Path, s3_cli
     (job,) = json.loads(listed.stdout)
     assert job["state"] == "aborted", job
     history = manager(state_dir, "fsm", "history", str(job["id"]), "--json")
-    states = [row["to"] for row in json.loads(history.stdout) if row["kind"] == "transition"]
-    assert "creating_device" not in states and "verifying" not in states, states
-    devices = [p for p in (state_dir / "pool").rglob("*") if p.is_file()] if (state_dir / "pool").exists() else []
-    assert devices == [], devices  # no device file in the pool
+    rows = [row for row in json.loads(history.stdout) if row["kind"] == "transition"]
+    layer_two = [row for row in rows if (row["detail"] or {}).get("layer") == 2]
+    assert rows[-1]["to"] == "aborted" and REASONS[damage] in rows[-1]["error"], rows[-1]
+    assert [row["event"] for row in layer_two] == ["abort"], layer_two  # nothing made for layer 2
+    with sqlite3.connect(state_dir / "images.db") as db:
+        chains = db.execute("SELECT device_name, state FROM unpacked_images").fetchall()
+        orphans = db.execute("SELECT count(*) FROM orphaned_devices").fetchone()[0]
+    assert len(chains) == 1 and chains[0][1] == "ready" and orphans == 0, (chains, orphans)
+    devices = sorted(p.stem for p in (state_dir / "pool").glob("thin-*.img"))
+    assert devices == [chains[0][0]], devices  # layer 1's device, named by its row, reusable
     blobs = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (state_dir / "blobs" / "sha256").iterdir()}
     # Layer 1 (and, for the OCI layout, the sound archive itself): the layer that failed is not there.
     assert len(blobs) == (2 if damage == "bad digest" else 1), sorted(blobs)
