@@ -1,4 +1,6 @@
-"""Crash safety for real: a workflow in a subprocess, SIGKILLed at random points, resumed."""
+"""Crash safety for real: a workflow in a subprocess, SIGKILLed after a random number of its
+side effects (so each kill lands at a step the effects log names), resumed. The real
+workflows' campaign, at named log events, is tests/test_kill_campaign.py."""
 
 from __future__ import annotations
 
@@ -27,19 +29,43 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _effect_lines(effects: Path) -> list[str]:
+    try:
+        return effects.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _kill_after_effects(proc: subprocess.Popen[bytes], effects: Path, count: int, timeout: float = 60) -> str | None:
+    """SIGKILL `proc` once `count` more side-effect lines are in `effects`; the state of the
+    last line written before the kill (where it landed), or None when the run ended first."""
+    before = len(_effect_lines(effects))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = _effect_lines(effects)
+        if len(lines) >= before + count:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return _effect_lines(effects)[-1].split()[1]
+        time.sleep(0.002)  # a poll with a deadline
+    return None
+
+
 @pytest.mark.slow
 def test_random_sigkills_then_resume_completes_every_job(tmp_path: Path) -> None:
     db, effects = tmp_path / "images.db", tmp_path / "effects.log"
     rng = random.Random(1234)
-    killed_mid_run = 0
+    landed: list[str] = []  # the state whose side effect was the last one before each kill
     for trial in range(TRIALS):
         proc = _spawn(str(db), str(effects), str(JOBS), f"trial{trial}")
-        time.sleep(rng.uniform(0.3, 1.6))  # startup takes ~0.4 s: some kills land before any step
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed_mid_run += 1
+        # Each trial's jobs write ~6 effects each: a kill after 1..20 of them lands inside
+        # the run, at a step the log names (not during interpreter start-up).
+        where = _kill_after_effects(proc, effects, rng.randint(1, 20))
+        if where is not None:
+            landed.append(where)
         proc.wait(timeout=30)
-    assert killed_mid_run >= TRIALS // 2, "the kills must actually interrupt work"
+    assert len(landed) >= TRIALS // 2, f"the kills must actually interrupt work: {landed}"
+    assert len(set(landed)) >= 3, f"kills landed in too few states: {Counter(landed)}"
 
     final = _spawn(str(db), str(effects), "0")
     _, err = final.communicate(timeout=120)
