@@ -101,3 +101,42 @@ def test_0003_upgrades_a_database_of_the_release_with_jobs_in_it_and_downgrades(
 def _rows(db: Path, table: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(db) as conn:
         return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+
+
+def test_0004_gives_old_snapshots_their_origins_size_and_goes_back(tmp_path: Path) -> None:
+    """A 0003 database with an image, its chain device and its snapshot: 0004 keeps the rows,
+    fills the snapshot's size from its origin's, leaves vm_id empty; the downgrade keeps them."""
+    db = tmp_path / "images.db"
+    upgrade_database(db, "0003")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO images (id, name, source, top_chain_id, layer_count, activation_status, job_id, "
+                     "created_at, updated_at) VALUES (1, 'fa', 's3://b/fa/', 'sha256:c', 1, 'active', 1, "
+                     "'2026-12-01 10:00:00', '2026-12-01 10:00:00')")
+        conn.execute("INSERT INTO unpacked_images (chain_id, layer_digest, device_id, device_name, size_bytes, state, "
+                     "job_id, created_at, updated_at) VALUES ('sha256:c', 'sha256:c', 1, 'thin-1', 8589934592, "
+                     "'ready', 1, '2026-12-01 10:00:00', '2026-12-01 10:00:00')")
+        conn.execute("INSERT INTO snapshots (image_id, origin_device_id, device_id, device_name, state, job_id, "
+                     "created_at) VALUES (1, 1, 2, 'thin-2', 'ready', 1, '2026-12-01 10:00:01')")
+    upgrade_database(db)
+    assert {"vm_id", "size_bytes", "updated_at"} <= columns(db, "snapshots")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT device_name, vm_id, size_bytes, updated_at FROM snapshots").fetchall() == [
+            ("thin-2", None, 8589934592, "2026-12-01 10:00:01")]
+    downgrade_database(db, "0003")
+    assert "vm_id" not in columns(db, "snapshots")
+    assert [row[4] for row in _rows(db, "snapshots")] == ["thin-2"]
+
+
+def test_0002_downgrade_keeps_every_jobs_history(tmp_path: Path) -> None:
+    """Dropping jobs.stopped_before_step in place: a table copy would cascade job_events away."""
+    db = tmp_path / "images.db"
+    upgrade_database(db, "0002")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO jobs (id, workflow, idempotency_key, state, attempt, context, created_at, updated_at, "
+                     "stopped_before_step) VALUES (1, 'image', 'k', 'complete', 0, '{}', '2026-12-01 10:00:00', "
+                     "'2026-12-01 10:00:05', 0)")
+        conn.execute("INSERT INTO job_events (job_id, seq, from_state, to_state, event, started_at, finished_at, attempt) "
+                     "VALUES (1, 1, 'pending', 'downloading', 'start', '2026-12-01 10:00:00', '2026-12-01 10:00:01', 1)")
+    downgrade_database(db, "0001")
+    assert "stopped_before_step" not in columns(db, "jobs")
+    assert len(_rows(db, "job_events")) == 1 and len(_rows(db, "jobs")) == 1

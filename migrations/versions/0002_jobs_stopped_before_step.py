@@ -22,5 +22,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
+    # In place (SQLite >= 3.35): a batch copy of jobs would drop the old table, and with
+    # foreign keys on, job_events' ON DELETE CASCADE would take every job's history with it.
+    with op.batch_alter_table('jobs', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('stopped_before_step')
