@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from images.formats import Limits
-from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver
+from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver, resolver_name
 from images.tarstream import Member, TarFormatError, TarReader, TarRefused
 from images.writers import WriteFailed, WriterPool, pwrite_all
 from support.errors import PermanentError
@@ -191,6 +191,8 @@ class _Layer:
     so a whiteout or an opaque marker reached through another name still finds them."""
 
     def __init__(self, root: Path, limits: UnpackLimits, resolver: str | None = None) -> None:
+        resolver = resolver_name(resolver)  # a bad setting fails here, before anything is open
+        threads = _writer_threads()
         self.root_fd = os.open(root, DIR_FLAGS)
         self.resolver = open_resolver(self.root_fd, resolver)
         self.limits = limits
@@ -211,7 +213,6 @@ class _Layer:
         # mount says grpid): files already owned as the tar says need no fchown.
         self._new_owner: dict[int, tuple[int, int]] = {}
         self._cache_stale = False
-        threads = _writer_threads()
         self.writers = WriterPool(threads, MAX_QUEUED_BYTES) if threads else None
 
     def close(self) -> None:
