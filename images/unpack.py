@@ -536,7 +536,11 @@ class _Layer:
         if self.writers is None:
             try:
                 if member.size <= PIECE_BYTES:
-                    pwrite_all(fd, tar.small(member), 0)
+                    views = tar.small(member)
+                    if len(views) == 1 and os.pwrite(fd, views[0], 0) == member.size:
+                        pass  # the common case: one read held it all, one pwrite wrote it all
+                    else:
+                        pwrite_all(fd, views, 0)
                 else:
                     for offset, views in tar.pieces(member, PIECE_BYTES):
                         pwrite_all(fd, views, offset)
@@ -556,7 +560,12 @@ class _Layer:
         """After the data (a write clears security.capability and sets the mtime): owner
         (unless it is already right), mode (None: created with it), xattrs, mtime. May run
         on a writer thread."""
-        self.set_owner_xattrs(fd, member, mode=mode, chown=chown)
+        if chown:
+            os.fchown(fd, member.uid, member.gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if member.pax_headers:
+            self.set_xattrs(fd, member)
         os.utime(fd, (mtime, mtime))
 
     def new_owner(self, parent_fd: int, fd: int) -> tuple[int, int]:
@@ -618,8 +627,11 @@ class _Layer:
             os.fchown(fd, member.uid, member.gid)
         if mode is not None:
             os.fchmod(fd, mode)
-        if not member.pax_headers:
-            return
+        if member.pax_headers:
+            self.set_xattrs(fd, member)
+
+    def set_xattrs(self, fd: int, member: Member) -> None:
+        """The xattrs a member's pax records carry (SCHILY.xattr.*), on an open fd."""
         for key, value in member.pax_headers.items():
             if key.startswith(XATTR_PREFIX):
                 self.set_xattr(fd, key[len(XATTR_PREFIX):], value, member.name)
