@@ -44,6 +44,10 @@ class SnapshotTooSmall(PermanentError):
     """A VM snapshot asked for less room than its origin holds."""
 
 
+class DeviceInUse(ManagerError):
+    """A device something holds (mounted, open, under another device): not deleted."""
+
+
 class DeviceKind(StrEnum):
     LAYER = "layer"        # one per layer chain (unpacked_images)
     SNAPSHOT = "snapshot"  # one per VM (snapshots)
@@ -188,6 +192,17 @@ class DeviceLedger:
             session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
             session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
         log.info("device deleted", device_name=device.name, kind=device.kind.value, reason=why)
+
+    def delete_unused(self, device_id: int, *, why: str, active_path: str | None) -> None:
+        """`delete`, for a device nobody should be using (an evicted image's): refused with
+        DeviceInUse, nothing changed, when it is mounted, open or held by another device.
+        `active_path` is its block device when active (None: inactive, nothing can hold it)."""
+        from devices.holders import holders_of
+
+        held = holders_of(active_path) if active_path else []
+        if held:
+            raise DeviceInUse(f"{device_name(device_id)} is in use ({', '.join(held)}); not deleted")
+        self.delete(device_id, why=why)
 
     def free_orphan(self, device_id: int) -> None:
         """Delete a device no live row names (gc, after unmount and deactivate), and mark

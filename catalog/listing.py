@@ -5,12 +5,13 @@ listing command starts and answers without loading SQLAlchemy (the ORM alone cos
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 IMAGES = """
 SELECT i.id, i.name, i.source, i.layer_count, i.activation_status, u.device_name AS top_device, i.job_id,
-       i.updated_at
+       i.updated_at, i.pinned, i.last_used_at
 FROM images i LEFT JOIN unpacked_images u ON u.chain_id = i.top_chain_id
 ORDER BY i.id"""
 
@@ -33,7 +34,7 @@ def read_rows(db_path: Path, sql: str, parameters: tuple[Any, ...] = ()) -> list
 
 
 def list_images(db_path: Path) -> list[dict[str, Any]]:
-    return read_rows(db_path, IMAGES)
+    return [{**row, "pinned": bool(row["pinned"])} for row in read_rows(db_path, IMAGES)]
 
 
 def list_snapshots(db_path: Path) -> list[dict[str, Any]]:
@@ -45,3 +46,17 @@ def image_has_ready_snapshot(db_path: Path, source: str) -> bool:
     cleanup of the database removes them)."""
     return bool(read_rows(db_path, "SELECT 1 FROM snapshots s JOIN images i ON i.id = s.image_id "
                                    "WHERE i.source = ? AND s.state = 'ready' LIMIT 1", (source,)))
+
+
+def record_use(db_path: Path, source: str) -> None:
+    """The image from `source` was used now (a repeat process-image answered from the
+    database): last in eviction's least-recently-used order. One short write transaction."""
+    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        # The text SQLAlchemy writes for a DateTime (catalog/records.py utcnow), so both sort alike.
+        now = datetime.now(timezone.utc).replace(tzinfo=None).isoformat(" ", timespec="microseconds")
+        conn.execute("UPDATE images SET last_used_at = ? WHERE source = ?", (now, source))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -62,10 +64,13 @@ class Image(CatalogBase):
     source: Mapped[str] = mapped_column(Text, unique=True)  # s3://bucket/prefix-or-key
     top_chain_id: Mapped[str | None] = mapped_column(String(71))
     layer_count: Mapped[int] = mapped_column(Integer, default=0)
-    activation_status: Mapped[str] = mapped_column(String(16), default="inactive")
+    activation_status: Mapped[str] = mapped_column(String(16), default="inactive")  # inactive|active|evicted
     job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    # The last process-image or snapshot that used it: eviction takes the oldest first.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # never evicted
 
 
 class ImageLayer(CatalogBase):

@@ -12,13 +12,21 @@ from sqlalchemy.orm import Session
 
 from catalog.models import Image, Snapshot, UnpackedImage
 from catalog.ledger import DeviceLedger, engine_transactions
-from catalog.records import snapshots_of_vm
+from catalog.records import set_pinned, snapshots_of_vm
 from devices.base import ThinPool
 from safeguards.setup import build_cleanup_guard
 from support.errors import ManagerError
 from support.log import get_logger
 
 log = get_logger("catalog.queries")
+
+
+def pin_image(engine: Engine, name_or_id: str, *, pinned: bool) -> str:
+    """Pin or unpin an image (by name or id); its name."""
+    with Session(engine) as session, session.begin():
+        image = set_pinned(session, name_or_id, pinned)
+        log.info("image pinned" if pinned else "image unpinned", image=image.name, image_id=image.id)
+        return image.name
 
 
 def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int | None = None, *, vm_id: str | None = None,

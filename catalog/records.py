@@ -78,6 +78,7 @@ def upsert_image(session: Session, *, name: str, source: str, chain: list[tuple[
     image.layer_count = len(chain)
     image.job_id = job_id
     image.updated_at = now
+    image.last_used_at = now
     session.execute(delete(ImageLayer).where(ImageLayer.image_id == image.id))
     for position, (digest, chain_id) in enumerate(chain):
         session.add(ImageLayer(image_id=image.id, position=position, digest=digest, chain_id=chain_id))
@@ -147,3 +148,34 @@ def image_job_state(session: Session, image: Image) -> str | None:
 
     job = session.get(Job, image.job_id) if image.job_id is not None else None
     return job.state if job is not None else None
+def touch_image(session: Session, image_id: int) -> None:
+    """The image was used now (a process-image or snapshot of it): eviction's LRU order."""
+    image = session.get(Image, image_id)
+    if image is not None:
+        image.last_used_at = utcnow()
+
+
+def touch_image_by_source(session: Session, source: str) -> None:
+    image = session.scalars(select(Image).where(Image.source == source)).first()
+    if image is not None:
+        image.last_used_at = utcnow()
+
+
+def set_pinned(session: Session, name_or_id: str, pinned: bool) -> Image:
+    """Pin (never evicted) or unpin the image `images` lists under this id or name."""
+    from support.errors import ManagerError
+
+    image = find_image(session, name_or_id)
+    if image is None:
+        raise ManagerError(f"image {name_or_id!r} not found; `images` lists them")
+    image.pinned = pinned
+    image.updated_at = utcnow()
+    return image
+
+
+def mark_evicted(session: Session, image_id: int) -> None:
+    """Its devices are gone: processing it again re-creates them."""
+    image = session.get(Image, image_id)
+    if image is not None:
+        image.activation_status = "evicted"
+        image.updated_at = utcnow()

@@ -12,6 +12,7 @@ import click
 
 from cli.app import common_options, exclusive, image_source_options, open_database, open_store, options_of, show_progress
 from cli.main import register
+from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS
 from support.log import get_logger
 from support.sizes import parse_size
@@ -37,6 +38,9 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     with exclusive(options.state_dir, "process-image"):
         job = completed_job(open_database(options.state_dir), request) if _pool_attached(options.state_dir, backend) else None
         if job is not None:
+            from catalog.listing import record_use
+
+            record_use(database_path(options.state_dir), request.source)
             log.info("image already complete; nothing to do", job_id=job["id"], image=request.name)
         else:
             job = _run_image_job(options.state_dir, backend, request)
@@ -109,21 +113,32 @@ def snapshot_result_line(job_id: int | None, state: str | None, context: str | N
     return " ".join(f"{k}={v}" for k, v in result.items() if v is not None)
 
 
-@click.command("setup-pool", help="Create the thin pool if missing, or re-attach it after a reboot.")
+@click.command("setup-pool", help="Create the thin pool if missing, or re-attach it after a reboot; "
+                                  "--grow enlarges a live pool. Prints the pool's usage.")
 @click.option("--db", "db", default=None, type=click.Path(dir_okay=False),
               help="Database path; the pool files go in its directory (default <state-dir>/images.db).")
 @click.option("--data-size", default="2G", show_default=True)
 @click.option("--metadata-size", default="1M", show_default=True)
+@click.option("--grow", "grow", default=None, metavar="SIZE", help="Grow the live pool's data to SIZE (never shrinks).")
+@click.option("--grow-metadata", "grow_metadata", default=None, metavar="SIZE",
+              help="Grow the live pool's metadata to SIZE (devicemapper).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
               help="Pool backend (env FLYIO_BACKEND).")
+@policy_options
 @common_options
 @click.pass_context
-def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, backend: str) -> None:
+def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, grow: str | None,
+               grow_metadata: str | None, backend: str, pool_warn: str | None, pool_high: str | None,
+               pool_low: str | None) -> None:
     from catalog.reconcile import ensure_pool
     from devices.base import PoolConfig
+    from devices.policy import usage_line, warn_if_above
     from devices.select import open_pool
 
     options = options_of(ctx)
+    policy = policy_of(pool_warn, pool_high, pool_low)
+    grow_bytes = parse_size(grow) if grow else None
+    grow_metadata_bytes = parse_size(grow_metadata) if grow_metadata else None
     state_dir = Path(db).parent if db else options.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = PoolConfig(directory=str(state_dir), data_size_bytes=parse_size(data_size),
@@ -132,26 +147,40 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
         store = open_store(state_dir)
         pool = open_pool(state_dir, backend, config)
         status = ensure_pool(pool, store.engine)
+        if grow_bytes is not None or grow_metadata_bytes is not None:
+            pool.grow_pool(data_size_bytes=grow_bytes, metadata_size_bytes=grow_metadata_bytes)
         status = pool.validate_pool_health()
+    warn_if_above(status, policy)
     click.echo(f"pool ready: backend={status.backend} data={status.used_data_blocks}/{status.total_data_blocks} "
                f"metadata={status.used_metadata_blocks}/{status.total_metadata_blocks}")
+    click.echo(f"pool usage: {usage_line(status, policy)}")
 
 
-@click.command("images", help="List images and their activation status.")
+@click.command("images", help="List images and their activation status; --pin/--unpin keep an image from eviction.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--pin", "pin", default=None, metavar="NAME", help="Never evict this image (name or id).")
+@click.option("--unpin", "unpin", default=None, metavar="NAME", help="Let this image be evicted again.")
 @common_options
 @click.pass_context
-def images_cmd(ctx: click.Context, as_json: bool) -> None:
+def images_cmd(ctx: click.Context, as_json: bool, pin: str | None, unpin: str | None) -> None:
     from catalog.listing import list_images
 
+    if pin or unpin:
+        from catalog.queries import pin_image
+
+        if pin and unpin:
+            raise click.UsageError("--pin and --unpin exclude each other")
+        name = pin_image(open_store(options_of(ctx).state_dir).engine, str(pin or unpin), pinned=bool(pin))
+        click.echo(f"image {name} {'pinned' if pin else 'unpinned'}")
+        return
     rows = list_images(open_database(options_of(ctx).state_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
-    click.echo(f"{'ID':>4}  {'NAME':<20} {'LAYERS':>6}  {'STATUS':<9} {'TOP DEVICE':<12} SOURCE")
+    click.echo(f"{'ID':>4}  {'NAME':<20} {'LAYERS':>6}  {'STATUS':<9} {'TOP DEVICE':<12} {'PINNED':<6} SOURCE")
     for r in rows:
         click.echo(f"{r['id']:>4}  {r['name']:<20} {r['layer_count']:>6}  {r['activation_status']:<9} "
-                   f"{r['top_device'] or '-':<12} {r['source']}")
+                   f"{r['top_device'] or '-':<12} {'yes' if r['pinned'] else '-':<6} {r['source']}")
 
 
 @click.command("snapshots", help="List VM snapshots.")

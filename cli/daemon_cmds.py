@@ -12,6 +12,7 @@ from cli.commands import snapshot_result_line
 from cli.main import register
 from daemon.protocol import DaemonNotRunning, request
 from devices.select import BACKENDS
+from cli.policy_opts import policy_of, policy_options
 from support.errors import ManagerError
 from support.sizes import parse_size
 
@@ -27,18 +28,21 @@ from support.sizes import parse_size
 @click.option("--device-size", default="4G", show_default=True,
               help="Virtual size of each thin device, unless a request gives its own device_size.")
 @click.option("--health-interval", default=30.0, show_default=True, type=float,
-              help="Seconds between the periodic health checks counted in the metrics.")
+              help="Seconds between the periodic health checks (and pool usage checks: eviction above the "
+                   "high watermark).")
+@policy_options
 @common_options
 @click.pass_context
 def daemon_cmd(ctx: click.Context, metrics_port: int, metrics_address: str, workers: int, backend: str,
-               device_size: str, health_interval: float) -> None:
+               device_size: str, health_interval: float, pool_warn: str | None, pool_high: str | None,
+               pool_low: str | None) -> None:
     from daemon.server import Daemon, DaemonConfig
 
     state_dir = options_of(ctx).state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=parse_size(device_size),
                           metrics_address=metrics_address, metrics_port=metrics_port or None,
-                          health_interval=health_interval)
+                          health_interval=health_interval, policy=policy_of(pool_warn, pool_high, pool_low))
     ctx.exit(Daemon(config, open_store(state_dir)).serve())
 
 

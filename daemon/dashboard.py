@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from devices.base import PoolStatus
+from devices.policy import ABOVE_THRESHOLD, UsagePolicy
 from safeguards.health import CheckResult, SystemHealthChecker
 from support.errors import ManagerError
 from support.paths import database_path
@@ -62,13 +63,15 @@ class DashboardFrame:
     transitions: list[Transition]
     orphans: list[Orphan]
     health: list[CheckResult] = field(default_factory=list)
+    policy: UsagePolicy = field(default_factory=UsagePolicy)
 
 
 def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def read_frame(state_dir: Path, pool_status: Callable[[], PoolStatus], checker: SystemHealthChecker) -> DashboardFrame:
+def read_frame(state_dir: Path, pool_status: Callable[[], PoolStatus], checker: SystemHealthChecker,
+               policy: UsagePolicy | None = None) -> DashboardFrame:
     """Gather one frame. The database is opened with mode=ro: monitor never writes."""
     db = database_path(state_dir)
     if not db.exists():
@@ -96,7 +99,8 @@ def read_frame(state_dir: Path, pool_status: Callable[[], PoolStatus], checker: 
     finally:
         conn.close()
     return DashboardFrame(taken_at=now, pool=pool_status(), jobs_by_state=by_state, running=running,
-                          transitions=transitions, orphans=orphans, health=list(checker.check_all().results))
+                          transitions=transitions, orphans=orphans, health=list(checker.check_all().results),
+                          policy=policy or UsagePolicy())
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -120,7 +124,8 @@ def _gib(blocks: int, block_bytes: int) -> str:
     return f"{blocks * block_bytes / 1024**3:.2f} GiB"
 
 
-def pool_lines(pool: PoolStatus, fancy: bool) -> list[str]:
+def pool_lines(pool: PoolStatus, fancy: bool, policy: UsagePolicy | None = None) -> list[str]:
+    policy = policy or UsagePolicy()
     if not pool.exists:
         return ["pool: does not exist (run `flyio-image-manager setup-pool`)"]
     flags = [name for name, bad in (("needs_check", pool.needs_check), ("read_only", pool.read_only),
@@ -131,13 +136,15 @@ def pool_lines(pool: PoolStatus, fancy: bool) -> list[str]:
         f"({_gib(pool.used_data_blocks, pool.data_block_bytes)} of {_gib(pool.total_data_blocks, pool.data_block_bytes)})",
         f"metadata  {usage_bar(pool.metadata_used_fraction, fancy=fancy)} {pool.metadata_used_fraction:6.1%} used "
         f"({pool.used_metadata_blocks} of {pool.total_metadata_blocks})",
+        f"policy    {policy.describe()}" + (f"  WARNING: {ABOVE_THRESHOLD}" if policy.above_warning(pool) else "")
+        + ("  above the high watermark: the daemon evicts images" if policy.above_high(pool) else ""),
     ]
 
 
 def render_plain(frame: DashboardFrame) -> str:
     """The frame as plain text (for --once when stdout is not a terminal): one fact per line."""
     out = [f"flyio-image-manager monitor  {frame.taken_at:%Y-%m-%d %H:%M:%S} UTC", ""]
-    out += pool_lines(frame.pool, fancy=False)
+    out += pool_lines(frame.pool, fancy=False, policy=frame.policy)
     jobs = " ".join(f"{state}={count}" for state, count in sorted(frame.jobs_by_state.items())) or "none"
     out += ["", f"jobs: {jobs}", f"running jobs: {len(frame.running)}"]
     out += [f"  job {j.id} state={j.state} age={_age(j.age_seconds)} updated={_age(j.idle_seconds)} ago"
@@ -154,7 +161,7 @@ def render_plain(frame: DashboardFrame) -> str:
 
 def render_rich(frame: DashboardFrame) -> RenderableType:
     """The frame as rich panels and tables, for the live terminal dashboard."""
-    pool = Text("\n".join(pool_lines(frame.pool, fancy=True)))
+    pool = Text("\n".join(pool_lines(frame.pool, fancy=True, policy=frame.policy)))
     jobs = Table(show_header=True, header_style="bold", expand=False, box=None)
     for state in sorted(frame.jobs_by_state):
         jobs.add_column(state, justify="right")

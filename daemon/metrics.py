@@ -7,11 +7,15 @@ Read on every scrape (from the database and the pool, so they are never stale):
   flyio_pool_data_used_ratio / flyio_pool_metadata_used_ratio
   flyio_pool_data_used_bytes / flyio_pool_data_total_bytes
   flyio_daemon_requests{state}            the daemon's requests by spool state
+  flyio_pool_warn_threshold_ratio / flyio_pool_high_watermark_ratio / flyio_pool_low_watermark_ratio
+  flyio_pool_usage_above_threshold        1 when data or metadata is at or above the warning threshold
 Updated by the daemon's housekeeping loop:
   flyio_transition_duration_seconds{from_state,to_state}   histogram, from new job_events rows
   flyio_health_check_failures_total{check}                 counter
   flyio_health_check_passed{check}                         1/0, the latest result
   flyio_health_checks_total                                health check rounds run
+  flyio_images_evicted_total                               images evicted (watermark or admission)
+  flyio_eviction_runs_total                                eviction runs
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from devices.base import PoolStatus
+from devices.policy import UsagePolicy
 from safeguards.health import HealthReport
 from support.log import get_logger
 
@@ -39,10 +44,11 @@ class StateCollector(Collector):
     """Gauges computed at scrape time from the database, the pool and the request spool."""
 
     def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
-                 request_counts: Callable[[], dict[str, int]]) -> None:
+                 request_counts: Callable[[], dict[str, int]], policy: UsagePolicy | None = None) -> None:
         self.engine = engine
         self.pool_status = pool_status
         self.request_counts = request_counts
+        self.policy = policy or UsagePolicy()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("flyio_jobs", "Jobs by state (jobs table).", labels=["state"])
@@ -63,6 +69,14 @@ class StateCollector(Collector):
                                 value=status.used_data_blocks * status.data_block_bytes)
         yield GaugeMetricFamily("flyio_pool_data_total_bytes", "Pool data space, bytes.",
                                 value=status.total_data_blocks * status.data_block_bytes)
+        yield GaugeMetricFamily("flyio_pool_warn_threshold_ratio", "Usage (data or metadata) that is warned of.",
+                                value=self.policy.warn)
+        yield GaugeMetricFamily("flyio_pool_high_watermark_ratio", "Data usage from which images are evicted.",
+                                value=self.policy.high)
+        yield GaugeMetricFamily("flyio_pool_low_watermark_ratio", "Data usage eviction brings the pool below.",
+                                value=self.policy.low)
+        yield GaugeMetricFamily("flyio_pool_usage_above_threshold", "1 when data or metadata usage is at or above "
+                                "the warning threshold.", value=1 if self.policy.above_warning(status) else 0)
 
         requests = GaugeMetricFamily("flyio_daemon_requests", "The daemon's requests by state.", labels=["state"])
         for state, count in sorted(self.request_counts().items()):
@@ -74,10 +88,13 @@ class DaemonMetrics:
     """The registry and the metrics the housekeeping loop updates."""
 
     def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
-                 request_counts: Callable[[], dict[str, int]]) -> None:
+                 request_counts: Callable[[], dict[str, int]], policy: UsagePolicy | None = None) -> None:
         self.engine = engine
         self.registry = CollectorRegistry()
-        self.registry.register(StateCollector(engine, pool_status, request_counts))
+        self.registry.register(StateCollector(engine, pool_status, request_counts, policy))
+        self.images_evicted = Counter("flyio_images_evicted", "Images evicted (watermark or admission).",
+                                      registry=self.registry)
+        self.eviction_runs = Counter("flyio_eviction_runs", "Eviction runs.", registry=self.registry)
         self.transition_seconds = Histogram(
             "flyio_transition_duration_seconds", "Time spent in a state before each transition (job_events).",
             ["from_state", "to_state"], buckets=DURATION_BUCKETS, registry=self.registry)

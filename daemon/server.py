@@ -19,13 +19,14 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
 from daemon.metrics import DaemonMetrics
+from devices.policy import UsagePolicy, warn_if_above
 from daemon.protocol import decode, encode, socket_path
 from daemon.requests import (DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool,
                              request_size)
@@ -59,6 +60,7 @@ class DaemonConfig:
     metrics_address: str = "127.0.0.1"
     metrics_port: int | None = 9464          # None: no metrics endpoint
     health_interval: float = 30.0
+    policy: UsagePolicy = field(default_factory=UsagePolicy)  # warning threshold and eviction watermarks
 
 
 class Daemon:
@@ -76,6 +78,7 @@ class Daemon:
         self._job_locks: dict[int, threading.Lock] = {}
         self._running: set[int] = set()
         self._state_lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="job")
         self.metrics: DaemonMetrics | None = None
         self.exit_code = 0
@@ -95,7 +98,10 @@ class Daemon:
             environment = open_environment(self.config.state_dir, self.store, backend=self.config.backend,
                                            stop_event=self.stop_event)
             self.services, self._runner = environment.services, environment.runner
-            self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts)
+            # Admission evicts before it makes a job wait for room (states/admission.py).
+            self.services.policy, self.services.evict = self.config.policy, self.evict_images
+            self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts,
+                                         self.config.policy)
             if self.config.metrics_port is not None:
                 try:
                     metrics_server, _thread = start_http_server(self.config.metrics_port, addr=self.config.metrics_address,
@@ -353,6 +359,34 @@ class Daemon:
                 self.spool.save(record)
                 self.executor.submit(self._work, record)
 
+    # -- capacity -----------------------------------------------------------------------
+
+    def evict_images(self) -> Any:
+        """Evict least recently used images until data usage is below the low watermark,
+        inside the cleanup Operation Guard (never during another job's device step). One
+        eviction at a time; a second caller waits for the first and finds the pool freed."""
+        from catalog.eviction import evict_images
+        from safeguards.setup import build_cleanup_guard
+
+        assert self.services is not None
+        with self._evict_lock:
+            report = evict_images(self.store.engine, self.services.pool, self.config.policy, dry_run=False,
+                                  operation=build_cleanup_guard(self.config.state_dir))
+        if self.metrics is not None:
+            self.metrics.eviction_runs.inc()
+            self.metrics.images_evicted.inc(len(report.evicted))
+        return report
+
+    def _watch_usage(self) -> None:
+        """Say when usage is above the warning threshold; evict above the high watermark."""
+        assert self.services is not None
+        status = self.services.pool.get_pool_status()
+        warn_if_above(status, self.config.policy)
+        if self.config.policy.above_high(status):
+            log.warning("pool data usage above the high watermark; evicting images",
+                        data_used=f"{status.data_used_fraction:.1%}", high_watermark=f"{self.config.policy.high:.0%}")
+            self.evict_images()
+
     # -- housekeeping -------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
@@ -375,6 +409,7 @@ class Daemon:
                 self.metrics.observe_new_transitions()
                 if now >= next_health:
                     self.metrics.record_health(checker.check_all())
+                    self._watch_usage()
                     next_health = now + self.config.health_interval
             except LockLost as exc:  # another manager runs now: stop, at safe points, with an error
                 log.error("manager lock lost; stopping", error=str(exc))

@@ -133,3 +133,21 @@ class ThinPool(Protocol):
     def list_devices(self) -> list[DeviceInfo]:
         """Every thin device the pool holds, active or not."""
         ...
+
+    def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:
+        """Enlarge the live pool (its devices untouched, active or mounted); a size below
+        the current one is a ManagerError (shrinking is refused). A power cut part-way
+        leaves a pool that re-attaches at the old or the new size."""
+        ...
+
+
+class PoolShrinkRefused(ManagerError):
+    """--grow to a size below the pool's current one."""
+
+
+def check_growth(what: str, current: int, wanted: int) -> bool:
+    """Whether `wanted` grows `current` (equal: nothing to do); PoolShrinkRefused if it shrinks."""
+    if wanted < current:
+        raise PoolShrinkRefused(f"cannot shrink the pool's {what} from {current} to {wanted} bytes; "
+                                "a pool only grows (shrinking would cut devices short)")
+    return wanted > current

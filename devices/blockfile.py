@@ -24,11 +24,12 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from devices import loop
-from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, device_id_from_name,
-                          device_name)
+from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
+                          device_id_from_name, device_name)
 from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.errors import ManagerError
 from support.log import get_logger
@@ -48,6 +49,7 @@ MIN_FREE_FRACTION = 0.10  # refuse new devices below this share of free pool spa
 MAX_THIN_ID = 2**24 - 1  # dm-thin device ids are 24 bits; the same rule here keeps ids portable
 COPY_CHUNK = 8 << 20
 MKFS_XFS_TIMEOUT = 120.0
+GROW_TIMEOUT = 120.0
 PROBE_TIMEOUT = 30.0
 FLUSH_TIMEOUT = 60.0
 IMAGE_SUFFIX = ".img"
@@ -140,7 +142,9 @@ class BlockfilePool:
             raise ManagerError(f"{self.data_file} holds {content}, not an XFS pool; refusing to format it")
         else:
             log.info("re-attaching existing pool files", pool_name=self.config.pool_name, path=str(self.data_file))
-        if not self.meta_file.exists():
+        recorded = (self._read_meta() or {}).get("data_size_bytes")
+        if not self.meta_file.exists() or recorded != self.data_file.stat().st_size:
+            # A grow cut short between extending pool_data and recording it: the file's size stands.
             self._write_meta(MODE_XFS)
         self._attach_and_mount()
 
@@ -203,9 +207,11 @@ class BlockfilePool:
         return meta if isinstance(meta, dict) else None
 
     def _write_meta(self, mode: str) -> None:
-        """pool_meta: metadata_size_bytes long (as the guide's file), a JSON record at its head."""
+        """pool_meta: metadata_size_bytes long (as the guide's file), a JSON record at its head.
+        The data size recorded is pool_data's actual size (a grow may have extended it)."""
+        data_size = self.data_file.stat().st_size if self.data_file.exists() else self.config.data_size_bytes
         meta = {"backend": self.backend_name, "mode": mode, "pool_name": self.config.pool_name,
-                "data_size_bytes": self.config.data_size_bytes, "metadata_size_bytes": self.config.metadata_size_bytes}
+                "data_size_bytes": data_size, "metadata_size_bytes": self.config.metadata_size_bytes}
         fresh = self.meta_file.with_name("pool_meta.new")
         with open(fresh, "wb") as fh:
             fh.write(json.dumps(meta).encode())
@@ -291,6 +297,39 @@ class BlockfilePool:
             for device in sorted(pool_loops):
                 loop.detach(device)
         log.info("pool torn down", pool_name=self.config.pool_name, mode=self.mode())
+
+    def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:
+        """Extend pool_data (sparse), `losetup -c` its loop, `xfs_growfs` the mounted pool,
+        then record the size in pool_meta. Each step leaves a pool that mounts: XFS only
+        ever uses what its superblock says, and the file is extended before XFS grows.
+        The blockfile pool has no separate metadata space (XFS inodes grow with data)."""
+        if metadata_size_bytes is not None:
+            raise ManagerError("the blockfile pool keeps no separate metadata space (its inodes grow with "
+                               "--grow); --grow-metadata applies to the devicemapper backend")
+        if self.mode() != MODE_XFS:
+            raise ManagerError(f"a directory-mode pool ({self.mount_point}) grows with its host filesystem")
+        self._require_pool()
+        if data_size_bytes is None:
+            return self.get_pool_status()
+        current = self.data_file.stat().st_size
+        device = self._pool_loop()
+        if device is None:
+            raise PoolUnhealthy(f"no loop device backs {self.data_file}; run `flyio-image-manager setup-pool`")
+        if check_growth("data", current, data_size_bytes):
+            with open(self.data_file, "r+b") as fh:
+                fh.truncate(data_size_bytes)
+                os.fsync(fh.fileno())
+            log.info("pool file extended", path=str(self.data_file), old_size=current, new_size=data_size_bytes)
+        # Run even when the file already has the size: a grow cut short after the extend
+        # is finished by running it again.
+        run_command(["losetup", "-c", device], timeout=GROW_TIMEOUT)
+        run_command(["xfs_growfs", str(self.mount_point)], timeout=GROW_TIMEOUT)
+        self.config = replace(self.config, data_size_bytes=max(data_size_bytes, current))
+        self._write_meta(MODE_XFS)
+        status = self.get_pool_status()
+        log.info("pool grown", pool_name=self.config.pool_name, backend=self.backend_name, data_size=data_size_bytes,
+                 total_bytes=status.total_data_blocks * status.data_block_bytes)
+        return status
 
     # -- devices ----------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from devices import loop
-from devices.base import DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, device_id_from_name, device_name
+from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
+                          device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
 from devices.mount import mounts
 from support.errors import ManagerError
@@ -206,6 +207,49 @@ class DevicemapperPool:
         for path in (self.meta_file, self.data_file):
             for device in loop.find_backing(path):
                 loop.detach(device)
+
+    def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:
+        """Extend the backing file(s), `losetup -c` their loops, then reload the pool's
+        table (data: the new length) and resume: dm-thin resizes its data and metadata
+        devices on resume. Thin devices stay active and mounted; their I/O waits out the
+        suspend. A power cut at any point: re-attach builds the table from the files'
+        actual sizes, and the kernel grows the pool to them on its first resume."""
+        status = self.get_pool_status()
+        if not status.exists:
+            raise PoolUnhealthy(f"pool {self.pool_name} does not exist; run `flyio-image-manager setup-pool`")
+        for path, wanted, what in ((self.data_file, data_size_bytes, "data"),
+                                   (self.meta_file, metadata_size_bytes, "metadata")):
+            if wanted is None:
+                continue
+            current = path.stat().st_size
+            if check_growth(what, current, wanted):
+                with open(path, "r+b") as fh:
+                    fh.truncate(wanted)
+                    os.fsync(fh.fileno())
+                log.info("pool file extended", path=str(path), old_size=current, new_size=wanted)
+            for device in loop.find_backing(path):
+                run_command(["losetup", "-c", device], timeout=DMSETUP_TIMEOUT)
+        if data_size_bytes is None and metadata_size_bytes is None:
+            return status
+        self._reload_pool_table()
+        status = self.get_pool_status()
+        log.info("pool grown", pool_name=self.pool_name, backend=self.backend_name,
+                 data_bytes=status.total_data_blocks * status.data_block_bytes,
+                 metadata_blocks=status.total_metadata_blocks)
+        return status
+
+    def _reload_pool_table(self) -> None:
+        """The pool's table with the data file's current length: suspend, reload, resume
+        (resumed in finally: a pool left suspended would hang every thin device)."""
+        fields = self._dmsetup("table", self.pool_name).stdout.split()
+        if len(fields) < 7 or fields[2] != "thin-pool":
+            raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
+        fields[1] = str(self.data_file.stat().st_size // SECTOR)
+        self._dmsetup("suspend", self.pool_name)
+        try:
+            self._dmsetup("reload", self.pool_name, "--table", " ".join(fields))
+        finally:
+            self._dmsetup("resume", self.pool_name)
 
     # -- devices ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from catalog.models import DeviceState
 from catalog.records import find_chain
 from fsm.context import StepContext
+from states.admission import admit
 from states.layers import current_index, current_layer, device_size, layers, resolve_layer
 from states.services import ImageServices
 from support.errors import TransientError
@@ -26,10 +27,17 @@ class ChainBusy(TransientError):
 
 def run(ctx: StepContext, services: ImageServices) -> str:
     # The layer's blob first, outside the guard: a wait for a background download must not
-    # hold other jobs' device steps. Then the guard (and its health check): a check that
-    # makes the step wait must find no row written yet, or the re-run would orphan a
-    # device that was never made.
-    resolve_layer(ctx, services)
+    # hold other jobs' device steps. Then admission, also before the guard: evicting takes
+    # the guard itself, and a wait must find no row written yet (a chain already ready
+    # needs no room). Then the guard (and its health check): a check that makes the step
+    # wait must find no row written yet, or the re-run would orphan a device that was
+    # never made.
+    layer = resolve_layer(ctx, services)
+    with ctx.transaction() as session:
+        row = find_chain(session, layer["chain_id"])
+        ready = row is not None and row.state == DeviceState.READY
+    if not ready:
+        admit(services, tar_bytes=int(layer.get("tar_bytes") or 0), base=current_index(ctx) == 0, job_id=ctx.job_id)
     with services.operation("create-device"):
         return _create_or_reuse(ctx, services)
 

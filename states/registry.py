@@ -24,6 +24,7 @@ def build_services(
     show_progress: bool = False,
 ) -> ImageServices:
     """The real collaborators: the chosen pool backend, blob store, S3, health checks, guard."""
+    from devices.policy import policy_from
     from devices.select import open_pool
     from images.blobstore import BlobStore
     from images.source import make_s3_client
@@ -43,6 +44,7 @@ def build_services(
         operation=operation,
         device_size_bytes=device_size_bytes,
         progress=terminal_progress if show_progress else no_progress,
+        policy=policy_from(),  # FLYIO_POOL_* (the daemon sets its own from its flags)
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from catalog.ledger import DeviceLedger
 from devices.base import ThinPool
+from devices.policy import UsagePolicy
 from fsm.context import StepContext
 from images.blobstore import BlobStore
 from images.formats import DEFAULT_LIMITS, Limits
@@ -34,6 +35,10 @@ class ImageServices:
     limits: Limits = DEFAULT_LIMITS
     progress: Callable[[str, int | None], Progress] = field(default=no_progress)
     prefetch: Prefetcher = field(default_factory=Prefetcher)  # later blobs download while layers unpack
+    # Admission (states/admission.py): the watermarks, and in the daemon the eviction a job
+    # runs before it waits for room (None: the job only waits).
+    policy: UsagePolicy = field(default_factory=UsagePolicy)
+    evict: Callable[[], Any] | None = None
 
     @property
     def mount_root(self) -> Path:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from catalog.ledger import Device, device_of_row
 from catalog.models import DeviceState
 from catalog.records import get_image, mark_image_active, snapshot_of_job, top_layer_device
-from devices.filesystem import grow_filesystem
+from devices.filesystem import add_journal, grow_filesystem
 from fsm.context import StepContext
 from states.services import ImageServices
 from support.errors import ManagerError
@@ -49,7 +49,15 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     path = ledger.activate(snapshot.device_id)
     if snapshot.size_bytes > origin.size_bytes:
         grow_filesystem(path)
+    journal_for_vm(path)
     return _hand_out(ctx, ledger.mark_ready(snapshot.device_id), path, origin)
+
+
+def journal_for_vm(path: str) -> None:
+    """Layers are journal-less (devices/filesystem.py); the VM's snapshot gets its journal
+    here, before it is handed out (issue 12's space work)."""
+    if add_journal(path):
+        log.info("journal added to snapshot", device=path)
 
 
 def origin_device(session: Session, image_id: int) -> Device:

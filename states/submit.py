@@ -110,5 +110,11 @@ def process_request(runner: Runner, request: ImageRequest) -> Job:
     if job is not None and job.state == "complete":
         db_path = Path(str(runner.store.engine.url.database))
         if not image_has_ready_snapshot(db_path, request.source):
-            runner.reopen(job.id, "the image's snapshot is gone (pool reset or database cleaned)")
-    return runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())
+            runner.reopen(job.id, "the image's snapshot is gone (evicted, pool reset or database cleaned)")
+    job = runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())
+    if job.state == "complete":
+        from catalog.records import touch_image_by_source
+
+        with runner.store.transaction() as session:
+            touch_image_by_source(session, request.source)  # used now: last in eviction's order
+    return job

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from catalog.ledger import SnapshotTooSmall
 from catalog.models import DeviceState, Image, UnpackedImage
-from catalog.records import find_image, get_image, image_job_state, snapshot_of_vm, top_layer_device
+from catalog.records import find_image, get_image, image_job_state, snapshot_of_vm, top_layer_device, touch_image
 from fsm.context import StepContext
 from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
 from fsm.models import Job
@@ -82,6 +82,8 @@ def _ready_origin(session: Session, image: Image) -> UnpackedImage:
     """The image's top layer device, when the image is complete (its job complete, the
     device ready); else ImageNotReady."""
     origin = top_layer_device(session, image)
+    if image.activation_status == "evicted":
+        raise ImageNotReady(f"image {image.name!r} (id {image.id}) was evicted; process it again to re-create it")
     if origin is None or origin.state != DeviceState.READY or image_job_state(session, image) != "complete":
         raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
                             f"`fsm show {image.job_id}` says where its job stands")
@@ -124,6 +126,7 @@ def activate_origin(ctx: StepContext, services: ImageServices) -> str:
         image = get_image(session, int(ctx.data["image_id"]))
         origin = _ready_origin(session, image)
         origin_id, origin_name = origin.device_id, origin.device_name
+        touch_image(session, image.id)  # used now: last in eviction's order
     present = {device.device_id for device in services.pool.list_devices()}
     if origin_id not in present:
         raise ImageNotReady(f"image {ctx.data['image']['name']!r}: its device {origin_name} is missing from the pool; "

@@ -1,0 +1,57 @@
+"""Admission: before a job creates a layer's device, the layer's size plus filesystem
+overhead is compared with the pool's free space. A device that would take data usage to
+or past the high watermark first makes the daemon evict (services.evict), and if that
+is not enough the job waits (PoolFullWait, a NotReadyError: the runner backs off and
+tries again, the reason recorded), instead of running the pool out; dm-thin's
+`queue_if_no_space` would otherwise stall every writer of the pool."""
+
+from __future__ import annotations
+
+from devices.base import PoolStatus
+from states.services import ImageServices
+from support.errors import NotReadyError
+from support.log import get_logger
+
+log = get_logger("states.admission")
+
+MIB = 1024**2
+# What mkfs and the unpack write beyond the layer's own bytes: inode tables, bitmaps and
+# directories (measured, docs/performance.md), with room to spare.
+BASE_DEVICE_OVERHEAD = 32 * MIB
+CONTENT_OVERHEAD = 0.10
+
+
+class PoolFullWait(NotReadyError):
+    """The layer's device would take the pool past its high watermark."""
+
+
+def estimated_bytes(tar_bytes: int, base: bool) -> int:
+    """Pool space a layer of `tar_bytes` (decompressed tar) is expected to take."""
+    return int(tar_bytes * (1 + CONTENT_OVERHEAD)) + (BASE_DEVICE_OVERHEAD if base else MIB)
+
+
+def _would_cross(status: PoolStatus, need: int, high: float) -> bool:
+    total = status.total_data_blocks * status.data_block_bytes
+    used = status.used_data_blocks * status.data_block_bytes
+    return bool(total) and (used + need) / total >= high
+
+
+def admit(services: ImageServices, *, tar_bytes: int, base: bool, job_id: int) -> None:
+    """Return when the layer fits below the high watermark (after evicting, in the
+    daemon); else raise PoolFullWait naming the sizes."""
+    need = estimated_bytes(tar_bytes, base)
+    high = services.policy.high
+    status = services.pool.get_pool_status()
+    if not status.exists or not _would_cross(status, need, high):
+        return
+    if services.evict is not None:
+        log.warning("pool would cross the high watermark; evicting images first", job_id=job_id, need_bytes=need,
+                    free_bytes=status.free_data_bytes, high_watermark=f"{high:.0%}")
+        services.evict()
+        status = services.pool.get_pool_status()
+        if not _would_cross(status, need, high):
+            return
+    raise PoolFullWait(f"pool has no room below its high watermark ({high:.0%}) for this layer: needs about "
+                       f"{need / MIB:.1f} MiB, {status.free_data_bytes / MIB:.1f} MiB free "
+                       f"({status.data_used_fraction:.1%} used); free space (gc --images --force) or grow the pool "
+                       f"(setup-pool --grow)")
