@@ -16,8 +16,8 @@ log = get_logger("states.admission")
 
 MIB = 1024**2
 # What mkfs and the unpack write beyond the layer's own bytes: inode tables, bitmaps and
-# directories (measured, docs/performance.md), with room to spare.
-BASE_DEVICE_OVERHEAD = 32 * MIB
+# directories, and the first snapshot's 8 MiB journal (measured: docs/performance.md).
+BASE_DEVICE_OVERHEAD = 16 * MIB
 CONTENT_OVERHEAD = 0.10
 
 
