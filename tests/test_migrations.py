@@ -140,3 +140,23 @@ def test_0002_downgrade_keeps_every_jobs_history(tmp_path: Path) -> None:
     downgrade_database(db, "0001")
     assert "stopped_before_step" not in columns(db, "jobs")
     assert len(_rows(db, "job_events")) == 1 and len(_rows(db, "jobs")) == 1
+
+
+def test_0005_adds_last_use_and_pins_and_its_downgrade_keeps_image_layers(tmp_path: Path) -> None:
+    """0005 gives old images their last update as last use and no pin; the downgrade drops
+    both columns in place: a table copy of `images` would cascade image_layers away."""
+    db = tmp_path / "images.db"
+    upgrade_database(db, "0004")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO layers (digest, size_bytes, format, source, created_at) VALUES "
+                     "('sha256:l', 10, 'tar', 's3://b/fa/1.tar', '2026-12-01 10:00:00')")
+        conn.execute("INSERT INTO images (id, name, source, top_chain_id, layer_count, activation_status, job_id, "
+                     "created_at, updated_at) VALUES (1, 'fa', 's3://b/fa/', 'sha256:c', 1, 'active', 1, "
+                     "'2026-12-01 10:00:00', '2026-12-01 11:00:00')")
+        conn.execute("INSERT INTO image_layers (image_id, position, digest, chain_id) VALUES (1, 0, 'sha256:l', 'sha256:c')")
+    upgrade_database(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT last_used_at, pinned FROM images").fetchall() == [("2026-12-01 11:00:00", 0)]
+    downgrade_database(db, "0004")
+    assert not {"last_used_at", "pinned"} & columns(db, "images")
+    assert len(_rows(db, "images")) == 1 and len(_rows(db, "image_layers")) == 1
