@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fsm.listing import read_only_rows
+
 IMAGES = """
 SELECT i.id, i.name, i.source, i.layer_count, i.activation_status, u.device_name AS top_device, i.job_id,
        i.updated_at, i.pinned, i.last_used_at
@@ -23,14 +25,7 @@ ORDER BY s.id"""
 
 
 def read_rows(db_path: Path, sql: str, parameters: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """Rows of `sql` as dicts, from a read-only connection (a listing never writes, not
-    even a WAL checkpoint)."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in conn.execute(sql, parameters)]
-    finally:
-        conn.close()
+    return [dict(row) for row in read_only_rows(db_path, sql, parameters)]
 
 
 def list_images(db_path: Path) -> list[dict[str, Any]]:
@@ -60,3 +55,9 @@ def record_use(db_path: Path, source: str) -> None:
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+def uncleaned_orphans(db_path: Path) -> list[dict[str, Any]]:
+    """orphaned_devices rows gc has not cleaned yet, oldest first."""
+    return read_rows(db_path, "SELECT device_name, job_id, reason, detected_at FROM orphaned_devices "
+                              "WHERE cleaned_at IS NULL ORDER BY id")

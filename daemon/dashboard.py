@@ -15,8 +15,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from catalog.listing import uncleaned_orphans
 from devices.base import PoolStatus
 from devices.policy import ABOVE_THRESHOLD, UsagePolicy
+from fsm.listing import job_counts, recent_transitions, unfinished_jobs
 from safeguards.health import CheckResult, SystemHealthChecker
 from support.errors import ManagerError
 from support.paths import database_path
@@ -77,27 +79,18 @@ def read_frame(state_dir: Path, pool_status: Callable[[], PoolStatus], checker: 
     if not db.exists():
         raise ManagerError(f"database {db} does not exist; nothing to monitor (run process-image or setup-pool first)")
     now = datetime.now(timezone.utc).replace(tzinfo=None)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        by_state = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-        running = []
-        for job_id, state, created, updated, pid, error in conn.execute(
-                "SELECT id, state, created_at, updated_at, owner_pid, error FROM jobs "
-                "WHERE state NOT IN ('complete', 'aborted') ORDER BY id"):
-            running.append(RunningJob(job_id, state, (now - _parse_time(created)).total_seconds(),
-                                      (now - _parse_time(updated)).total_seconds(), pid, error))
-        transitions = [
-            Transition(job_id, from_state or "", to_state, event, max(float(seconds or 0), 0.0), str(finished)[:19])
-            for job_id, from_state, to_state, event, seconds, finished in conn.execute(
-                "SELECT job_id, from_state, to_state, event, "
-                "(julianday(finished_at) - julianday(started_at)) * 86400.0, finished_at "
-                "FROM job_events ORDER BY id DESC LIMIT ?", (RECENT_TRANSITIONS,))]
-        orphans = [Orphan(*row[:3], str(row[3])[:19]) for row in conn.execute(
-            "SELECT device_name, job_id, reason, detected_at FROM orphaned_devices WHERE cleaned_at IS NULL ORDER BY id")]
+        by_state = job_counts(db)
+        running = [RunningJob(r["id"], r["state"], (now - _parse_time(r["created_at"])).total_seconds(),
+                              (now - _parse_time(r["updated_at"])).total_seconds(), r["owner_pid"], r["error"])
+                   for r in unfinished_jobs(db)]
+        transitions = [Transition(r["job_id"], r["from_state"] or "", r["to_state"], r["event"],
+                                  max(float(r["seconds"] or 0), 0.0), str(r["finished_at"])[:19])
+                       for r in recent_transitions(db, RECENT_TRANSITIONS)]
+        orphans = [Orphan(o["device_name"], o["job_id"], o["reason"], str(o["detected_at"])[:19])
+                   for o in uncleaned_orphans(db)]
     except sqlite3.DatabaseError as exc:
         raise ManagerError(f"database {db}: {exc}") from None
-    finally:
-        conn.close()
     return DashboardFrame(taken_at=now, pool=pool_status(), jobs_by_state=by_state, running=running,
                           transitions=transitions, orphans=orphans, health=list(checker.check_all().results),
                           policy=policy or UsagePolicy())

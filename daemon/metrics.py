@@ -21,14 +21,16 @@ Updated by the daemon's housekeeping loop:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, text
 
+from catalog.listing import uncleaned_orphans
 from devices.base import PoolStatus
 from devices.policy import UsagePolicy
+from fsm.listing import job_counts, last_transition_id, transitions_after
 from safeguards.health import HealthReport
 from support.log import get_logger
 
@@ -43,18 +45,17 @@ KNOWN_JOB_STATES = ("pending", "downloading", "verifying", "creating_device", "m
 class StateCollector(Collector):
     """Gauges computed at scrape time from the database, the pool and the request spool."""
 
-    def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
+    def __init__(self, db_path: Path, pool_status: Callable[[], PoolStatus],
                  request_counts: Callable[[], dict[str, int]], policy: UsagePolicy | None = None) -> None:
-        self.engine = engine
+        self.db_path = db_path
         self.pool_status = pool_status
         self.request_counts = request_counts
         self.policy = policy or UsagePolicy()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("flyio_jobs", "Jobs by state (jobs table).", labels=["state"])
-        with self.engine.connect() as conn:
-            counts = dict(conn.execute(text("SELECT state, count(*) FROM jobs GROUP BY state")).all())
-            orphans = conn.execute(text("SELECT count(*) FROM orphaned_devices WHERE cleaned_at IS NULL")).scalar_one()
+        counts = job_counts(self.db_path)
+        orphans = len(uncleaned_orphans(self.db_path))
         for state in sorted(set(KNOWN_JOB_STATES) | set(counts)):
             jobs.add_metric([state], counts.get(state, 0))
         yield jobs
@@ -87,11 +88,11 @@ class StateCollector(Collector):
 class DaemonMetrics:
     """The registry and the metrics the housekeeping loop updates."""
 
-    def __init__(self, engine: Engine, pool_status: Callable[[], PoolStatus],
+    def __init__(self, db_path: Path, pool_status: Callable[[], PoolStatus],
                  request_counts: Callable[[], dict[str, int]], policy: UsagePolicy | None = None) -> None:
-        self.engine = engine
+        self.db_path = db_path
         self.registry = CollectorRegistry()
-        self.registry.register(StateCollector(engine, pool_status, request_counts, policy))
+        self.registry.register(StateCollector(db_path, pool_status, request_counts, policy))
         self.images_evicted = Counter("flyio_images_evicted", "Images evicted (watermark or admission).",
                                       registry=self.registry)
         self.eviction_runs = Counter("flyio_eviction_runs", "Eviction runs.", registry=self.registry)
@@ -105,18 +106,15 @@ class DaemonMetrics:
         self.health_rounds = Counter("flyio_health_checks", "Health check rounds run by the daemon.",
                                      registry=self.registry)
         # Only transitions from now on: a restart does not re-count history.
-        with engine.connect() as conn:
-            self.last_event_id = conn.execute(text("SELECT coalesce(max(id), 0) FROM job_events")).scalar_one()
+        self.last_event_id = last_transition_id(self.db_path)
 
     def observe_new_transitions(self) -> int:
         """Feed job_events rows newer than the last seen into the histogram; returns how many."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT id, from_state, to_state, (julianday(finished_at) - julianday(started_at)) * 86400.0 "
-                "FROM job_events WHERE id > :last ORDER BY id"), {"last": self.last_event_id}).all()
-        for event_id, from_state, to_state, seconds in rows:
-            self.transition_seconds.labels(from_state or "", to_state).observe(max(float(seconds or 0.0), 0.0))
-            self.last_event_id = event_id
+        rows = transitions_after(self.db_path, self.last_event_id)
+        for row in rows:
+            self.transition_seconds.labels(row["from_state"] or "", row["to_state"]).observe(
+                max(float(row["seconds"] or 0.0), 0.0))
+            self.last_event_id = row["id"]
         return len(rows)
 
     def record_health(self, report: HealthReport) -> None:

@@ -31,6 +31,7 @@ from daemon.protocol import decode, encode, socket_path
 from daemon.requests import (DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool,
                              request_size)
 from fsm.definition import FINAL_STATES
+from fsm.listing import job_counts
 from fsm.runner import JobAborted, Runner
 from fsm.store import JobBusy, JobNotFound, JobStore
 from safeguards.health import SystemHealthChecker
@@ -42,7 +43,7 @@ from states.vm_snapshot import SNAPSHOT_WORKFLOW, SnapshotRequest, process_snaps
 from states.workflow import WORKFLOW_NAME
 from support.errors import ManagerError
 from support.log import get_logger
-from support.paths import lock_path
+from support.paths import database_path, lock_path
 
 log = get_logger("daemon", component="daemon")
 
@@ -100,7 +101,7 @@ class Daemon:
             self.services, self._runner = environment.services, environment.runner
             # Admission evicts before it makes a job wait for room (states/admission.py).
             self.services.policy, self.services.evict = self.config.policy, self.evict_images
-            self.metrics = DaemonMetrics(self.store.engine, self.services.pool.get_pool_status, self.request_counts,
+            self.metrics = DaemonMetrics(database_path(self.config.state_dir), self.services.pool.get_pool_status, self.request_counts,
                                          self.config.policy)
             if self.config.metrics_port is not None:
                 try:
@@ -207,10 +208,7 @@ class Daemon:
         return {"ok": True, "id": record.id, "job_id": None, "state": QUEUED}
 
     def status(self) -> dict[str, Any]:
-        with self.store.engine.connect() as conn:
-            from sqlalchemy import text
-
-            jobs = dict(conn.execute(text("SELECT state, count(*) FROM jobs GROUP BY state")).all())
+        jobs = job_counts(database_path(self.config.state_dir))
         with self._state_lock:
             running = sorted(self._running)
         return {"ok": True, "pid": os.getpid(), "workers": self.config.workers, "stopping": self.stop_event.is_set(),

@@ -137,7 +137,9 @@ def test_once_shows_a_waiting_job_with_its_step_and_age_and_an_orphan(tmp_path: 
         ok = tarfile.TarInfo("etc/hostname")
         ok.size = 4
         tar.addfile(ok, io.BytesIO(b"box\n"))
-        tar.addfile(tarfile.TarInfo("../escape"), io.BytesIO(b""))
+        link = tarfile.TarInfo("etc/link")  # refused after etc/hostname is written: a hardlink to nothing
+        link.type, link.linkname = tarfile.LNKTYPE, "etc/missing"
+        tar.addfile(link)
     waiting: subprocess.Popen[str] | None = None
     try:
         aborted = manager(state_dir, "process-image", "--url", f"file://{hostile}", "--device-size", "64M",
