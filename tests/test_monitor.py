@@ -169,7 +169,7 @@ def test_once_shows_a_waiting_job_with_its_step_and_age_and_an_orphan(tmp_path: 
                              r"note=waiting: .*memory", out, re.M)
         assert job_line, out
         assert "orphaned devices: 1" in out, out
-        assert re.search(r"^  thin-1 job=1 detected=\S+ \S+ reason=.*'\.\.' component", out, re.M), out
+        assert re.search(r"^  thin-1 job=1 detected=\S+ \S+ reason=.*hardlink target 'etc/missing' does not exist", out, re.M), out
     finally:
         if waiting is not None:
             waiting.kill()
