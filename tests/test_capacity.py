@@ -23,7 +23,7 @@ from tests.test_vm_snapshots import (catalog_dump, db_rows, fields, layer_tar, m
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
 MB = 1024**2
 POOL = "320M"  # XFS's smallest: 256 MiB of data blocks
-FILLS = 16
+FILLS = 12
 FILL = {"FLYIO_POOL_HIGH_PERCENT": "99", "FLYIO_POOL_LOW_PERCENT": "98"}  # let the fill go past 85%
 
 
@@ -64,6 +64,21 @@ def process(state_dir: Path, bucket: dict[str, str], family: str, env: dict[str,
     return fields(result.stdout)
 
 
+def fill_past_high_watermark(state_dir: Path, bucket: dict[str, Any]) -> list[str]:
+    """Process distinct images until data usage is at or above 85%; their names, in order."""
+    filled: list[str] = []
+    big = small = 0
+    while usage(state_dir) < 0.85:
+        if usage(state_dir) < 0.72:
+            name, big = f"fill-{big}", big + 1
+        else:
+            name, small = f"small-{small}", small + 1
+        assert big <= FILLS and small <= FILLS, f"{usage(state_dir):.1%} after {filled}"
+        process(state_dir, bucket, name, FILL)
+        filled.append(name)
+    return filled
+
+
 def read_back(device: str, target: Path, expected: dict[str, bytes], *options: str) -> None:
     mounted(device, target, "ro", "noload", *options)
     try:
@@ -80,8 +95,9 @@ def image_status(state_dir: Path) -> dict[str, str]:
 @pytest.fixture
 def capacity_bucket(s3_client: Any, make_bucket: Any, s3_server: Any) -> dict[str, Any]:
     """fam-a and fam-b share base layer `base` (8 MB); `pinned` and `vm` are single-layer
-    images; fill-0.. are distinct 12 MB single-layer images (each about 6% of the pool: the
-    fill passes 85% without reaching the health check's 95%)."""
+    images; fill-N are distinct 12 MB single-layer images (about 9% of the pool each) and small-N
+    0.5 MB ones (about 4%: the fill's last steps, so it lands between 85% and the 90% below
+    which the pool refuses new devices)."""
     bucket = make_bucket("capacity")
     files: dict[str, dict[str, bytes]] = {}
 
@@ -98,6 +114,7 @@ def capacity_bucket(s3_client: Any, make_bucket: Any, s3_server: Any) -> dict[st
     put("vm", [{"srv/vm.bin": blob("vm", 4 * MB)}])
     for n in range(FILLS):
         put(f"fill-{n}", [{f"srv/fill-{n}.bin": blob(f"fill-{n}", 12 * MB)}])
+        put(f"small-{n}", [{f"srv/small-{n}.bin": blob(f"small-{n}", MB // 2)}])
     return {"bucket": bucket, "endpoint": s3_server.endpoint_url, "files": files}
 
 
@@ -124,12 +141,7 @@ def test_eviction_frees_the_pool_and_keeps_what_is_used(state_dir: Path, capacit
     (vm_mount / "written-by-vm").write_bytes(b"vm data\n")
     os.sync()
     try:
-        filled = []
-        for n in range(FILLS):
-            if usage(state_dir) >= 0.85:
-                break
-            filled.append(f"fill-{n}")
-            process(state_dir, capacity_bucket, f"fill-{n}", FILL)
+        filled = fill_past_high_watermark(state_dir, capacity_bucket)
         before = usage(state_dir)
         assert before >= 0.85, f"the fill did not pass the high watermark: {before:.1%}"
 
