@@ -321,3 +321,39 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
         assert evicted == [True]
     finally:
         pool.teardown_pool()
+
+
+def test_the_daemon_evicts_above_its_high_watermark(state_dir: Path, capacity_bucket: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    """A daemon whose high watermark is below the pool's usage evicts at its first health
+    round, by itself: the unpinned image goes, the pinned one stays, and it says why."""
+    import sys
+    import time
+
+    from tests.killpoints import REPO
+
+    assert run(state_dir, "setup-pool", "--data-size", POOL, "--backend", "blockfile").returncode == 0
+    process(state_dir, capacity_bucket, "pinned")
+    process(state_dir, capacity_bucket, "vm")
+    assert run(state_dir, "images", "--pin", "pinned").returncode == 0
+    assert usage(state_dir) > 0.05
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "daemon", "--backend",
+                                   "blockfile", "--metrics-port", "0", "--health-interval", "1", "--pool-warn", "3",
+                                   "--pool-high", "5", "--pool-low", "4"], cwd=REPO, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while "image eviction finished" not in log_path.read_text() and time.monotonic() < deadline:
+            assert daemon.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.2)  # polling the daemon's log for the outcome, with a deadline
+        text = log_path.read_text()
+        assert "image eviction finished" in text, text[-3000:]
+        assert "pool usage above threshold" in text and re.search(r"image evicted\s+image=vm ", text), text[-3000:]
+        assert image_status(state_dir) == {"pinned": "active", "vm": "evicted"}
+        assert run(state_dir, "shutdown").returncode == 0
+        assert daemon.wait(timeout=120) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=30)
