@@ -17,6 +17,7 @@ idempotent, deactivate refuses a mounted one.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -53,6 +54,7 @@ GROW_TIMEOUT = 120.0
 PROBE_TIMEOUT = 30.0
 FLUSH_TIMEOUT = 60.0
 IMAGE_SUFFIX = ".img"
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class BlockfilePool:
@@ -465,6 +467,10 @@ class BlockfilePool:
         except FileNotFoundError:
             return
         _fsync_dir(self.mount_point)
+        # XFS frees an unlinked file's blocks in the background (inodegc); statfs does not
+        # wait for it, syncfs does: the pool's usage is right the moment delete returns
+        # (eviction stops at the low watermark by reading it).
+        _syncfs(self.mount_point)
         log.info("thin device deleted", device_name=device_name(device_id))
 
     def list_devices(self) -> list[DeviceInfo]:
@@ -571,6 +577,15 @@ def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs {directory} failed")
     finally:
         os.close(fd)
 

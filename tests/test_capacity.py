@@ -315,6 +315,7 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
         def evict() -> None:
             evicted.append(True)
             filler.unlink()
+            os.sync()  # XFS frees the blocks in the background; statfs does not wait for it
 
         services.evict = evict
         admit(services, tar_bytes=16 * MB, base=False, job_id=1)  # evicts, then fits
