@@ -57,6 +57,8 @@ def test_pipeline_compares_process_image_with_the_shell_pipeline() -> None:
     ours = float(re.search(r"median process-image: ([\d.]+) s", out).group(1))
     shell = float(re.search(r"median shell pipeline: ([\d.]+) s", out).group(1))
     ratio = float(re.search(r"ratio process-image / shell: ([\d.]+)", out).group(1))
-    assert ours > 0 and shell > 0 and abs(ratio - ours / shell) < 0.01, out
+    # The medians are printed to 2 decimals: the ratio lies within what their rounding allows.
+    assert ours > 0 and shell > 0, out
+    assert (ours - 0.005) / (shell + 0.005) - 0.005 <= ratio <= (ours + 0.005) / (shell - 0.005) + 0.005, out
     steps = dict(re.findall(r"^  (\w+)\s+(\d+)$", out, re.MULTILINE))
     assert {"downloading", "verifying", "creating_device", "making_fs", "unpacking", "snapshotting"} <= set(steps), out
