@@ -41,7 +41,8 @@ Guard = Callable[["StepContext"], "str | None"]
 AbortHook = Callable[["StepContext", str], None]
 """Called inside the abort's transaction: records what the job leaves behind, cleans nothing."""
 
-Describe = Callable[[str, Mapping[str, Any], "str | None"], "dict[str, Any] | None"]
+# (state, data before the step, event, data after it or None) -> what the transition concerned
+Describe = Callable[[str, Mapping[str, Any], "str | None", "Mapping[str, Any] | None"], "dict[str, Any] | None"]
 """(state, context data, event) -> what it concerns, as a flat JSON dict whose "text" is a
 one-line summary (e.g. `layer 3/5 sha256:8297… unpacked`), or None. With an event: a
 transition, given the data as it was when the step began (stored in history). With None:
@@ -136,9 +137,11 @@ class Workflow:
                 return spec
         raise KeyError(f"workflow {self.name} has no state {name}")
 
-    def detail(self, state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
-        """The describe hook's answer, None without a hook."""
-        return self.describe(state, data, event) if self.describe is not None else None
+    def detail(self, state: str, data: Mapping[str, Any], event: str | None,
+               after: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The describe hook's answer, None without a hook. `data` is what the step found,
+        `after` what it left (a step may learn what it concerned: a layer's digest)."""
+        return self.describe(state, data, event, after) if self.describe is not None else None
 
     def resume_point(self, name: str) -> str:
         """Where a job interrupted inside `name` restarts."""

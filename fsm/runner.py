@@ -354,7 +354,7 @@ class Runner:
         from_state = model.state
         if not fire(model, event, ctx):
             return False
-        detail = self._detail(wf, from_state, before, event)
+        detail = self._detail(wf, from_state, before, event, ctx.data)
         with self.store.transaction() as session:
             row = self.store.owned_job(session, ctx.job_id, self.owner, from_state)
             self.store.append_transition(session, row, to_state=model.state, event=event, started_at=started_at,
@@ -401,10 +401,11 @@ class Runner:
                  outcome=outcome.value, waits=episode.waits,
                  waited_s=round((utcnow() - episode.started_at).total_seconds(), 2))
 
-    def _detail(self, wf: Workflow, state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
+    def _detail(self, wf: Workflow, state: str, data: Mapping[str, Any], event: str | None,
+                after: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The workflow's description of a transition; a failing hook costs the detail, not the job."""
         try:
-            return wf.detail(state, data, event)
+            return wf.detail(state, data, event, after)
         except Exception as exc:
             log.warning("describe hook failed", workflow=wf.name, state=state, event=event, error=str(exc))
             return None

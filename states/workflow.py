@@ -95,11 +95,16 @@ LAYER_OUTCOMES = {"layer_reused": "reused", "layer_unpacked": "unpacked", "devic
                   "fs_made": "filesystem made", ABORT_EVENT: "aborted"}
 
 
-def describe(state: str, data: Mapping[str, Any], event: str | None) -> dict[str, Any] | None:
+def describe(state: str, data: Mapping[str, Any], event: str | None,
+             after: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The layer a transition of the layer loop concerned (`layer 3/5 sha256:8297… unpacked`),
-    or, without an event, what the job works on now, with the devices it made."""
-    layers = data.get("layers") or []
+    or, without an event, what the job works on now, with the devices it made. The layer is
+    the one the step found (`data`); its digest, when it was still downloading then, is the
+    one the step learnt (`after`)."""
     index = int(data.get("layer_index", 0))
+    layers = data.get("layers") or []
+    if after is not None and index < len(layers) and layers[index].get("pending"):
+        layers = after.get("layers") or layers
     now = {"devices": data.get("devices"), "snapshot_device_id": data.get("snapshot_device_id")} if event is None else {}
     if state not in LAYER_STATES or index >= len(layers):
         return {k: v for k, v in now.items() if v} or None

@@ -417,7 +417,7 @@ def test_the_describe_hook_is_stored_with_each_transition_from_the_data_the_step
         ctx.data["item"] = ctx.data.get("item", 0) + 1  # moves on, as the layer loop does
         return "go"
 
-    def describe(state: str, data, event: str | None) -> dict[str, object] | None:
+    def describe(state: str, data, event: str | None, after) -> dict[str, object] | None:
         return {"text": f"item {data.get('item', 0)} {event or 'now'}", "state": state}
 
     workflow = dataclasses.replace(two_step(a, lambda ctx: "done"), describe=describe)
@@ -429,7 +429,7 @@ def test_the_describe_hook_is_stored_with_each_transition_from_the_data_the_step
 
 def test_a_failing_describe_hook_costs_the_detail_not_the_job(tmp_path: Path) -> None:
     workflow = dataclasses.replace(two_step(lambda ctx: "go", lambda ctx: "done"),
-                                   describe=lambda state, data, event: 1 / 0)
+                                   describe=lambda state, data, event, after: 1 / 0)
     runner = make_runner(tmp_path, workflow)
     job = runner.start("two", "k", {})
     assert job.state == COMPLETE and [e.detail for e in runner.store.history(job.id)] == [None, None]
