@@ -36,11 +36,12 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size)
     with exclusive(options.state_dir, "process-image"):
-        job = completed_job(open_database(options.state_dir), request) if _pool_attached(options.state_dir, backend) else None
+        db = open_database(options.state_dir)
+        job = completed_job(db, request) if _pool_attached(options.state_dir, backend) else None
         if job is not None:
             from catalog.listing import record_use
 
-            record_use(database_path(options.state_dir), request.source)
+            record_use(db, request.source)
             log.info("image already complete; nothing to do", job_id=job["id"], image=request.name)
         else:
             job = _run_image_job(options.state_dir, backend, request)

@@ -107,8 +107,10 @@ def test_all_families_share_layers_and_match_the_expected_tree(state_dir: Path, 
 
 
 @needs_root
-def test_second_run_of_a_complete_image_downloads_nothing_and_is_fast(state_dir: Path,
-                                                                     sample_bucket: SampleBucket) -> None:
+def test_second_run_of_a_complete_image_downloads_nothing_and_does_nothing(state_dir: Path,
+                                                                            sample_bucket: SampleBucket) -> None:
+    """A repeat is answered from the database: the same job, nothing downloaded, no new
+    transition, no pool or safeguards built (the command's log says so), its use recorded."""
     first = process(state_dir, sample_bucket, "--s3-key", "images/node/5.tar")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "blob downloaded" in first.stderr
@@ -121,17 +123,24 @@ def test_second_run_of_a_complete_image_downloads_nothing_and_is_fast(state_dir:
 
     request = resolve_request(bucket=sample_bucket.name, s3_key="images/node/5.tar",
                               endpoint_url=sample_bucket.endpoint_url)
-    runner = Runner(open_store(state_dir), all_workflows(build_services(state_dir, backend="blockfile")))
-    started = time.perf_counter()
+    store = open_store(state_dir)
+    runner = Runner(store, all_workflows(build_services(state_dir, backend="blockfile")))
     job = runner.start(WORKFLOW_NAME, request.idempotency_key, request.job_context())
-    elapsed = time.perf_counter() - started
     assert job.state == "complete"
-    assert elapsed < 0.5, elapsed
+    events = len(store.history(job.id))
+    with sqlite3.connect(state_dir / "images.db") as db:
+        (used_before,) = db.execute("SELECT last_used_at FROM images").fetchone()
 
     second = process(state_dir, sample_bucket, "--s3-key", "images/node/5.tar")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "blob downloaded" not in second.stderr
+    assert "blob downloaded" not in second.stderr and "safeguards initialized" not in second.stderr
+    assert "image already complete; nothing to do" in second.stderr
     assert fields(second.stdout)["job_id"] == fields(first.stdout)["job_id"]
+    assert fields(second.stdout)["snapshot_device"] == fields(first.stdout)["snapshot_device"]
+    assert len(store.history(job.id)) == events
+    with sqlite3.connect(state_dir / "images.db") as db:
+        (used_after,) = db.execute("SELECT last_used_at FROM images").fetchone()
+    assert used_after > used_before  # least recently used means the last process-image that used it
 
 
 @needs_root
