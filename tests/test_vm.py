@@ -1,7 +1,8 @@
 """Host-side tests that boot a QEMU guest with a real device-mapper kernel (tests/vm/).
 
 TCG emulation is slow, so guests are few and their work is small: one guest runs the
-whole in-guest suite (tests/guest/), one checks the basics, four more make two power cuts.
+whole in-guest suite (tests/guest/), one checks the basics, four more make two power cuts,
+and seven make the power-cut campaign's six cuts (docs/faults.md).
 The read-only host root is mounted with cache=loose (Python imports over uncached 9p
 take minutes under TCG); everything the guests write goes to the share.
 """
@@ -128,5 +129,110 @@ def _wait_for(guest: RunningGuest, text: str, timeout: float) -> bool:
             return True
         if not guest.running:
             return text in guest.output
+        time.sleep(0.05)
+    return False
+
+
+# The power-cut campaign: (cut point, image the boot processes or None, console marker after
+# which to look, the log lines to see in order before the cut).
+CAMPAIGN_CUTS: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
+    ("create_thin (base layer)", "A", (r"operation started.*operation=create-device",)),
+    ("mkfs.ext4", "B", (r"operation started.*operation=make-filesystem",)),
+    ("unpack write-back (layer 2)", "C", (r"operation started.*operation=unpack-image",) * 2),
+    ("create_snap (layer 3)", "D", (r"operation started.*operation=create-device",) * 3),
+    # On dm-thin no line falls between create_snap and the activation: cut as the Operation
+    # Guard starts the snapshot operation (create_snap + activate take seconds under TCG).
+    ("activation snapshot (create_snap + activate)", "E", (r"operation started.*operation=snapshot",)),
+    ("reconciliation at the next start", None, (r"snapshot re-activated",)),
+)
+CAMPAIGN_SCALE_MB = 1.0  # each image: golang's layers 1-3 of demo.samples, ~0.4 MB of tar
+
+
+def test_power_cut_campaign_on_dm_thin(guest_ready: None, tmp_path: Path) -> None:
+    """Six power cuts on one dm-thin pool (tests/guest/powercut_campaign.py): during
+    create_thin, mkfs, an upper layer's unpack, create_snap, the activation snapshot, and the
+    next start's reconciliation (as it re-activates the snapshots). Each cut is QEMU killed
+    the moment its log line reaches the console. Each boot on the same share first recovers (`fsm resume`:
+    pool re-attached from its files, catalog reconciled, the cut job resumed) and checks:
+    thin_check of the metadata (reserved metadata snapshot) is clean, every job complete,
+    every complete image's snapshot mounted with the expected tree, every thin id named by
+    exactly one row, and every image completed before still there.
+
+    Share caches as configured: the host root is 9p cache=loose (read-only), the share
+    cache=mmap (writes go straight to the host file; shared mmap for SQLite's WAL)."""
+    from demo.samples import write_layer
+    from tests.guest.powercut_campaign import layers_of
+    from tests.test_formats import _docker_archive
+
+    state, plan_path = tmp_path / "state", tmp_path / "plan.json"
+    names = [image for _, image, _ in CAMPAIGN_CUTS if image]
+    plan = {"scale_mb": CAMPAIGN_SCALE_MB, "images": {n: f"powercut-{n}" for n in names}, "archives": {}}
+    for name in names:
+        layers = [write_layer(spec, tmp_path / "layers" / name / f"{i}.tar").read_bytes()
+                  for i, spec in enumerate(layers_of(plan["images"][name], CAMPAIGN_SCALE_MB), start=1)]
+        archive = tmp_path / "archives" / f"{name}.tar"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        archive.write_bytes(_docker_archive(layers, new_style=True))
+        plan["archives"][name] = str(archive)
+    plan_path.write_text(json.dumps(plan))
+    argv = ["python", "-m", "tests.guest.powercut_campaign", str(state), str(plan_path)]
+
+    rows, completed, started = [], [], time.monotonic()
+    for number, (point, image, patterns) in enumerate(CAMPAIGN_CUTS):
+        marker = f"CAMPAIGN-PHASE process {image}" if image else "CAMPAIGN-PHASE recover"
+        boot = time.monotonic()
+        with start_guest(argv + ([image] if image else []), share_dir=tmp_path, cwd=str(REPO),
+                         root_cache=ROOT_CACHE, share_cache="mmap") as guest:
+            cut = _wait_for_lines(guest, marker, patterns, timeout=900)
+            guest.kill()
+        assert cut, f"cut {point!r} never reached: " + tail(guest.output)
+        if number > 0 and image:  # what this boot's recovery found after the previous cut
+            rows.append((CAMPAIGN_CUTS[number - 1][0], _campaign_check(guest.output, completed)))
+        elif number > 0:  # this boot's recovery was itself cut: the next boot checks both
+            rows.append((CAMPAIGN_CUTS[number - 1][0], {"recovery_seconds": "cut by the next point",
+                                                        "thin_check": "(checked after the next cut)"}))
+        assert ("CAMPAIGN-PROCESSED" if image else "CAMPAIGN-CHECK") not in guest.output, f"{point}: finished first"
+        completed += [image] if image else []
+        print(f"cut {number + 1} ({point}) after {time.monotonic() - boot:.0f}s of guest", flush=True)
+    final = run_in_guest(argv, share_dir=tmp_path, timeout=1200, cwd=str(REPO), root_cache=ROOT_CACHE,
+                         share_cache="mmap")
+    assert final.returncode == 0, tail(final.output)
+    rows.append((CAMPAIGN_CUTS[-1][0], _campaign_check(final.output, completed)))
+    print("\n| cut point | recovery (fsm resume in the guest) | thin_check |\n|---|---|---|")
+    for point, report in rows:
+        seconds = report["recovery_seconds"]
+        print(f"| {point} | {f'{seconds} s' if isinstance(seconds, float) else seconds} | {report['thin_check']} |")
+    print(f"campaign wall: {time.monotonic() - started:.0f}s")
+
+
+def _campaign_check(output: str, completed: list[str]) -> dict:
+    """The boot's CAMPAIGN-CHECK report, asserted: clean metadata, every job complete, every
+    image done so far there with its expected tree, one row per thin id."""
+    found = re.findall(r"CAMPAIGN-CHECK (\{.*\})", output)
+    assert found, tail(output)
+    report = json.loads(found[-1])
+    assert "CAMPAIGN-ERROR" not in output, tail(output)
+    assert report["thin_check"] == "ok", report
+    assert set(report["states"].values()) == {"complete"}, report
+    assert set(completed) <= set(report["trees"]) and set(report["trees"].values()) == {"ok"}, report
+    assert report["unnamed"] == [] and report["named_twice"] == [], report
+    assert "re-attaching existing pool files" in output and "creating new thin pool" not in output
+    return report
+
+
+def _wait_for_lines(guest: RunningGuest, marker: str, patterns: tuple[str, ...], timeout: float) -> bool:
+    """Until the console, after `marker`, has lines matching `patterns` in order (each a later line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = guest.output
+        if marker in text:
+            lines, wanted = text.split(marker, 1)[1].splitlines(), list(patterns)
+            for line in lines:
+                if wanted and re.search(wanted[0], line):
+                    wanted.pop(0)
+            if not wanted:
+                return True
+        if not guest.running:
+            return False
         time.sleep(0.05)
     return False
