@@ -400,3 +400,70 @@ HOSTILE_CASES += [
                 lambda: tar_of(dir_("d/"), reg("d/.wh..wh..opq"), reg("d", b"a file now\n")), "handled",
                 check=check_regular("d", b"a file now\n"), lower=lambda: tar_of(dir_("d/"), reg("d/old"))),
 ]
+
+
+# --- issue 10: link names in every encoding, global headers, upper entries over lower links ---
+
+def pax_linkpath(member: Member, linkpath: str) -> Member:
+    """`member` with its link target carried only by a pax `linkpath` record."""
+    info, data = member
+    info.pax_headers = {"linkpath": linkpath}
+    return info, data
+
+
+def _long_dotdot(rest: str) -> str:
+    return "../" * 40 + rest  # 120+ bytes: over ustar's 100-byte linkname, so pax / ././@LongLink
+
+
+def _global_header_layer(records: dict[str, str]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as archive:
+        info, data = reg("file", b"after the global header\n")
+        archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+HOSTILE_CASES += [
+    # a symlink whose target is only in a pax linkpath (`../` * 3 + outside), then written through
+    HostileCase("pax_linkpath_symlink_traversal",
+                lambda: tar_of(pax_linkpath(sym("l", "placeholder"), "../../../outside"), reg("l/secret", b"pwned\n")),
+                "handled", check=all_of(check_symlink("l", "../../../outside"),
+                                        check_regular("outside/secret", b"pwned\n"))),
+    # a hardlink whose target is only in a pax linkpath: clamped at the root like a name
+    HostileCase("pax_linkpath_hardlink_traversal",
+                lambda: tar_of(dir_("outside/"), reg("outside/secret", b"inside\n"),
+                               pax_linkpath(hard("h", "placeholder"), "../../../outside/secret")),
+                "handled", check=all_of(check_same_file("h", "outside/secret"), check_regular("h", b"inside\n"))),
+    HostileCase("pax_linkpath_hardlink_to_host_file",  # `/etc/shadow` taken inside the root: not there
+                lambda: tar_of(pax_linkpath(hard("h", "placeholder"), "/etc/shadow")), "reject", "does not exist"),
+    # GNU ././@LongLink (type K) records carrying the long link targets
+    HostileCase("gnu_longlink_symlink_traversal",
+                lambda: tar_of(sym("l", _long_dotdot("outside")), reg("l/secret", b"pwned\n"), fmt=tarfile.GNU_FORMAT),
+                "handled", check=all_of(check_symlink("l", _long_dotdot("outside")),
+                                        check_regular("outside/secret", b"pwned\n"))),
+    HostileCase("gnu_longlink_hardlink_traversal",
+                lambda: tar_of(dir_("outside/"), reg("outside/secret", b"inside\n"),
+                               hard("h", _long_dotdot("outside/secret")), fmt=tarfile.GNU_FORMAT),
+                "handled", check=check_same_file("h", "outside/secret")),
+    # pax global headers (type g): harmless records apply, renaming/resizing ones are refused
+    HostileCase("pax_global_header_comment", lambda: _global_header_layer({"comment": "hi", "mtime": "1"}),
+                "handled", check=check_regular("file", b"after the global header\n")),
+    HostileCase("pax_global_header_sets_path", lambda: _global_header_layer({"path": f"../{PROBE_NAME}"}),
+                "reject", "global pax header sets path"),
+    HostileCase("pax_global_header_sets_linkpath", lambda: _global_header_layer({"linkpath": "/etc/shadow"}),
+                "reject", "global pax header sets linkpath"),
+    # a hardlink to a lower layer's symlink links the symlink itself; writing through the
+    # link then follows it inside the root
+    HostileCase("hardlink_to_lower_symlink",
+                lambda: tar_of(hard("h", "s"), reg("h/secret", b"pwned\n")), "handled",
+                check=all_of(check_symlink("h", "../outside"), check_same_file("h", "s"),
+                             check_regular("outside/secret", b"pwned\n")),
+                lower=lambda: tar_of(sym("s", "../outside"))),
+    # an upper directory entry at a lower symlink's name replaces the symlink (never merges
+    # into its target)
+    HostileCase("upper_dir_over_lower_symlink",
+                lambda: tar_of(dir_("d/"), reg("d/new", b"upper\n")), "handled",
+                check=all_of(check_dir("d"), check_regular("d/new", b"upper\n"), check_absent("real/new"),
+                             check_regular("real/keep", b"lower\n")),
+                lower=lambda: tar_of(dir_("real/"), reg("real/keep", b"lower\n"), sym("d", "real"))),
+]

@@ -339,3 +339,130 @@ def test_docker_save_missing_layer_and_oversized_json(tmp_path: Path, store: Blo
         layers_of_archive(path, "docker-save", store)
     with pytest.raises(PermanentError, match="over the 10 limit"):
         layers_of_archive(path, "docker-save", store, Limits(max_json_bytes=10))
+
+
+# --- hostile archives (issue 10): malformed digests, deep indexes, duplicate and symlink members ---
+
+ArchiveMember = tuple[str, bytes | None, str]  # name, data (None: a symlink), symlink target
+
+
+def archive_of(members: list[ArchiveMember]) -> bytes:
+    """A tar of `members` in order (duplicates and symlinks as given)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data, target in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                archive.addfile(info)
+            else:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def oci_members(layers: list[bytes], *, layer_digest: object = None, nested: int = 0) -> list[ArchiveMember]:
+    """An OCI layout's members: `nested` image indexes between index.json and the manifest,
+    the first layer's descriptor digest replaced by `layer_digest` when given."""
+    blobs: list[ArchiveMember] = []
+
+    def add_blob(data: bytes) -> dict[str, object]:
+        blobs.append((f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data, ""))
+        return {"digest": digest_of(data), "size": len(data)}
+
+    config = add_blob(b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}')
+    descriptors = [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **add_blob(layer)} for layer in layers]
+    if layer_digest is not None:
+        descriptors[0]["digest"] = layer_digest
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": descriptors}).encode()
+    top = {"mediaType": MANIFEST_TYPE, **add_blob(manifest)}
+    for _ in range(nested):
+        index = json.dumps({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": [top]}).encode()
+        top = {"mediaType": INDEX_TYPE, **add_blob(index)}
+    return [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}', ""),
+            ("index.json", json.dumps({"schemaVersion": 2, "manifests": [top]}).encode(), ""), *blobs]
+
+
+def _layer_blob_name(layer: bytes) -> str:
+    return f"blobs/sha256/{hashlib.sha256(layer).hexdigest()}"
+
+
+def hostile_oci(kind: str) -> bytes:
+    """One hostile OCI layout per kind (see OCI_REFUSALS for what each must be refused with)."""
+    layer = layer_tar(1)
+    if kind.startswith("digest-"):
+        digest = {"digest-traversal": "sha256:../../../../etc/passwd", "digest-uppercase": "sha256:" + "A" * 64,
+                  "digest-sha512": "sha512:" + "0" * 128, "digest-not-a-string": 42}[kind]
+        return archive_of(oci_members([layer], layer_digest=digest))
+    if kind == "nested-index-too-deep":
+        return archive_of(oci_members([layer], nested=3))
+    members = oci_members([layer])
+    if kind == "duplicate-index":  # a second index.json after the first: which one would a reader take?
+        return archive_of([*members, ("index.json", b'{"schemaVersion":2,"manifests":[]}', "")])
+    if kind == "duplicate-layer":  # the layer blob twice, the second not matching its name
+        return archive_of([*members, (_layer_blob_name(layer), layer_tar(2), "")])
+    if kind == "symlink-layer":  # the layer blob is a symlink to a host file
+        return archive_of([(n, d, t) if n != _layer_blob_name(layer) else (n, None, "/etc/shadow")
+                           for n, d, t in members])
+    if kind == "symlink-index":
+        return archive_of([(n, d, t) if n != "index.json" else (n, None, "../../etc/passwd") for n, d, t in members])
+    raise ValueError(kind)
+
+
+OCI_REFUSALS = {
+    "digest-traversal": r"unsupported or malformed digest 'sha256:\.\./\.\./\.\./\.\./etc/passwd'",
+    "digest-uppercase": "unsupported or malformed digest 'sha256:AAAA",
+    "digest-sha512": "unsupported or malformed digest 'sha512:",
+    "digest-not-a-string": "unsupported or malformed digest 42",
+    "nested-index-too-deep": "image indexes nested too deep",
+    "duplicate-index": "index.json appears more than once in the archive",
+    "duplicate-layer": "appears more than once in the archive",
+    "symlink-layer": "is not a regular file",
+    "symlink-index": "index.json is not a regular file",
+}
+
+
+@pytest.mark.parametrize("kind", OCI_REFUSALS)
+def test_hostile_oci_layouts_are_refused_before_a_layer_is_stored(kind: str, tmp_path: Path, store: BlobStore) -> None:
+    path = write(tmp_path / "image.tar", hostile_oci(kind))
+    assert sniff_format(path) == "oci-layout"
+    with pytest.raises(PermanentError, match=OCI_REFUSALS[kind]):
+        layers_of_archive(path, "oci-layout", store)
+    assert not store.blob_dir.exists() or [p for p in store.blob_dir.rglob("*") if p.is_file()] == []
+
+
+def test_two_nested_indexes_are_within_the_depth_limit(tmp_path: Path, store: BlobStore) -> None:
+    """The limit's other side: index.json -> index -> index -> manifest is followed."""
+    layer = layer_tar(1)
+    path = write(tmp_path / "image.tar", archive_of(oci_members([layer], nested=2)))
+    assert [blob.digest for blob in layers_of_archive(path, "oci-layout", store)] == [digest_of(layer)]
+
+
+def hostile_docker_save(kind: str, layers: list[bytes]) -> bytes:
+    names = [f"{hashlib.sha256(str(i).encode()).hexdigest()}/layer.tar" for i in range(len(layers))]
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["demo:latest"], "Layers": names}]).encode()
+    members: list[ArchiveMember] = [("config.json", b"{}", ""), ("manifest.json", manifest, ""),
+                                    *((n, layer, "") for n, layer in zip(names, layers))]
+    if kind == "symlink-layer":  # the last layer.tar is a symlink out of the archive
+        members[-1] = (names[-1], None, "../../../../etc/shadow")
+    elif kind == "duplicate-manifest":
+        members.append(("manifest.json", json.dumps([{"Config": "config.json", "Layers": []}]).encode(), ""))
+    elif kind != "plain":
+        raise ValueError(kind)
+    return archive_of(members)
+
+
+@pytest.mark.parametrize("kind,reason", [("symlink-layer", "layer.tar is not a regular file"),
+                                         ("duplicate-manifest", "manifest.json appears more than once")])
+def test_hostile_docker_saves_are_refused(kind: str, reason: str, tmp_path: Path, store: BlobStore) -> None:
+    path = write(tmp_path / "saved.tar", hostile_docker_save(kind, [layer_tar(1), layer_tar(2)]))
+    assert sniff_format(path) == "docker-save"
+    with pytest.raises(PermanentError, match=reason):
+        layers_of_archive(path, "docker-save", store)

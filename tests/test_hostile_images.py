@@ -129,17 +129,65 @@ Snapshot = dict[str, tuple[str, int, int, str]]
 
 def snapshot_outside(top: Path, skip: Path) -> Snapshot:
     """Every path under `top` but `skip` (type, size, mtime, hash), plus the probe paths
-    and system files an escape would aim at."""
+    (this file's and the corpus's own) and system files an escape would aim at, plus
+    every path of the state dir `skip` outside its mounts but the files the product
+    legitimately writes there (`state_dir_files`)."""
+    from tests.hostile_tars import PROBE_PATHS as CORPUS_PROBE_PATHS
+
     result: Snapshot = {}
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
         for name in dirnames + filenames:
             full = Path(dirpath, name)
             result[str(full)] = _describe(full)
-    for path in (*PROBE_PATHS, *SYSTEM_FILES):
+    for path in (*PROBE_PATHS, *CORPUS_PROBE_PATHS, *SYSTEM_FILES):
         if os.path.lexists(path):
             result[str(path)] = _describe(path)
+    result.update(state_dir_files(skip))
     return result
+
+
+# What process-image legitimately writes in its state dir (relative paths). Everything else
+# there is compared before and after: a `../` from a mount point (state/mnt/<job>) lands in
+# state/mnt, `../../` in the state dir itself.
+STATE_FILES = {"images.db", "images.db-wal", "images.db-shm", "images.db.migrate.lock",
+               "pool_data", "pool_meta",  # the pool's device files (the XFS image and its size record)
+               "fsm/kmsg.cursor"}
+STATE_DIRS = {"mnt", "pool", "fsm"}  # the directories themselves (their contents are checked)
+STATE_TREES = {"blobs"}  # the blob store, whole
+
+
+def _legitimate(rel: str, full: Path) -> bool:
+    if rel in STATE_FILES or rel in STATE_DIRS or rel.split("/", 1)[0] in STATE_TREES:
+        return True
+    if rel.startswith("fsm/") and rel.count("/") == 1 and (rel.endswith(".lock") or rel.endswith(".lock.mutex")):
+        return True
+    # a job's mount point: a directory directly under mnt/ (its contents are checked when not mounted)
+    return rel.startswith("mnt/") and rel.count("/") == 1 and full.is_dir() and not full.is_symlink()
+
+
+def state_dir_files(state_dir: Path) -> Snapshot:
+    """Every path in the state dir outside mounts (the pool's XFS, a job's ext4) but the
+    product's own files, described as snapshot_outside does."""
+    result: Snapshot = {}
+    if not state_dir.is_dir():
+        return result
+    for dirpath, dirnames, filenames in os.walk(state_dir, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(Path(dirpath, d))]
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = str(full.relative_to(state_dir))
+            if not _legitimate(rel, full):
+                result[f"state:{rel}"] = _describe(full)
+    return result
+
+
+def plant_state_canaries(state_dir: Path) -> None:
+    """Secrets where `../outside/secret` from a mount point (state/mnt/<job>) and from one
+    level up would land: state/mnt/outside/secret and state/outside/secret."""
+    for base in (state_dir / "mnt", state_dir):
+        (base / "outside").mkdir(parents=True, exist_ok=True)
+        (base / "outside" / "secret").write_text("state secret\n")
 
 
 def _describe(path: Path) -> tuple[str, int, int, str]:
@@ -173,6 +221,7 @@ def process_hostile(name: str, layers: bytes | Sequence[bytes], state_dir: Path,
         s3_client.put_object(Bucket=bucket, Key=f"images/{name}/{n}.tar", Body=layer)
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_text("secret\n")
+    plant_state_canaries(state_dir)
     before = snapshot_outside(tmp_path, state_dir)
     source = ["--image", name] if many else ["--s3-key", f"images/{name}/1.tar"]
     done = manager(state_dir, "process-image", *source, "--bucket", bucket,
@@ -277,6 +326,31 @@ def test_corpus_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_c
         assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
         expected = VERIFY_REASONS.get(case.name, re.escape(case.reason))
         assert re.search(expected, last.split("error=", 1)[-1]), last
+    else:
+        check_snapshot(done, tmp_path, case.check)
+
+
+def _layered_cases() -> list[Any]:
+    from tests.hostile_tars import HOSTILE_CASES
+
+    return [case for case in HOSTILE_CASES if case.lower is not None and case.limits is None]
+
+
+@needs_root
+@pytest.mark.parametrize("case", _layered_cases(), ids=lambda case: case.name)
+def test_corpus_layered_case_end_to_end(case: Any, state_dir: Path, tmp_path: Path, s3_client: Any,
+                                        hostile_bucket: str, s3_server: Any) -> None:
+    """Every corpus case with a lower layer, as a two-layer image (`--image`: lower, then
+    the case's layer) on real devices: the outcome and the check of test_corpus_case_end_to_end."""
+    done, before = process_hostile(f"layered-{case.name}", [case.lower(), case.build()], state_dir, tmp_path,
+                                   s3_client, hostile_bucket, s3_server.endpoint_url)
+    last = last_line(done)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before
+    assert_pool_accounted(state_dir)
+    if case.expect == "reject":
+        assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
+        assert case.reason in last.split("error=", 1)[-1], last
     else:
         check_snapshot(done, tmp_path, case.check)
 
@@ -461,3 +535,68 @@ def test_lower_layer_symlinks_to_the_host_stay_inside_the_root(use: str, resolve
     assert (canary / "secret").read_text() == "secret\n" and sorted(os.listdir(canary)) == ["secret"]
     assert_pool_accounted(state_dir)
     check_snapshot(done, tmp_path, check)
+
+
+# --- issue 10: hostile image archives (OCI layout, docker save) through process-image ----------
+
+@needs_root
+@pytest.mark.parametrize("kind", ["oci:digest-traversal", "docker:symlink-layer"])
+def test_hostile_archive_is_refused_end_to_end(kind: str, state_dir: Path, tmp_path: Path, s3_client: Any,
+                                               hostile_bucket: str, s3_server: Any) -> None:
+    """An OCI layout whose layer digest is `sha256:../../../../etc/passwd` and a docker save
+    whose layer.tar is a symlink to /etc/shadow, uploaded as one S3 object each: the job
+    aborts with formats.py's reason, and nothing outside the state dir (or in it) changed."""
+    from tests.test_formats import OCI_REFUSALS, hostile_docker_save, hostile_oci, layer_tar
+
+    fmt, what = kind.split(":")
+    archive = hostile_oci(what) if fmt == "oci" else hostile_docker_save(what, [layer_tar(1), layer_tar(2)])
+    reason = OCI_REFUSALS[what] if fmt == "oci" else "layer.tar is not a regular file"
+    done, before = process_hostile(f"archive-{fmt}-{what}", archive, state_dir, tmp_path, s3_client, hostile_bucket,
+                                   s3_server.endpoint_url)
+    last = last_line(done)
+    assert done.returncode == 1 and re.search(r"\bstate=aborted\b", last), (last, done.stderr[-2000:])
+    assert re.search(reason, last.split("error=", 1)[-1]), last
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before
+    assert_pool_accounted(state_dir)
+
+
+@needs_root
+def test_docker_save_of_hostile_layers_applies_inside_the_root(state_dir: Path, tmp_path: Path, s3_client: Any,
+                                                               hostile_bucket: str, s3_server: Any) -> None:
+    """A docker save archive whose layer 1 plants `l -> ../../../outside` (the target in a pax
+    linkpath; from the mount point state/mnt/<job> it names the real canary) and whose
+    layer 2 writes `l/secret` and hardlinks it: both land in the root's own outside/."""
+    from tests.hostile_tars import hard, pax_linkpath, reg, sym, tar_of
+    from tests.test_formats import hostile_docker_save
+
+    layers = [tar_of(pax_linkpath(sym("l", "placeholder"), "../../../outside")),
+              tar_of(reg("l/secret", b"pwned\n"), hard("h", "l/secret"))]
+    done, before = process_hostile("archive-docker-hostile-layers", hostile_docker_save("plain", layers), state_dir,
+                                   tmp_path, s3_client, hostile_bucket, s3_server.endpoint_url)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot_outside(tmp_path, state_dir) == before
+    assert (tmp_path / "outside" / "secret").read_text() == "secret\n"
+    assert_pool_accounted(state_dir)
+
+    def check(root: Path) -> None:
+        _is_symlink(root, "l", "../../../outside")
+        _is_file(root, "outside/secret", b"pwned\n")
+        assert os.lstat(root / "h").st_ino == os.lstat(root / "outside/secret").st_ino
+
+    check_snapshot(done, tmp_path, check)
+
+
+def test_the_state_dir_snapshot_sees_writes_beside_the_mount_points(tmp_path: Path) -> None:
+    """The filter keeps the product's own files out and everything else in: a file a `../`
+    from a mount point would write (state/mnt/x, state/x, state/fsm/x) is seen, the
+    catalog, blobs, locks and mount point directories are not."""
+    state = tmp_path / "state"
+    for rel in ("images.db", "images.db-wal", "blobs/sha256/ab", "fsm/flyio-manager.lock.mutex", "pool_data"):
+        (state / rel).parent.mkdir(parents=True, exist_ok=True)
+        (state / rel).write_bytes(b"product\n")
+    (state / "mnt" / "job-1").mkdir(parents=True)
+    assert state_dir_files(state) == {}
+    for rel in ("mnt/x", "x", "fsm/x", "mnt/job-1/x"):
+        (state / rel).write_bytes(b"escaped\n")
+    assert set(state_dir_files(state)) == {"state:mnt/x", "state:x", "state:fsm/x", "state:mnt/job-1/x"}

@@ -62,9 +62,11 @@ def _tarfile_reads(data: bytes) -> bool:
 # * a bad checksum after the first member: tarfile ends the archive there quietly;
 # * GNU sparse members: tarfile maps them;
 # * a pax path over max_path_bytes, a component over max_name_bytes: tarfile reads them
-#   (the reader refuses the first, the unpacker the second).
+#   (the reader refuses the first, the unpacker the second);
+# * a global pax header setting path or linkpath: tarfile applies it to every later member.
 STRICTER = {"bad_checksum_mid_archive": "bad header checksum", "gnu_sparse_member": "sparse",
-            "path_too_long": "path too long"}
+            "path_too_long": "path too long", "pax_global_header_sets_path": "global pax header sets path",
+            "pax_global_header_sets_linkpath": "global pax header sets linkpath"}
 
 
 @pytest.mark.parametrize("case", HOSTILE_CASES, ids=lambda case: case.name)
