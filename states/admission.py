@@ -3,7 +3,8 @@ overhead is compared with the pool's free space. A device that would take data u
 or past the high watermark first makes the daemon evict (services.evict), and if that
 is not enough the job waits (PoolFullWait, a NotReadyError: the runner backs off and
 tries again, the reason recorded), instead of running the pool out; dm-thin's
-`queue_if_no_space` would otherwise stall every writer of the pool."""
+`queue_if_no_space` would otherwise stall every writer of the pool. A high watermark of
+100% (FLYIO_POOL_HIGH_PERCENT=100) turns admission off."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def admit(services: ImageServices, *, tar_bytes: int, base: bool, job_id: int) -
     daemon); else raise PoolFullWait naming the sizes."""
     need = estimated_bytes(tar_bytes, base)
     high = services.policy.high
+    if high >= 1.0:
+        return  # a high watermark of 100% is none: the operator turned admission off
     status = services.pool.get_pool_status()
     if not status.exists or not _would_cross(status, need, high):
         return

@@ -6,6 +6,7 @@ one-line errors; admission against a real pool. SeaweedFS, SQLite, loop devices,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -308,6 +309,9 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
         admit(services, tar_bytes=64 * MB, base=True, job_id=1)  # fits: returns
         with pytest.raises(PoolFullWait, match=r"high watermark \(85%\).*needs about 3\d\d\.\d MiB"):
             admit(services, tar_bytes=260 * MB, base=True, job_id=1)
+        # A high watermark of 100% is none: admission is off (the fault tests run a pool out).
+        unguarded = dataclasses.replace(services, policy=UsagePolicy(high=1.0, low=0.75))
+        admit(unguarded, tar_bytes=260 * MB, base=True, job_id=1)
         filler = tmp_path / "pool" / "pool" / "filler"
         filler.write_bytes(blob("filler", 200 * MB))
         evicted = []

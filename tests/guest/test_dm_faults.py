@@ -56,10 +56,11 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
         pool.teardown_pool()
 
 
-def manager(state_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def manager(state_dir: Path, *args: str, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # A subprocess like an operator's run: its exit code and output are the subject.
     return subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def incompressible_layer(path: Path, files: int, file_bytes: int) -> Path:
@@ -76,8 +77,10 @@ def test_pool_out_of_data_space_aborts_the_job_and_records_the_device(state_dir:
     assert setup.returncode == 0, setup.stderr[-3000:]
     layer = incompressible_layer(tmp_path / "big.tar", files=40, file_bytes=MB)  # 40 MB into a 32 MB pool
 
+    # Admission would make the job wait for room (the product's answer to a pool too small):
+    # a high watermark of 100% turns it off, so the write really runs the pool out.
     done = manager(state_dir, "process-image", "--url", f"file://{layer}", "--backend", "devicemapper",
-                   "--device-size", "64M")
+                   "--device-size", "64M", env={"FLYIO_POOL_HIGH_PERCENT": "100"})
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     result = dict(pair.split("=", 1) for pair in done.stdout.strip().splitlines()[-1].split() if "=" in pair)
