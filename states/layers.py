@@ -60,18 +60,24 @@ def resolve_layer(ctx: StepContext, services: ImageServices) -> dict[str, Any]:
 
     index = current_index(ctx)
     layer = current_layer(ctx)
+    fetched: list[dict[str, Any]] | None = None
     if layer.get("pending"):
         fetched = services.prefetch.take(ctx.job_id, layer["source"], ctx.check_interrupt)
         if fetched is None:
             ref = ObjectRef(url=layer["source"], size=layer.get("size"), etag=layer.get("etag"))
             fetched = fetch_object(ctx, services, ref, show_progress=True)
-        record_layers(ctx, fetched)
         ctx.data["layers"][index:index + 1] = [
             {"digest": f["digest"], "format": f["format"], "chain_id": None, "tar_bytes": f.get("tar_bytes")}
             for f in fetched]
         layer = current_layer(ctx)
-    if layer.get("chain_id") is None:
+    known = layer.get("chain_id") is not None
+    if not known:
         parent = layers(ctx)[index - 1]["chain_id"] if index > 0 else None
         layer["chain_id"] = next_chain_id(parent, layer["digest"])
-    ctx.save()
+    # One commit at most, none for a layer known from the start (the hot path): recording
+    # the fetched layers' rows saves the context in the same transaction.
+    if fetched is not None:
+        record_layers(ctx, fetched)
+    elif not known:
+        ctx.save()
     return layer
