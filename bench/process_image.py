@@ -52,7 +52,8 @@ def main() -> None:
         for scale in [float(s) for s in args.sizes_mb.split(",")]:
             layer = write_layer(family_layers("node", scale)[3], work / f"layer-{scale:g}.tar")
             key = f"bench/{layer.name}"
-            client.upload_file(str(layer), "bench", key)
+            with open(layer, "rb") as body:
+                client.put_object(Bucket="bench", Key=key, Body=body)
             state = work / f"state-{scale:g}"
             argv = [sys.executable, "-m", "cli", "--quiet", "--state-dir", str(state), "process-image", "--s3-key", key,
                     "--bucket", "bench", "--endpoint-url", server.endpoint_url, "--backend", "blockfile",

@@ -411,7 +411,8 @@ def upload_families(client: Any, bucket: str, out_dir: Path) -> list[str]:
     keys: list[str] = []
     for path in sorted((out_dir / "images").rglob("*.tar")):
         key = path.relative_to(out_dir).as_posix()
-        client.upload_file(str(path), bucket, key)
+        with open(path, "rb") as body:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
         keys.append(key)
     return keys
 

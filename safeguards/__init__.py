@@ -1,16 +1,9 @@
-"""The operations guide's safeguards: Health Checker, Operation Guard, Manager Lock.
+"""The operations guide's safeguards: Health Checker (safeguards.health), Operation Guard
+(safeguards.guard), Manager Lock (safeguards.manager_lock).
 
-    from safeguards import ManagerLock, OperationGuard, GuardConfig, SystemHealthChecker
+    from safeguards.guard import GuardConfig, OperationGuard
+    from safeguards.health import SystemHealthChecker
 
-See docs/safeguards.md for what each one reads, its defaults and how it behaves.
+See docs/safeguards.md for what each one reads, its defaults and how it behaves. Nothing is
+imported here: a command that needs only one of them (or none) loads only that.
 """
-
-from safeguards.guard import GuardConfig, GuardTimeout, HealthCheckFailed, OperationGuard
-from safeguards.health import CheckResult, HealthReport, HealthThresholds, ProcReader, SystemHealthChecker
-from safeguards.manager_lock import LockHeld, LockInfo, LockLost, ManagerLock, read_lock
-
-__all__ = [
-    "CheckResult", "GuardConfig", "GuardTimeout", "HealthCheckFailed", "HealthReport", "HealthThresholds",
-    "LockHeld", "LockInfo", "LockLost", "ManagerLock", "OperationGuard", "ProcReader", "SystemHealthChecker",
-    "read_lock",
-]

@@ -188,6 +188,8 @@ class SystemHealthChecker:
         self._kernel_lock = threading.Lock()
         self._cpu_lock = threading.Lock()
         self._cpu_samples: deque[CpuSample] = deque(maxlen=CPU_SAMPLES_KEPT)
+        if self.reader.monotonic is time.monotonic:  # the CLI's reading at start opens the first window
+            self._seed_first_sample()
         self._sampler_stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._last_pass: tuple[float, HealthReport] | None = None  # (reader.monotonic(), report)
@@ -464,6 +466,16 @@ class SystemHealthChecker:
         if share > self.thresholds.max_iowait:
             return CheckResult("io_wait", False, f"iowait {_pct(share)} > {_pct(self.thresholds.max_iowait)}", detail)
         return CheckResult("io_wait", True, f"iowait {_pct(share)}", detail)
+
+    def _seed_first_sample(self) -> None:
+        from safeguards.first_sample import first_sample
+
+        reading = first_sample()
+        if reading is not None:
+            try:
+                self._cpu_samples.append(CpuSample(reading[0], parse_cpu_times(reading[1])))
+            except ValueError:
+                pass  # the check's own reading reports a malformed /proc/stat
 
     def _sample_cpu(self) -> CpuSample:
         sample = CpuSample(self.reader.monotonic(), parse_cpu_times(self.reader.read("stat")))

@@ -3,7 +3,6 @@ runner of a process (the CLI's commands and the daemon alike)."""
 
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ def build_services(
     from devices.policy import policy_from
     from devices.select import open_pool
     from images.blobstore import BlobStore
-    from images.source import make_s3_client
+    from images.source import process_s3_client
     from safeguards.setup import build_safeguards
     from support.progress import no_progress, terminal_progress
 
@@ -37,9 +36,7 @@ def build_services(
         state_dir=state_dir,
         pool=pool,
         blobs=BlobStore(state_dir),
-        # One client per endpoint for the process (boto3 clients are thread-safe; making one
-        # costs tens of ms), shared by the job's thread and the prefetch worker.
-        s3_client=functools.cache(lambda endpoint_url: make_s3_client(endpoint_url=endpoint_url)),
+        s3_client=process_s3_client,
         health_guard=health_guard,
         operation=operation,
         device_size_bytes=device_size_bytes,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from images.bucket import DEFAULT_BUCKET
-from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, make_s3_client, s3_url
+from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, process_s3_client, s3_url
 from states.names import IMAGE_WORKFLOW
 from support.errors import PermanentError
 
@@ -73,7 +73,7 @@ def resolve_request(
             s3_prefix = key
         else:
             s3_key = key
-    client = make_s3_client(endpoint_url=endpoint_url)
+    client = process_s3_client(endpoint_url)
     if s3_key:
         ref = head_object(bucket, s3_key, client)
         return ImageRequest(name=s3_key, source=s3_url(bucket, s3_key), objects=(ref,), endpoint_url=endpoint_url,

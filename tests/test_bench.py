@@ -62,3 +62,13 @@ def test_pipeline_compares_process_image_with_the_shell_pipeline() -> None:
     assert (ours - 0.005) / (shell + 0.005) - 0.005 <= ratio <= (ours + 0.005) / (shell - 0.005) + 0.005, out
     steps = dict(re.findall(r"^  (\w+)\s+(\d+)$", out, re.MULTILINE))
     assert {"downloading", "verifying", "creating_device", "making_fs", "unpacking", "snapshotting"} <= set(steps), out
+
+
+@needs_root
+def test_startup_prints_each_commands_median() -> None:
+    out = bench("bench.startup", "--runs", "1", "--extra-jobs", "20")
+    medians = dict(re.findall(r"^  (.+?)\s+([\d.]+) s   \(min", out, re.MULTILINE))
+    assert set(medians) == {"python -c pass", "flyio-image-manager --help", "fsm list (23 jobs)", "images", "snapshots",
+                            "process-image again, --url file://", "process-image again, --s3-key (one HEAD)",
+                            "process-image again, --image (LIST + HEADs)"}, out
+    assert all(float(value) > 0 for value in medians.values()), out

@@ -142,6 +142,33 @@ def test_a_stale_sample_is_never_used(fake: FakeProc, tmp_path: Path) -> None:
     assert result.reading == "iowait 70% > 50%"
 
 
+def test_the_clis_first_sample_opens_the_first_window(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI reads /proc/stat as it starts (safeguards/first_sample.py): a checker built
+    later, on the same clock, measures its first window from there instead of pausing."""
+    import time
+
+    import safeguards.first_sample as first_sample
+
+    monkeypatch.setattr(first_sample, "_reading", (time.monotonic() - 0.6, Path("/proc/stat").read_text()))
+    pauses: list[float] = []
+    c = SystemHealthChecker(None, HealthThresholds(), state_dir=tmp_path, reader=ProcReader(sleep=pauses.append))
+    result = c.check_iowait()
+    assert pauses == []
+    assert result.detail.startswith("over 0.6")
+
+
+def test_a_stale_first_sample_is_not_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import time
+
+    import safeguards.first_sample as first_sample
+
+    monkeypatch.setattr(first_sample, "_reading", (time.monotonic() - 5.0, Path("/proc/stat").read_text()))
+    pauses: list[float] = []
+    c = SystemHealthChecker(None, HealthThresholds(), state_dir=tmp_path, reader=ProcReader(sleep=pauses.append))
+    c.check_iowait()
+    assert pauses == [0.5]  # a whole window from now: the five-second-old reading started none
+
+
 def test_a_sample_just_one_window_old_is_used(fake: FakeProc, tmp_path: Path) -> None:
     clock = Clock()
     c = SystemHealthChecker(None, HealthThresholds(), state_dir=tmp_path / "state", reader=counting_reader(fake, clock))

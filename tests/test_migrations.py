@@ -1,4 +1,5 @@
-"""The schema comes only from alembic: upgrade, downgrade, and no drift from the models."""
+"""The schema comes from alembic's migrations (a new database from the models they match):
+upgrade, downgrade, no drift between the two, and a new database identical to a migrated one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from catalog.models import CatalogBase
 from fsm.database import open_engine
 from fsm.models import FsmBase
 from fsm.store import JobStore
-from migrations import downgrade_database, upgrade_database
+from migrations import alembic_config, downgrade_database, head_revision, stored_revision, upgrade_database
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"jobs", "job_events", "job_notes", "images", "image_layers", "layers", "unpacked_images", "snapshots",
@@ -29,7 +30,7 @@ def tables(db: Path) -> set[str]:
 
 def test_upgrade_from_empty_to_head_and_back(tmp_path: Path) -> None:
     db = tmp_path / "images.db"
-    upgrade_database(db)
+    migrate_with_alembic(db)
     assert tables(db) == TABLES
     downgrade_database(db)
     assert tables(db) == set()
@@ -37,9 +38,45 @@ def test_upgrade_from_empty_to_head_and_back(tmp_path: Path) -> None:
     assert tables(db) == TABLES
 
 
+def migrate_with_alembic(db: Path, revision: str = "head") -> None:
+    """The migrations themselves, also on a new file (upgrade_database creates one from the models)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(db), revision)
+
+
+def schema_of(db: Path) -> dict[str, object]:
+    """Each table's columns, foreign keys and indexes (by what they cover, not their generated names)."""
+    with sqlite3.connect(db) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        schema: dict[str, object] = {}
+        for name in names:
+            columns = sorted(conn.execute(f"PRAGMA table_info('{name}')").fetchall(), key=lambda c: c[1])
+            keys = sorted(tuple(r[2:]) for r in conn.execute(f"PRAGMA foreign_key_list('{name}')"))
+            indexes = sorted((r[2], r[3], tuple(i[2] for i in conn.execute(f"PRAGMA index_info('{r[1]}')")))
+                             for r in conn.execute(f"PRAGMA index_list('{name}')"))
+            schema[name] = ([c[1:] for c in columns], keys, indexes)
+        return schema
+
+
+def test_a_new_database_is_the_migrated_schema_stamped_head(tmp_path: Path) -> None:
+    migrated, created = tmp_path / "migrated.db", tmp_path / "created.db"
+    migrate_with_alembic(migrated)
+    upgrade_database(created)  # a new file: created from the models, no alembic
+    assert stored_revision(created) == head_revision() == stored_revision(migrated)
+    assert schema_of(created) == schema_of(migrated)
+    assert "alembic" not in subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from migrations import upgrade_database;"
+         f"upgrade_database(Path({str(tmp_path / 'third.db')!r})); print(sorted(m for m in sys.modules if 'alembic' in m))"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout.replace("[]", "")
+    downgrade_database(created, "0004")  # alembic's history goes on from the stamp
+    upgrade_database(created)
+    assert schema_of(created) == schema_of(migrated)
+
+
 def test_models_match_the_migrations(tmp_path: Path) -> None:
     db = tmp_path / "images.db"
-    upgrade_database(db)
+    migrate_with_alembic(db)
     engine = open_engine(db)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
