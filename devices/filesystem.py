@@ -1,11 +1,12 @@
-"""mkfs.ext4 the way thin devices need it (no discard, no journal, nothing zeroed that reads
-as zeros anyway), the journal a VM snapshot gets, and the write-back check a layer passes
-before it is trusted."""
+"""mkfs.ext4 the way thin devices need it (no discard, nothing zeroed that reads as zeros
+anyway, the VM's journal made but not used by the layers), and the write-back check a
+layer passes before it is trusted."""
 
 from __future__ import annotations
 
 import os
 
+from devices.mount import DEFAULT_OPTIONS
 from support.errors import HazardError, ManagerError
 from support.proc import CommandFailed, run_command
 
@@ -28,24 +29,30 @@ def mkfs_timeout() -> float:
     return seconds
 
 
-# Layer devices: no journal (a layer is written once, synced, and immutable once ready:
-# copy-on-write would give every upper layer its own copy of a journal it rewrites),
-# inode tables and bitmaps left unwritten (thin devices and sparse files read zeros, so
-# zeroing them buys nothing) and packed at the start of the device. `noinit_itable` in the
-# superblock's mount options keeps the kernel's lazy-init thread from zeroing them later,
-# on the host and in the VM alike.
-LAYER_MKFS_OPTIONS = ("-O", "^has_journal", "-E", "nodiscard,lazy_itable_init=1,packed_meta_blocks=1")
-LAYER_MOUNT_OPTS = "noinit_itable"
-# The VM's snapshot gets a journal before it is handed out; small, as it is written
-# (zeroed) for every snapshot: 8 MiB is 2048 blocks, enough for a root filesystem's
-# metadata traffic.
+# Layer devices: inode tables, bitmaps and the journal left unwritten (thin devices and
+# sparse files read zeros, so zeroing them buys nothing: a new thin device or a fresh
+# sparse file has no stale blocks, and the pool zeroes a data block it provisions) and
+# packed at the start of the device. `noinit_itable` in the superblock's mount options
+# keeps the kernel's lazy-init thread from zeroing the tables later, on the host and in the
+# VM alike. The journal is the VM's: made here, never loaded while a layer unpacks
+# (LAYER_UNPACK_MOUNT_OPTIONS: a layer is written once, synced and immutable once ready,
+# and a journal in use would give every upper layer its own rewritten copy of it), first
+# written when the VM mounts its snapshot. 8 MiB is 2048 blocks, enough for a root
+# filesystem's metadata traffic, and at most what a VM's snapshot writes of it.
+# inline_data: a file or directory of up to ~150 bytes lives in its inode instead of a
+# whole 4 KiB block (0.5% of the pool on a production-shaped image; docs/performance.md).
 VM_JOURNAL_MIB = 8
+LAYER_MKFS_OPTIONS = ("-O", "inline_data", "-J", f"size={VM_JOURNAL_MIB}",
+                      "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1")
+LAYER_MOUNT_OPTS = "noinit_itable"
+# noload: ext4 runs without its journal (the kernel logs "r/w without journal").
+LAYER_UNPACK_MOUNT_OPTIONS = (*DEFAULT_OPTIONS, "noload")
 TUNE2FS_TIMEOUT = 120.0
 
 
 def make_filesystem(device: str, *, timeout: float | None = None, label: str | None = None) -> None:
     """An ext4 filesystem for a layer device on `device` (LAYER_MKFS_OPTIONS: about 2 MiB
-    written on a 4 GiB device). A timeout (default mkfs_timeout()) raises CommandTimeout
+    written on a 4 GiB device, the journal included). A timeout (default mkfs_timeout()) raises CommandTimeout
     (a hazard). nodiscard: discards on dm-thin are slow and a fresh thin device has
     nothing to discard."""
     argv = ["mkfs.ext4", "-q", "-F", *LAYER_MKFS_OPTIONS]
@@ -65,9 +72,10 @@ def has_journal(device: str) -> bool:
 
 
 def add_journal(device: str, *, size_mib: int = VM_JOURNAL_MIB, timeout: float = TUNE2FS_TIMEOUT) -> bool:
-    """Give the (unmounted) ext4 on `device` a journal of `size_mib`, unless it has one (a
-    layer made before layers went journal-less). True when one was added. A failure is a
-    hazard: the snapshot is not handed out."""
+    """Give the (unmounted) ext4 on `device` a journal of `size_mib`, unless it has one (every
+    layer made since layers carry the VM's unused journal has; a chain made in between,
+    journal-less, gets it here). True when one was added. A failure is a hazard: the
+    snapshot is not handed out."""
     if has_journal(device):
         return False
     try:

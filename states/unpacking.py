@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 
 from devices.base import device_name
-from devices.filesystem import flush_filesystem
+from devices.filesystem import LAYER_UNPACK_MOUNT_OPTIONS, flush_filesystem
 from devices.mount import mounted
 from fsm.context import StepContext
 from images.formats import open_layer_stream
@@ -40,7 +40,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         # The unpacker reports bytes of (decompressed) tar read; verification counted them.
         bar = services.progress(f"unpack layer {index + 1}", layer.get("tar_bytes") or blob.stat().st_size)
         try:
-            with mounted(path, target):
+            with mounted(path, target, options=LAYER_UNPACK_MOUNT_OPTIONS):
                 try:
                     with open_layer_stream(blob, layer["format"], services.limits) as stream:
                         stats = unpack_layer(stream, target, limits=services.limits, on_progress=bar.advance_to)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devices.filesystem import make_filesystem
+from devices.filesystem import LAYER_UNPACK_MOUNT_OPTIONS, flush_filesystem, make_filesystem
 from devices.loop import attach, detach, find_backing, list_loops
 from devices.mount import is_mounted, mount, mount_entry, mount_point_of, mounted, mounts, parse_mountinfo, unmount
 from support.errors import HazardError, ManagerError
@@ -132,10 +133,64 @@ def test_make_filesystem_writes_a_labelled_ext4(scratch: Path) -> None:
         make_filesystem(dev, label="layer-1")
         probe = run_command(["blkid", "-p", "-o", "export", dev], timeout=10).stdout
         assert "TYPE=ext4" in probe.splitlines() and "LABEL=layer-1" in probe.splitlines()
-        # A layer's ext4: no journal, and inode tables never zeroed (not at mkfs, and not
-        # later by the kernel's lazy-init thread: noinit_itable in the superblock).
+        # A layer's ext4: the VM's journal, and inode tables never zeroed (not at mkfs, and
+        # not later by the kernel's lazy-init thread: noinit_itable in the superblock).
         header = run_command(["dumpe2fs", "-h", dev], timeout=30).stdout
-        assert "has_journal" not in header and "noinit_itable" in header
+        assert "has_journal" in header and "noinit_itable" in header
+        assert re.search(r"^Total journal size:\s+8M$", header, re.MULTILINE), header
+    finally:
+        detach(dev)
+
+
+def journal_body(device: str) -> list[tuple[int, int]]:
+    """Byte ranges on `device` of the journal (inode 8) after its superblock (the journal's
+    first block, which mkfs writes)."""
+    block = int(re.search(r"^Block size:\s+(\d+)$", run_command(["dumpe2fs", "-h", device], timeout=30).stdout,
+                          re.MULTILINE).group(1))
+    stat = run_command(["debugfs", "-R", "stat <8>", device], timeout=30).stdout
+    extents = [(int(a), int(b), int(c)) for a, b, c, _ in re.findall(r"\((\d+)-(\d+)\):(\d+)-(\d+)", stat)]
+    assert extents, stat
+    return [((physical + (1 if logical == 0 else 0)) * block, (physical + last - logical + 1) * block)
+            for logical, last, physical in extents]
+
+
+def data_in(path: Path, start: int, end: int) -> bool:
+    """Whether the sparse file at `path` holds any written block in [start, end) (bytes),
+    looking only at the whole 4 KiB host blocks inside it (a small ext4 has 1 KiB blocks:
+    the ones around the range share host blocks with it)."""
+    start, end = -(-start // 4096) * 4096, end // 4096 * 4096
+    with open(path, "rb") as fh:
+        try:
+            return os.lseek(fh.fileno(), start, os.SEEK_DATA) < end
+        except OSError:  # ENXIO: no data after start
+            return False
+
+
+@needs_root
+@needs_loop
+def test_a_layers_journal_is_left_unwritten_by_mkfs_and_the_unpack_mount(scratch: Path) -> None:
+    """The journal is made for the VM and costs the pool nothing until the VM mounts: mkfs
+    does not zero it (lazy_journal_init) and a layer mounted the way the unpack step mounts
+    it runs without it, however much metadata it writes. A plain mount writes it."""
+    backing = image(scratch)
+    dev = attach(backing)
+    try:
+        make_filesystem(dev)
+        body = journal_body(dev)
+        assert not any(data_in(backing, *extent) for extent in body)
+        target = scratch / "mnt"
+        target.mkdir()
+        with mounted(dev, target, options=LAYER_UNPACK_MOUNT_OPTIONS):
+            for n in range(300):
+                (target / f"d{n % 10}").mkdir(exist_ok=True)
+                (target / f"d{n % 10}" / f"f{n}").write_bytes(b"x" * 100)
+            flush_filesystem(target)
+        assert not any(data_in(backing, *extent) for extent in body)
+        with mounted(dev, target):
+            for n in range(300):
+                (target / f"d{n % 10}" / f"f{n}").unlink()
+            flush_filesystem(target)
+        assert any(data_in(backing, *extent) for extent in body)  # the same check sees a journal in use
     finally:
         detach(dev)
 

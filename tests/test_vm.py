@@ -2,7 +2,8 @@
 
 TCG emulation is slow, so guests are few and their work is small: one guest runs the
 whole in-guest suite (tests/guest/), one checks the basics, four more make two power cuts,
-and seven make the power-cut campaign's six cuts (docs/faults.md).
+and seven make the power-cut campaign's six cuts (docs/faults.md), three the capacity test
+(fill, evict and grow; a grow cut by a power cut; the check after it).
 The read-only host root is mounted with cache=loose (Python imports over uncached 9p
 take minutes under TCG); everything the guests write goes to the share.
 """
@@ -236,3 +237,40 @@ def _wait_for_lines(guest: RunningGuest, marker: str, patterns: tuple[str, ...],
             return False
         time.sleep(0.05)
     return False
+
+
+def test_capacity_on_dm_thin(guest_ready: None, tmp_path: Path) -> None:
+    """Issue 12 on a real dm-thin pool, three boots on one share (tests/guest/capacity.py):
+    fill a small pool past the high watermark, `gc --images` (dry run: nothing changes;
+    --force: below the low watermark, the pinned image, the shared base chain and the image
+    with a live, written VM snapshot all survive and read back), grow the pool while that
+    snapshot is written; then a grow cut by a power cut (QEMU killed as "pool file extended"
+    is logged), and the next boot's `setup-pool` re-attaches the pool at the file's size with
+    every device reading back as before."""
+    state = tmp_path / "state"
+    argv = ["python", "-m", "tests.guest.capacity", str(state)]
+
+    def report_of(output: str) -> dict:
+        assert "CAPACITY-ERROR" not in output, tail(output)
+        found = re.findall(r"CAPACITY-REPORT (\{.*\})", output)
+        assert found, tail(output)
+        return json.loads(found[-1])
+
+    started = time.monotonic()
+    filled = run_in_guest(argv + ["fill"], share_dir=tmp_path, timeout=1800, cwd=str(REPO), root_cache=ROOT_CACHE)
+    assert filled.returncode == 0, tail(filled.output)
+    report = report_of(filled.output)
+    assert report["usage_filled"] > 0.85 and report["usage_after_eviction"] < 0.75, report
+    print(f"fill, evict, grow: {report} after {time.monotonic() - started:.0f}s", flush=True)
+
+    with start_guest(argv + ["grow"], share_dir=tmp_path, cwd=str(REPO), root_cache=ROOT_CACHE) as guest:
+        cut = _wait_for(guest, "pool file extended", timeout=900)
+        guest.kill()
+    assert cut, tail(guest.output)
+    assert "CAPACITY-REPORT" not in guest.output and "pool grown" not in guest.output, "the grow finished first"
+
+    checked = run_in_guest(argv + ["check"], share_dir=tmp_path, timeout=1200, cwd=str(REPO), root_cache=ROOT_CACHE)
+    assert checked.returncode == 0, tail(checked.output)
+    after = report_of(checked.output)
+    assert after["devices_read_back"] == report["devices_checksummed"], (after, report)
+    print(f"after the cut grow: {after}; capacity wall {time.monotonic() - started:.0f}s", flush=True)
