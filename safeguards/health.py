@@ -188,8 +188,8 @@ class SystemHealthChecker:
         self._kernel_lock = threading.Lock()
         self._cpu_lock = threading.Lock()
         self._cpu_samples: deque[CpuSample] = deque(maxlen=CPU_SAMPLES_KEPT)
-        if self.reader.monotonic is time.monotonic:  # the CLI's reading at start opens the first window
-            self._seed_first_sample()
+        if self.reader.monotonic is time.monotonic and self.reader.proc == Path("/proc"):
+            self._seed_first_sample()  # the CLI's reading at start (same clock, same file) opens the first window
         self._sampler_stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._last_pass: tuple[float, HealthReport] | None = None  # (reader.monotonic(), report)
