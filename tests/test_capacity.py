@@ -24,7 +24,7 @@ from tests.test_vm_snapshots import (catalog_dump, db_rows, fields, layer_tar, m
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
 MB = 1024**2
 POOL = "320M"  # XFS's smallest: 256 MiB of data blocks
-FILLS = 12
+FILLS = 20
 FILL = {"FLYIO_POOL_HIGH_PERCENT": "99", "FLYIO_POOL_LOW_PERCENT": "98"}  # let the fill go past 85%
 
 
@@ -70,7 +70,7 @@ def fill_past_high_watermark(state_dir: Path, bucket: dict[str, Any]) -> list[st
     filled: list[str] = []
     big = small = 0
     while usage(state_dir) < 0.85:
-        if usage(state_dir) < 0.72:
+        if usage(state_dir) < 0.80:
             name, big = f"fill-{big}", big + 1
         else:
             name, small = f"small-{small}", small + 1
@@ -96,9 +96,9 @@ def image_status(state_dir: Path) -> dict[str, str]:
 @pytest.fixture
 def capacity_bucket(s3_client: Any, make_bucket: Any, s3_server: Any) -> dict[str, Any]:
     """fam-a and fam-b share base layer `base` (8 MB); `pinned` and `vm` are single-layer
-    images; fill-N are distinct 12 MB single-layer images (about 9% of the pool each) and small-N
-    0.5 MB ones (about 4%: the fill's last steps, so it lands between 85% and the 90% below
-    which the pool refuses new devices)."""
+    images; fill-N are distinct 12 MB single-layer images (about 5% of the pool each, the
+    image's fixed cost included) and small-N 2 MB ones (about 1%: the fill's last steps, so
+    it lands between 85% and the 90% above which the pool refuses new devices)."""
     bucket = make_bucket("capacity")
     files: dict[str, dict[str, bytes]] = {}
 
@@ -115,7 +115,7 @@ def capacity_bucket(s3_client: Any, make_bucket: Any, s3_server: Any) -> dict[st
     put("vm", [{"srv/vm.bin": blob("vm", 4 * MB)}])
     for n in range(FILLS):
         put(f"fill-{n}", [{f"srv/fill-{n}.bin": blob(f"fill-{n}", 12 * MB)}])
-        put(f"small-{n}", [{f"srv/small-{n}.bin": blob(f"small-{n}", MB // 2)}])
+        put(f"small-{n}", [{f"srv/small-{n}.bin": blob(f"small-{n}", 2 * MB)}])
     return {"bucket": bucket, "endpoint": s3_server.endpoint_url, "files": files}
 
 
