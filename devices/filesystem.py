@@ -5,6 +5,7 @@ layer passes before it is trusted."""
 from __future__ import annotations
 
 import os
+import stat
 
 from devices.mount import DEFAULT_OPTIONS
 from support.errors import HazardError, ManagerError
@@ -42,8 +43,9 @@ def mkfs_timeout() -> float:
 # inline_data: a file or directory of up to ~150 bytes lives in its inode instead of a
 # whole 4 KiB block (0.5% of the pool on a production-shaped image; docs/performance.md).
 VM_JOURNAL_MIB = 8
-LAYER_MKFS_OPTIONS = ("-O", "inline_data", "-J", f"size={VM_JOURNAL_MIB}",
-                      "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1")
+# Below this size mke2fs's own journal (1-4 MiB, what fits the filesystem) is kept.
+VM_JOURNAL_MIN_DEVICE_BYTES = 256 * 1024**2
+LAYER_MKFS_OPTIONS = ("-O", "inline_data", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1")
 LAYER_MOUNT_OPTS = "noinit_itable"
 # noload: ext4 runs without its journal (the kernel logs "r/w without journal").
 LAYER_UNPACK_MOUNT_OPTIONS = (*DEFAULT_OPTIONS, "noload")
@@ -56,11 +58,24 @@ def make_filesystem(device: str, *, timeout: float | None = None, label: str | N
     (a hazard). nodiscard: discards on dm-thin are slow and a fresh thin device has
     nothing to discard."""
     argv = ["mkfs.ext4", "-q", "-F", *LAYER_MKFS_OPTIONS]
+    if device_bytes(device) >= VM_JOURNAL_MIN_DEVICE_BYTES:
+        argv += ["-J", f"size={VM_JOURNAL_MIB}"]
     if label:
         argv += ["-L", label]
     seconds = mkfs_timeout() if timeout is None else timeout
     run_command([*argv, device], timeout=seconds)
     run_command(["tune2fs", "-E", f"mount_opts={LAYER_MOUNT_OPTS}", device], timeout=seconds)
+
+
+def device_bytes(device: str, *, timeout: float = TUNE2FS_TIMEOUT) -> int:
+    """The size of the block device (`blockdev --getsize64`, with a timeout: a wedged
+    device must not hang us) or regular file at `device`; 0 for anything else."""
+    mode = os.stat(device).st_mode
+    if stat.S_ISREG(mode):
+        return os.stat(device).st_size
+    if not stat.S_ISBLK(mode):
+        return 0
+    return int(run_command(["blockdev", "--getsize64", device], timeout=timeout).stdout.strip())
 
 
 def has_journal(device: str) -> bool:

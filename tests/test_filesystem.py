@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from devices.filesystem import LAYER_UNPACK_MOUNT_OPTIONS, flush_filesystem, make_filesystem
+from devices.filesystem import (LAYER_UNPACK_MOUNT_OPTIONS, VM_JOURNAL_MIN_DEVICE_BYTES, flush_filesystem,
+                                make_filesystem)
 from devices.loop import attach, detach, find_backing, list_loops
 from devices.mount import is_mounted, mount, mount_entry, mount_point_of, mounted, mounts, parse_mountinfo, unmount
 from support.errors import HazardError, ManagerError
@@ -128,7 +129,7 @@ def test_detach_of_a_device_that_is_not_a_loop_is_an_error() -> None:
 @needs_root
 @needs_loop
 def test_make_filesystem_writes_a_labelled_ext4(scratch: Path) -> None:
-    dev = attach(image(scratch))
+    dev = attach(image(scratch, size=VM_JOURNAL_MIN_DEVICE_BYTES))  # the smallest device with the VM's 8 MiB journal
     try:
         make_filesystem(dev, label="layer-1")
         probe = run_command(["blkid", "-p", "-o", "export", dev], timeout=10).stdout
