@@ -70,10 +70,10 @@ def make_filesystem(device: str, *, timeout: float | None = None, label: str | N
 def device_bytes(device: str, *, timeout: float = TUNE2FS_TIMEOUT) -> int:
     """The size of the block device (`blockdev --getsize64`, with a timeout: a wedged
     device must not hang us) or regular file at `device`; 0 for anything else."""
-    mode = os.stat(device).st_mode
-    if stat.S_ISREG(mode):
-        return os.stat(device).st_size
-    if not stat.S_ISBLK(mode):
+    status = os.stat(device)
+    if stat.S_ISREG(status.st_mode):
+        return status.st_size
+    if not stat.S_ISBLK(status.st_mode):
         return 0
     return int(run_command(["blockdev", "--getsize64", device], timeout=timeout).stdout.strip())
 

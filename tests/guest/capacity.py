@@ -26,15 +26,12 @@ Each boot prints CAPACITY-REPORT {json} when it passes, CAPACITY-ERROR and exits
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import random
 import re
 import sqlite3
 import subprocess
 import sys
-import tarfile
 import tempfile
 import traceback
 from contextlib import closing
@@ -45,6 +42,8 @@ from devices.base import PoolConfig
 from devices.devicemapper import DevicemapperPool
 from support.proc import run_command
 from tests.guest.powercut import device_checksums
+from tests.test_capacity import blob
+from tests.test_vm_snapshots import layer_tar
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024**2
@@ -53,21 +52,6 @@ GROWN, GROWN_METADATA, CUT_GROW = "192M", "8M", "256M"
 ENV = {"FLYIO_BACKEND": "devicemapper"}
 FILL = {**ENV, "FLYIO_POOL_HIGH_PERCENT": "99", "FLYIO_POOL_LOW_PERCENT": "98"}
 FILL_TARGET = 0.88  # past the high watermark (85%), short of running the pool out
-
-
-def blob(seed: str, size: int) -> bytes:
-    rng = random.Random(seed)
-    return b"".join(rng.randbytes(min(MB, size - offset)) for offset in range(0, size, MB))
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path, body in sorted(files.items()):
-            info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = len(body), 0o644, 1_700_000_000
-            tar.addfile(info, io.BytesIO(body))
-    return buffer.getvalue()
 
 
 BASE = {"usr/lib/base.bin": blob("base", 4 * MB)}
