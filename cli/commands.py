@@ -120,6 +120,9 @@ def snapshot_result_line(job_id: int | None, state: str | None, context: str | N
               help="Database path; the pool files go in its directory (default <state-dir>/images.db).")
 @click.option("--data-size", default="2G", show_default=True)
 @click.option("--metadata-size", default="1M", show_default=True)
+@click.option("--data-block-size", "data_block_size", default=None, metavar="SIZE", envvar="FLYIO_POOL_DATA_BLOCK_SIZE",
+              help="dm-thin data block size of a new pool, 64K to 1G in steps of 64K (default 1M, the guide's "
+                   "table; env FLYIO_POOL_DATA_BLOCK_SIZE). An existing pool keeps its own.")
 @click.option("--grow", "grow", default=None, metavar="SIZE", help="Grow the live pool's data to SIZE (never shrinks).")
 @click.option("--grow-metadata", "grow_metadata", default=None, metavar="SIZE",
               help="Grow the live pool's metadata to SIZE (devicemapper).")
@@ -128,22 +131,23 @@ def snapshot_result_line(job_id: int | None, state: str | None, context: str | N
 @policy_options
 @common_options
 @click.pass_context
-def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, grow: str | None,
-               grow_metadata: str | None, backend: str, pool_warn: str | None, pool_high: str | None,
+def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size: str, data_block_size: str | None,
+               grow: str | None, grow_metadata: str | None, backend: str, pool_warn: str | None, pool_high: str | None,
                pool_low: str | None) -> None:
     from catalog.reconcile import ensure_pool
     from devices.base import PoolConfig
     from devices.policy import usage_line, warn_if_above
-    from devices.select import open_pool
+    from devices.select import data_block_bytes_from, open_pool
 
     options = options_of(ctx)
     policy = policy_of(pool_warn, pool_high, pool_low)
+    data_block_bytes = data_block_bytes_from(data_block_size)
     grow_bytes = parse_size(grow) if grow else None
     grow_metadata_bytes = parse_size(grow_metadata) if grow_metadata else None
     state_dir = Path(db).parent if db else options.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = PoolConfig(directory=str(state_dir), data_size_bytes=parse_size(data_size),
-                        metadata_size_bytes=parse_size(metadata_size))
+                        metadata_size_bytes=parse_size(metadata_size), data_block_bytes=data_block_bytes)
     with exclusive(state_dir, "setup-pool"):
         store = open_store(state_dir)
         pool = open_pool(state_dir, backend, config)
@@ -153,7 +157,8 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
         status = pool.validate_pool_health()
     warn_if_above(status, policy)
     click.echo(f"pool ready: backend={status.backend} data={status.used_data_blocks}/{status.total_data_blocks} "
-               f"metadata={status.used_metadata_blocks}/{status.total_metadata_blocks}")
+               f"metadata={status.used_metadata_blocks}/{status.total_metadata_blocks} "
+               f"data_block={status.data_block_bytes}")
     click.echo(f"pool usage: {usage_line(status, policy)}")
 
 

@@ -85,12 +85,15 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Where the pool lives and how big it is (the guide's defaults: 2 GB data + 1 MB metadata)."""
+    """Where the pool lives and how big it is (the guide's defaults: 2 GB data + 1 MB metadata).
+    `data_block_bytes` is dm-thin's, for a pool created now (None: the guide's 1 MiB); an
+    existing pool keeps the one it was created with."""
 
     directory: str
     data_size_bytes: int = 2 * 1024**3
     metadata_size_bytes: int = 1024**2
     pool_name: str = "pool"
+    data_block_bytes: int | None = None
 
 
 class ThinPool(Protocol):

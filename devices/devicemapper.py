@@ -2,11 +2,14 @@
 
     pool_meta, pool_data   files in the state directory (sparse; 1 MB + 2 GB by default)
     /dev/mapper/pool       `0 <data sectors> thin-pool <meta loop> <data loop> 2048 32768`
+                           (2048: 1 MiB data blocks; `--data-block-size` picks another for a new pool)
     /dev/mapper/thin-<id>  `0 <sectors> thin /dev/mapper/pool <id>`, one per active device
 
 After a reboot or kernel panic the loops and the pool are gone but the files are not:
 ensure_pool_exists() re-attaches the existing files and reloads the same table, so the
-thin devices and their data come back. Only a brand-new pool gets zeroed metadata
+thin devices and their data come back. The data block size is fixed when the pool is
+created (the kernel refuses a table whose size differs from the metadata's), so
+re-attaching reads it back from the metadata superblock. Only a brand-new pool gets zeroed metadata
 (the kernel formats metadata whose superblock is all zeros).
 
 Every dmsetup/losetup call goes through support.proc.run_command with a timeout; one
@@ -26,7 +29,7 @@ from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, Pool
                           device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
 from devices.mount import mounts
-from support.errors import ManagerError
+from support.errors import ManagerError, PermanentError
 from support.log import get_logger
 from support.proc import CommandFailed, CommandResult, run_command
 
@@ -35,17 +38,39 @@ log = get_logger("devices.devicemapper", component="pool-manager")
 DMSETUP_TIMEOUT = 30.0
 THIN_LS_TIMEOUT = 60.0
 SECTOR = 512
-DATA_BLOCK_SECTORS = 2048  # 1 MiB data blocks, the guide's table
+DEFAULT_DATA_BLOCK_BYTES = 1024**2  # 2048 sectors, the guide's table
+MIN_DATA_BLOCK_SECTORS = 128  # the kernel's bounds: 64 KiB to 1 GiB, in multiples of 64 KiB
+MAX_DATA_BLOCK_SECTORS = 2097152
 LOW_WATER_MARK = 32768
 MIN_FREE_FRACTION = 0.10
 THIN_SUPERBLOCK_MAGIC = 27022010
 SUPERBLOCK_MAGIC_OFFSET = 32
+SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET = 336  # struct thin_disk_superblock: __le32 data_block_size, in sectors
 BUSY_RETRIES = 3
 
 EEXIST = "File exists"
 ENODATA = "No data available"
 ENXIO = ("No such device or address", "No such device")
 EBUSY = "Device or resource busy"
+
+
+def data_block_sectors(size_bytes: int) -> int:
+    """The thin-pool table's block size for `size_bytes`; a size dm-thin refuses is a one-line error."""
+    sectors, remainder = divmod(size_bytes, SECTOR)
+    if remainder or not MIN_DATA_BLOCK_SECTORS <= sectors <= MAX_DATA_BLOCK_SECTORS \
+            or sectors % MIN_DATA_BLOCK_SECTORS:
+        raise PermanentError(f"invalid data block size {size_bytes} bytes: dm-thin takes 64 KiB to 1 GiB "
+                             "in multiples of 64 KiB (e.g. 64K, 512K, 1M)")
+    return sectors
+
+
+def recorded_data_block_sectors(head: bytes) -> int | None:
+    """The data block size a pool's metadata superblock records, or None for unformatted metadata."""
+    if len(head) < SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET + 4 or not any(head):
+        return None
+    if struct.unpack_from("<Q", head, SUPERBLOCK_MAGIC_OFFSET)[0] != THIN_SUPERBLOCK_MAGIC:
+        return None
+    return int(struct.unpack_from("<I", head, SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET)[0])
 
 
 class DevicemapperPool:
@@ -58,6 +83,10 @@ class DevicemapperPool:
         self.data_file = self.directory / "pool_data"
         self.pool_name = config.pool_name
         self.pool_path = f"/dev/mapper/{self.pool_name}"
+        # None: no preference (a new pool gets the guide's 1 MiB, an existing one keeps its own)
+        self.requested_block_sectors = (data_block_sectors(config.data_block_bytes)
+                                        if config.data_block_bytes is not None else None)
+        self._live_block_sectors: int | None = None  # read from the live table once; it never changes
 
     # -- dmsetup ----------------------------------------------------------------------
 
@@ -107,22 +136,25 @@ class DevicemapperPool:
             return status
         log.info("pool does not exist, attempting to create", pool_name=self.pool_name)
         self.directory.mkdir(parents=True, exist_ok=True)
+        block_sectors = self.requested_block_sectors or DEFAULT_DATA_BLOCK_BYTES // SECTOR
         if not self.meta_file.exists() and not self.data_file.exists():
             log.info("creating new thin pool", pool_name=self.pool_name, backend=self.backend_name,
-                     data_size=self.config.data_size_bytes, metadata_size=self.config.metadata_size_bytes)
+                     data_size=self.config.data_size_bytes, metadata_size=self.config.metadata_size_bytes,
+                     data_block_bytes=block_sectors * SECTOR)
             self._create_files()
         elif not (self.meta_file.exists() and self.data_file.exists()):
             present = self.meta_file if self.meta_file.exists() else self.data_file
             raise ManagerError(f"only {present} exists; refusing to build a pool around half of one")
         else:
-            self._check_existing_metadata()
-            log.info("re-attaching existing pool files", pool_name=self.pool_name, path=str(self.directory))
+            block_sectors = self._check_existing_metadata() or block_sectors
+            log.info("re-attaching existing pool files", pool_name=self.pool_name, path=str(self.directory),
+                     data_block_bytes=block_sectors * SECTOR)
         attached: list[str] = []
         try:
             meta_dev = self._loop_for(self.meta_file, attached)
             data_dev = self._loop_for(self.data_file, attached)
             data_sectors = self.data_file.stat().st_size // SECTOR
-            table = f"0 {data_sectors} thin-pool {meta_dev} {data_dev} {DATA_BLOCK_SECTORS} {LOW_WATER_MARK}"
+            table = f"0 {data_sectors} thin-pool {meta_dev} {data_dev} {block_sectors} {LOW_WATER_MARK}"
             self._create_mapping(self.pool_name, table)
         except BaseException:
             for device in attached:
@@ -144,16 +176,22 @@ class DevicemapperPool:
                 os.fsync(fh.fileno())
             os.replace(fresh, path)
 
-    def _check_existing_metadata(self) -> None:
-        """Refuse files that are not dm-thin metadata (e.g. a blockfile pool's pool_meta):
-        the kernel would reject them, or with an all-zero block silently format them."""
+    def _check_existing_metadata(self) -> int | None:
+        """The data block size the existing metadata records (None: never formatted, a crash
+        before the first create, so formatting it loses nothing). Refuses files that are not
+        dm-thin metadata (e.g. a blockfile pool's pool_meta): the kernel would reject them, or
+        with an all-zero block silently format them."""
         with open(self.meta_file, "rb") as fh:
             head = fh.read(4096)
-        if len(head) < SUPERBLOCK_MAGIC_OFFSET + 8 or not any(head):
-            return  # never used (a crash before the first create): formatting it loses nothing
-        magic = struct.unpack_from("<Q", head, SUPERBLOCK_MAGIC_OFFSET)[0]
-        if magic != THIN_SUPERBLOCK_MAGIC:
+        if not any(head):
+            return None
+        recorded = recorded_data_block_sectors(head)
+        if recorded is None:
             raise ManagerError(f"{self.meta_file} exists but holds no dm-thin metadata; refusing to use it")
+        if self.requested_block_sectors not in (None, recorded):
+            log.warning("pool data block size is fixed at creation; keeping the pool's", pool_name=self.pool_name,
+                        data_block_bytes=recorded * SECTOR, requested_bytes=self.requested_block_sectors * SECTOR)
+        return recorded
 
     @staticmethod
     def _loop_for(path: Path, attached: list[str]) -> str:
@@ -183,8 +221,18 @@ class DevicemapperPool:
             out_of_data_space=parsed.out_of_data_space, transaction_id=parsed.transaction_id,
             used_data_blocks=parsed.used_data_blocks, total_data_blocks=parsed.total_data_blocks,
             used_metadata_blocks=parsed.used_metadata_blocks, total_metadata_blocks=parsed.total_metadata_blocks,
-            data_block_bytes=DATA_BLOCK_SECTORS * SECTOR, raw=line,
+            data_block_bytes=self._block_sectors() * SECTOR, raw=line,
         )
+
+    def _block_sectors(self) -> int:
+        """The live pool's data block size, from its table (read once per pool object)."""
+        if self._live_block_sectors is None:
+            fields = self._dmsetup("table", self.pool_name).stdout.split()
+            # `<start> <length> thin-pool <meta> <data> <block size> <low water mark> [features]`
+            if len(fields) < 7 or fields[2] != "thin-pool" or not fields[5].isdigit():
+                raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
+            self._live_block_sectors = int(fields[5])
+        return self._live_block_sectors
 
     def validate_pool_health(self) -> PoolStatus:
         """Status, or PoolUnhealthy naming every problem."""

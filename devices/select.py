@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from devices.base import PoolConfig, ThinPool
@@ -12,6 +13,20 @@ from support.proc import run_command
 log = get_logger("devices.select", component="pool-manager")
 
 BACKENDS = ("auto", "devicemapper", "blockfile")
+ENV_DATA_BLOCK_SIZE = "FLYIO_POOL_DATA_BLOCK_SIZE"
+
+
+def data_block_bytes_from(text: str | None) -> int | None:
+    """`--data-block-size` / FLYIO_POOL_DATA_BLOCK_SIZE in bytes (None: not set), checked
+    against dm-thin's bounds so a bad value is a one-line error before anything is touched."""
+    if not text:
+        return None
+    from devices.devicemapper import data_block_sectors
+    from support.sizes import parse_size
+
+    size = parse_size(text)
+    data_block_sectors(size)
+    return size
 
 
 def device_mapper_available() -> tuple[bool, str]:
@@ -32,7 +47,8 @@ def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None 
     """The pool backend for `state_dir`; `auto` picks devicemapper where the kernel has it."""
     if backend not in BACKENDS:
         raise ManagerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    config = config or PoolConfig(directory=str(state_dir))
+    config = config or PoolConfig(directory=str(state_dir),
+                                  data_block_bytes=data_block_bytes_from(os.environ.get(ENV_DATA_BLOCK_SIZE)))
     chosen, reason = backend, "requested"
     if backend == "auto":
         available, why = device_mapper_available()

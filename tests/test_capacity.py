@@ -294,6 +294,32 @@ def test_policy_values_are_checked_in_one_line(tmp_path: Path) -> None:
         assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and text in result.stderr
 
 
+def test_data_block_size_is_checked_in_one_line_before_any_pool_file(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    for env, flags in (({}, ("--data-block-size", "100K")), ({"FLYIO_POOL_DATA_BLOCK_SIZE": "2G"}, ()),
+                       ({}, ("--data-block-size", "32K")), ({"FLYIO_POOL_DATA_BLOCK_SIZE": "big"}, ())):
+        result = run(state_dir, "setup-pool", "--backend", "devicemapper", *flags, env=env)
+        assert result.returncode == 1, result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "data block size" in result.stderr or "invalid size 'big'" in result.stderr, result.stderr
+        assert not (state_dir / "pool_meta").exists() and not (state_dir / "pool_data").exists()
+
+
+def test_superblock_data_block_size_is_read_back() -> None:
+    import struct
+
+    from devices.devicemapper import THIN_SUPERBLOCK_MAGIC, data_block_sectors, recorded_data_block_sectors
+
+    head = bytearray(4096)
+    struct.pack_into("<Q", head, 32, THIN_SUPERBLOCK_MAGIC)
+    struct.pack_into("<I", head, 336, 128)
+    assert recorded_data_block_sectors(bytes(head)) == 128
+    assert recorded_data_block_sectors(bytes(4096)) is None  # never formatted
+    struct.pack_into("<Q", head, 32, 1234)
+    assert recorded_data_block_sectors(bytes(head)) is None  # not dm-thin metadata
+    assert [data_block_sectors(size) for size in (64 * 1024, MB, 1024**3)] == [128, 2048, 2097152]
+
+
 def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
     from devices.base import PoolConfig
     from devices.blockfile import BlockfilePool
