@@ -1,7 +1,7 @@
 """Pool bytes used per byte of unique layer content, on the production-shaped families.
 
     sudo python3 -m bench.space [--scale-mb 650] [--backend blockfile] [--pool-size 2G]
-                                [--data-block-size 1M]   (devicemapper: the pool's data block size)
+                                [--data-block-size 1M] [--metadata-size 1M]   (devicemapper)
 
 Builds golang, node and python (demo.samples: layers 1-3 shared by all) at `--scale-mb`
 (roughly one family's size; 650 gives the production replica's 1.4 GB of unique
@@ -75,7 +75,7 @@ def teardown(state_dir: Path, backend: str) -> None:
 
 
 def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_size: str,
-            data_block_size: str = "1M") -> dict[str, Any]:
+            data_block_size: str = "1M", metadata_size: str = "1M") -> dict[str, Any]:
     from demo.s3server import start_s3_server
     from demo.samples import build_families, upload_families
     from images.source import make_s3_client
@@ -83,11 +83,13 @@ def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_si
     layers = build_families(work / "samples", scale_mb, families=FAMILIES)
     content = unique_content(layers)
     state = work / "state"
-    cli(state, backend, "setup-pool", "--data-size", pool_size, "--data-block-size", data_block_size)
+    cli(state, backend, "setup-pool", "--data-size", pool_size, "--data-block-size", data_block_size,
+        "--metadata-size", metadata_size)
     try:
         empty = used_bytes(state, backend)
         result: dict[str, Any] = {"backend": backend, "scale_mb": scale_mb, "pool_size": pool_size,
-                                  "device_size": device_size, "data_block_size": data_block_size, "unique_content_bytes": content,
+                                  "device_size": device_size, "data_block_size": data_block_size,
+                                  "metadata_size": metadata_size, "unique_content_bytes": content,
                                   "empty_pool_used_bytes": empty, "families": {}}
         with start_s3_server(work / "s3", timeout=240) as server:
             client = make_s3_client(server.endpoint_url, anonymous=True)
@@ -110,6 +112,7 @@ def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_si
 
         status = open_pool(state, backend).get_pool_status()
         result.update(used_bytes=used, ratio=round(used / content, 3),
+                      metadata_used_fraction=round(status.metadata_used_fraction, 3),
                       pool_used_fraction_after_families=round((used + empty) / (status.total_data_blocks *
                                                                                  status.data_block_bytes), 3))
         return result
@@ -124,11 +127,12 @@ def main() -> None:
     parser.add_argument("--pool-size", default="2G")
     parser.add_argument("--device-size", default="4G")
     parser.add_argument("--data-block-size", default="1M", help="devicemapper: the new pool's data block size")
+    parser.add_argument("--metadata-size", default="1M", help="the new pool's metadata size")
     parser.add_argument("--work-dir", default=None, help="Where samples and the pool go (default: a temp dir).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         result = measure(Path(work), args.scale_mb, args.backend, args.pool_size, args.device_size,
-                         args.data_block_size)
+                         args.data_block_size, args.metadata_size)
     print(json.dumps(result, indent=2))
 
 

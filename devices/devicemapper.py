@@ -38,10 +38,14 @@ log = get_logger("devices.devicemapper", component="pool-manager")
 DMSETUP_TIMEOUT = 30.0
 THIN_LS_TIMEOUT = 60.0
 SECTOR = 512
+MIB = 1024**2
 DEFAULT_DATA_BLOCK_BYTES = 1024**2  # 2048 sectors, the guide's table
 MIN_DATA_BLOCK_SECTORS = 128  # the kernel's bounds: 64 KiB to 1 GiB, in multiples of 64 KiB
 MAX_DATA_BLOCK_SECTORS = 2097152
 LOW_WATER_MARK = 32768
+METADATA_BLOCK = 4096
+MAPPINGS_PER_LEAF = 126
+PLANNED_DEVICES = 128  # layers + VM snapshots a pool's metadata is sized for at least
 MIN_FREE_FRACTION = 0.10
 THIN_SUPERBLOCK_MAGIC = 27022010
 SUPERBLOCK_MAGIC_OFFSET = 32
@@ -62,6 +66,13 @@ def data_block_sectors(size_bytes: int) -> int:
         raise PermanentError(f"invalid data block size {size_bytes} bytes: dm-thin takes 64 KiB to 1 GiB "
                              "in multiples of 64 KiB (e.g. 64K, 512K, 1M)")
     return sectors
+
+
+def metadata_bytes_needed(data_bytes: int, block_sectors: int, devices: int = PLANNED_DEVICES) -> int:
+    """thin_metadata_size's estimate: the mapping leaves (half full, 126 entries per 4 KiB
+    node) for every data block, plus a root node per thin device."""
+    blocks = -(-data_bytes // (block_sectors * SECTOR))
+    return METADATA_BLOCK * (-(-blocks // MAPPINGS_PER_LEAF) + devices)
 
 
 def recorded_data_block_sectors(head: bytes) -> int | None:
@@ -141,7 +152,7 @@ class DevicemapperPool:
             log.info("creating new thin pool", pool_name=self.pool_name, backend=self.backend_name,
                      data_size=self.config.data_size_bytes, metadata_size=self.config.metadata_size_bytes,
                      data_block_bytes=block_sectors * SECTOR)
-            self._create_files()
+            self._create_files(block_sectors)
         elif not (self.meta_file.exists() and self.data_file.exists()):
             present = self.meta_file if self.meta_file.exists() else self.data_file
             raise ManagerError(f"only {present} exists; refusing to build a pool around half of one")
@@ -165,9 +176,19 @@ class DevicemapperPool:
                  data_device=data_dev)
         return status
 
-    def _create_files(self) -> None:
-        """Sparse files under temporary names, renamed into place only when complete."""
-        for path, size in ((self.data_file, self.config.data_size_bytes), (self.meta_file, self.config.metadata_size_bytes)):
+    def _create_files(self, block_sectors: int) -> None:
+        """Sparse files under temporary names, renamed into place only when complete. The
+        metadata file is at least what its data needs at this block size: at 64 KiB blocks a
+        2 GiB pool's mappings alone outgrow the guide's 1 MB, and a pool out of metadata
+        space turns read-only."""
+        metadata_size = self.config.metadata_size_bytes
+        needed = metadata_bytes_needed(self.config.data_size_bytes, block_sectors)
+        if needed > metadata_size:
+            metadata_size = -(-needed // MIB) * MIB
+            log.info("pool metadata sized for its data block size", pool_name=self.pool_name,
+                     requested=self.config.metadata_size_bytes, metadata_size=metadata_size,
+                     data_block_bytes=block_sectors * SECTOR)
+        for path, size in ((self.data_file, self.config.data_size_bytes), (self.meta_file, metadata_size)):
             fresh = path.with_name(path.name + ".new")
             with open(fresh, "wb") as fh:
                 fh.truncate(size)

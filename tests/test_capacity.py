@@ -320,6 +320,30 @@ def test_superblock_data_block_size_is_read_back() -> None:
     assert [data_block_sectors(size) for size in (64 * 1024, MB, 1024**3)] == [128, 2048, 2097152]
 
 
+@pytest.mark.parametrize("block, data, devices", [("64k", 2 * 1024**3, 10), ("64k", 8 * 1024**3, 128),
+                                                   ("1m", 2 * 1024**3, 128), ("512k", 100 * MB, 1000)])
+def test_metadata_estimate_is_thin_metadata_sizes(block: str, data: int, devices: int) -> None:
+    from devices.devicemapper import metadata_bytes_needed
+    from support.sizes import parse_size
+
+    tool = subprocess.run(["thin_metadata_size", "-b", block, "-s", f"{data // 1024}k", "-m", str(devices),
+                           "-u", "k", "-n"], capture_output=True, text=True, timeout=10, check=True)
+    ours = metadata_bytes_needed(data, parse_size(block) // 512, devices) / 1024
+    assert abs(float(tool.stdout) - ours) <= 4, (tool.stdout, ours)
+
+
+def test_a_new_small_block_pool_gets_the_metadata_its_data_needs(tmp_path: Path) -> None:
+    from devices.base import PoolConfig
+    from devices.devicemapper import DevicemapperPool
+
+    for block, expected in ((64 * 1024, 2 * MB), (MB, MB)):
+        folder = tmp_path / str(block)
+        folder.mkdir()
+        DevicemapperPool(PoolConfig(directory=str(folder), data_block_bytes=block))._create_files(block // 512)
+        assert (folder / "pool_meta").stat().st_size == expected
+        assert (folder / "pool_data").stat().st_size == 2 * 1024**3
+
+
 def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
     from devices.base import PoolConfig
     from devices.blockfile import BlockfilePool
