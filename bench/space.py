@@ -32,6 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("golang", "node", "python")
 MIB = 1024**2
+METADATA_BLOCK = 4096  # dm-thin counts metadata in 4 KiB blocks (blockfile: in inodes, not bytes)
 
 
 def cli(state_dir: Path, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -47,6 +48,12 @@ def used_bytes(state_dir: Path, backend: str) -> int:
 
     status = open_pool(state_dir, backend).get_pool_status()
     return status.used_data_blocks * status.data_block_bytes
+
+
+def metadata_used_bytes(state_dir: Path, backend: str) -> int:
+    from devices.select import open_pool
+
+    return open_pool(state_dir, backend).get_pool_status().used_metadata_blocks * METADATA_BLOCK
 
 
 def unique_content(layers: dict[str, list[Path]]) -> int:
@@ -102,7 +109,8 @@ def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_si
                 cli(state, backend, "process-image", "--image", family, "--bucket", "space", "--endpoint-url",
                     server.endpoint_url, "--device-size", device_size)
                 now = used_bytes(state, backend)
-                result["families"][family] = {"added_bytes": now - previous, "seconds": round(time.monotonic() - started, 1)}
+                result["families"][family] = {"added_bytes": now - previous, "seconds": round(time.monotonic() - started, 1),
+                                              "metadata_used_bytes": metadata_used_bytes(state, backend)}
                 previous = now
             used = previous - empty
             cli(state, backend, "process-image", "--image", "tiny", "--bucket", "space", "--endpoint-url",

@@ -72,3 +72,15 @@ def test_startup_prints_each_commands_median() -> None:
                             "process-image again, --url file://", "process-image again, --s3-key (one HEAD)",
                             "process-image again, --image (LIST + HEADs)"}, out
     assert all(float(value) > 0 for value in medians.values()), out
+
+
+@needs_root
+def test_space_prints_used_per_content_and_the_fixed_cost() -> None:
+    import json
+
+    out = json.loads(bench("bench.space", "--scale-mb", "2", "--pool-size", "512M", "--device-size", "256M"))
+    assert set(out["families"]) == {"golang", "node", "python"}, out
+    assert all(family["added_bytes"] > 0 for family in out["families"].values()), out
+    # Used can be below the tars (headers, inline data) but not far off them, and the ratio is what it says.
+    assert 0.5 < out["ratio"] < 5 and out["ratio"] == round(out["used_bytes"] / out["unique_content_bytes"], 3), out
+    assert 0 < out["fixed_cost_per_base_image_bytes"] < 16 * 1024**2, out
