@@ -9,8 +9,8 @@ After a reboot or kernel panic the loops and the pool are gone but the files are
 ensure_pool_exists() re-attaches the existing files and reloads the same table, so the
 thin devices and their data come back. The data block size is fixed when the pool is
 created (the kernel refuses a table whose size differs from the metadata's), so
-re-attaching reads it back from the metadata superblock. Only a brand-new pool gets zeroed metadata
-(the kernel formats metadata whose superblock is all zeros).
+re-attaching reads it back from the metadata superblock. Only a brand-new pool gets
+zeroed metadata (the kernel formats metadata whose superblock is all zeros).
 
 Every dmsetup/losetup call goes through support.proc.run_command with a timeout; one
 that outlives it raises CommandTimeout, a hazard (a D-state dm call is how kernels hang).
@@ -39,7 +39,7 @@ DMSETUP_TIMEOUT = 30.0
 THIN_LS_TIMEOUT = 60.0
 SECTOR = 512
 MIB = 1024**2
-DEFAULT_DATA_BLOCK_BYTES = 1024**2  # 2048 sectors, the guide's table
+DEFAULT_DATA_BLOCK_BYTES = MIB  # 2048 sectors, the guide's table
 MIN_DATA_BLOCK_SECTORS = 128  # the kernel's bounds: 64 KiB to 1 GiB, in multiples of 64 KiB
 MAX_DATA_BLOCK_SECTORS = 2097152
 LOW_WATER_MARK = 32768
