@@ -11,6 +11,7 @@ pool's data usage after all three, minus the empty pool's. Then one tiny single-
 image (one 4 KB file) measures the fixed cost of a distinct base image (its device's
 mkfs, its first snapshot and that snapshot's journal). Prints one JSON object.
 
+FLYIO_LAYER_BLOCK_SIZE=2K (or 1K) measures layers made with smaller ext4 blocks.
 `--backend devicemapper` needs a device-mapper kernel (run it inside the QEMU guest).
 """
 
@@ -96,7 +97,8 @@ def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_si
         empty = used_bytes(state, backend)
         result: dict[str, Any] = {"backend": backend, "scale_mb": scale_mb, "pool_size": pool_size,
                                   "device_size": device_size, "data_block_size": data_block_size,
-                                  "metadata_size": metadata_size, "unique_content_bytes": content,
+                                  "metadata_size": metadata_size,
+                                  "layer_block_size": os.environ.get("FLYIO_LAYER_BLOCK_SIZE", "4K (mke2fs)"), "unique_content_bytes": content,
                                   "empty_pool_used_bytes": empty, "families": {}}
         with start_s3_server(work / "s3", timeout=240) as server:
             client = make_s3_client(server.endpoint_url, anonymous=True)

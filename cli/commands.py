@@ -29,10 +29,12 @@ log = get_logger("cli")
 @click.pass_context
 def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None,
                   url: str | None, bucket: str, endpoint_url: str | None, backend: str, device_size: str) -> None:
+    from devices.filesystem import layer_block_size
     from states.submit import completed_job, resolve_request
 
     options = options_of(ctx)
     size = parse_size(device_size)
+    layer_block_size()  # a bad FLYIO_LAYER_BLOCK_SIZE fails here, before any device is made
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size)
     with exclusive(options.state_dir, "process-image"):

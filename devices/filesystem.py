@@ -10,6 +10,7 @@ import stat
 from devices.mount import DEFAULT_OPTIONS
 from support.errors import HazardError, ManagerError
 from support.proc import CommandFailed, run_command
+from support.sizes import parse_size
 
 MKFS_TIMEOUT = 120.0
 # Operators on slow disks raise it; tests lower it to make a real mkfs time out.
@@ -28,6 +29,27 @@ def mkfs_timeout() -> float:
     if seconds <= 0:
         raise ManagerError(f"{MKFS_TIMEOUT_ENV}={value!r} must be positive")
     return seconds
+
+
+# A base layer's ext4 block size, which every layer above it and the VM's root inherit.
+# mke2fs's 4 KiB unless an operator packing many small-file images picks 1 or 2 KiB: each
+# file's last block is then that much smaller (docs/performance.md measures it).
+LAYER_BLOCK_SIZE_ENV = "FLYIO_LAYER_BLOCK_SIZE"
+LAYER_BLOCK_SIZES = (1024, 2048, 4096)
+
+
+def layer_block_size() -> int | None:
+    """$FLYIO_LAYER_BLOCK_SIZE in bytes (1K, 2K or 4K), or None when unset (mke2fs's 4 KiB)."""
+    value = os.environ.get(LAYER_BLOCK_SIZE_ENV)
+    if not value:
+        return None
+    try:
+        size = parse_size(value)
+    except ManagerError:
+        size = 0
+    if size not in LAYER_BLOCK_SIZES:
+        raise ManagerError(f"{LAYER_BLOCK_SIZE_ENV}={value!r} is not an ext4 block size: use 1K, 2K or 4K")
+    return size
 
 
 # Layer devices: inode tables, bitmaps and the journal left unwritten (thin devices and
@@ -54,10 +76,13 @@ TUNE2FS_TIMEOUT = 120.0
 
 def make_filesystem(device: str, *, timeout: float | None = None, label: str | None = None) -> None:
     """An ext4 filesystem for a layer device on `device` (LAYER_MKFS_OPTIONS: about 2 MiB
-    written on a 4 GiB device, the journal included). A timeout (default mkfs_timeout()) raises CommandTimeout
+    written on a 4 GiB device, the journal included; blocks of layer_block_size()). A timeout (default mkfs_timeout()) raises CommandTimeout
     (a hazard). nodiscard: discards on dm-thin are slow and a fresh thin device has
     nothing to discard."""
     argv = ["mkfs.ext4", "-q", "-F", *LAYER_MKFS_OPTIONS]
+    block_size = layer_block_size()
+    if block_size:
+        argv += ["-b", str(block_size)]
     if device_bytes(device) >= VM_JOURNAL_MIN_DEVICE_BYTES:
         argv += ["-J", f"size={VM_JOURNAL_MIB}"]
     if label:

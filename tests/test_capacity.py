@@ -305,6 +305,15 @@ def test_data_block_size_is_checked_in_one_line_before_any_pool_file(tmp_path: P
         assert not (state_dir / "pool_meta").exists() and not (state_dir / "pool_data").exists()
 
 
+def test_a_bad_layer_block_size_fails_before_any_device(tmp_path: Path, capacity_bucket: dict[str, Any]) -> None:
+    state_dir = tmp_path / "state"
+    result = run(state_dir, "process-image", "--image", "fill-0", "--bucket", capacity_bucket["bucket"],
+                 "--endpoint-url", capacity_bucket["endpoint"], env={"FLYIO_LAYER_BLOCK_SIZE": "3K"})
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "FLYIO_LAYER_BLOCK_SIZE='3K' is not an ext4 block size" in result.stderr
+    assert not (state_dir / "pool_data").exists()  # nothing made: not a pool, not a device
+
+
 def test_superblock_data_block_size_is_read_back() -> None:
     import struct
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from devices.filesystem import (LAYER_UNPACK_MOUNT_OPTIONS, VM_JOURNAL_MIN_DEVICE_BYTES, flush_filesystem,
-                                make_filesystem)
+from devices.filesystem import (LAYER_BLOCK_SIZE_ENV, LAYER_UNPACK_MOUNT_OPTIONS, VM_JOURNAL_MIN_DEVICE_BYTES,
+                                flush_filesystem, layer_block_size, make_filesystem)
 from devices.loop import attach, detach, find_backing, list_loops
 from devices.mount import is_mounted, mount, mount_entry, mount_point_of, mounted, mounts, parse_mountinfo, unmount
 from support.errors import HazardError, ManagerError
@@ -141,6 +141,33 @@ def test_make_filesystem_writes_a_labelled_ext4(scratch: Path) -> None:
         assert re.search(r"^Total journal size:\s+8M$", header, re.MULTILINE), header
     finally:
         detach(dev)
+
+
+def block_size_of(device: str) -> int:
+    header = run_command(["dumpe2fs", "-h", device], timeout=30).stdout
+    return int(re.search(r"^Block size:\s+(\d+)$", header, re.MULTILINE).group(1))
+
+
+@needs_root
+@needs_loop
+def test_layer_block_size_is_the_operators_choice(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = attach(image(scratch, size=1024**3))  # big enough that mke2fs's own choice is 4 KiB
+    try:
+        for value, expected in ((None, 4096), ("4k", 4096), ("2K", 2048), ("1024", 1024)):
+            if value is None:
+                monkeypatch.delenv(LAYER_BLOCK_SIZE_ENV, raising=False)
+            else:
+                monkeypatch.setenv(LAYER_BLOCK_SIZE_ENV, value)
+            make_filesystem(dev)
+            assert block_size_of(dev) == expected, value
+        header = run_command(["dumpe2fs", "-h", dev], timeout=30).stdout  # the layer's options still hold at 1 KiB
+        assert "has_journal" in header and "inline_data" in header and "noinit_itable" in header
+    finally:
+        detach(dev)
+    for bad in ("3K", "8K", "lots"):
+        monkeypatch.setenv(LAYER_BLOCK_SIZE_ENV, bad)
+        with pytest.raises(ManagerError, match=f"{LAYER_BLOCK_SIZE_ENV}='{bad}' is not an ext4 block size"):
+            layer_block_size()
 
 
 def journal_body(device: str) -> list[tuple[int, int]]:
