@@ -63,8 +63,8 @@ def data_block_sectors(size_bytes: int) -> int:
     sectors, remainder = divmod(size_bytes, SECTOR)
     if remainder or not MIN_DATA_BLOCK_SECTORS <= sectors <= MAX_DATA_BLOCK_SECTORS \
             or sectors % MIN_DATA_BLOCK_SECTORS:
-        raise PermanentError(f"invalid data block size {size_bytes} bytes: dm-thin takes 64 KiB to 1 GiB "
-                             "in multiples of 64 KiB (e.g. 64K, 512K, 1M)")
+        raise PermanentError(f"invalid data block size {size_bytes} bytes ({size_bytes / 1024:g} KiB): "
+                             "dm-thin takes 64 KiB to 1 GiB in multiples of 64 KiB (e.g. 64K, 512K, 1M)")
     return sectors
 
 
