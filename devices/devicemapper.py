@@ -167,6 +167,7 @@ class DevicemapperPool:
             data_sectors = self.data_file.stat().st_size // SECTOR
             table = f"0 {data_sectors} thin-pool {meta_dev} {data_dev} {block_sectors} {LOW_WATER_MARK}"
             self._create_mapping(self.pool_name, table)
+            self._live_block_sectors = block_sectors
         except BaseException:
             for device in attached:
                 loop.detach(device)
@@ -245,14 +246,17 @@ class DevicemapperPool:
             data_block_bytes=self._block_sectors() * SECTOR, raw=line,
         )
 
+    def _pool_table(self) -> list[str]:
+        """`<start> <length> thin-pool <meta> <data> <block size> <low water mark> [features]`."""
+        fields = self._dmsetup("table", self.pool_name).stdout.split()
+        if len(fields) < 7 or fields[2] != "thin-pool" or not fields[5].isdigit():
+            raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
+        return fields
+
     def _block_sectors(self) -> int:
         """The live pool's data block size, from its table (read once per pool object)."""
         if self._live_block_sectors is None:
-            fields = self._dmsetup("table", self.pool_name).stdout.split()
-            # `<start> <length> thin-pool <meta> <data> <block size> <low water mark> [features]`
-            if len(fields) < 7 or fields[2] != "thin-pool" or not fields[5].isdigit():
-                raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
-            self._live_block_sectors = int(fields[5])
+            self._live_block_sectors = int(self._pool_table()[5])
         return self._live_block_sectors
 
     def validate_pool_health(self) -> PoolStatus:
@@ -310,9 +314,7 @@ class DevicemapperPool:
     def _reload_pool_table(self) -> None:
         """The pool's table with the data file's current length: suspend, reload, resume
         (resumed in finally: a pool left suspended would hang every thin device)."""
-        fields = self._dmsetup("table", self.pool_name).stdout.split()
-        if len(fields) < 7 or fields[2] != "thin-pool":
-            raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
+        fields = self._pool_table()
         fields[1] = str(self.data_file.stat().st_size // SECTOR)
         self._dmsetup("suspend", self.pool_name)
         try:
