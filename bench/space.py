@@ -33,7 +33,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("golang", "node", "python")
 MIB = 1024**2
-METADATA_BLOCK = 4096  # dm-thin counts metadata in 4 KiB blocks (blockfile: in inodes, not bytes)
 
 
 def cli(state_dir: Path, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -52,6 +51,8 @@ def used_bytes(state_dir: Path, backend: str) -> int:
 
 
 def metadata_used_bytes(state_dir: Path, backend: str) -> int:
+    """dm-thin's used metadata blocks in bytes (on blockfile metadata counts inodes: not bytes)."""
+    from devices.devicemapper import METADATA_BLOCK
     from devices.select import open_pool
 
     return open_pool(state_dir, backend).get_pool_status().used_metadata_blocks * METADATA_BLOCK
@@ -98,7 +99,8 @@ def measure(work: Path, scale_mb: float, backend: str, pool_size: str, device_si
         result: dict[str, Any] = {"backend": backend, "scale_mb": scale_mb, "pool_size": pool_size,
                                   "device_size": device_size, "data_block_size": data_block_size,
                                   "metadata_size": metadata_size,
-                                  "layer_block_size": os.environ.get("FLYIO_LAYER_BLOCK_SIZE", "4K (mke2fs)"), "unique_content_bytes": content,
+                                  "layer_block_size": os.environ.get("FLYIO_LAYER_BLOCK_SIZE", "4K (mke2fs)"),
+                                  "unique_content_bytes": content,
                                   "empty_pool_used_bytes": empty, "families": {}}
         with start_s3_server(work / "s3", timeout=240) as server:
             client = make_s3_client(server.endpoint_url, anonymous=True)
