@@ -34,7 +34,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
 
     options = options_of(ctx)
     size = parse_size(device_size)
-    layer_block_size()  # a bad FLYIO_LAYER_BLOCK_SIZE fails here, before any device is made
+    layer_block_size()  # checked with the other inputs, before the pool is looked at (the services read it)
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size)
     with exclusive(options.state_dir, "process-image"):

@@ -37,9 +37,7 @@ def daemon_cmd(ctx: click.Context, metrics_port: int, metrics_address: str, work
                device_size: str, health_interval: float, pool_warn: str | None, pool_high: str | None,
                pool_low: str | None) -> None:
     from daemon.server import Daemon, DaemonConfig
-    from devices.filesystem import layer_block_size
 
-    layer_block_size()  # a bad FLYIO_LAYER_BLOCK_SIZE fails here, not in a job's mkfs
     state_dir = options_of(ctx).state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=parse_size(device_size),

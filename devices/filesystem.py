@@ -74,13 +74,13 @@ LAYER_UNPACK_MOUNT_OPTIONS = (*DEFAULT_OPTIONS, "noload")
 TUNE2FS_TIMEOUT = 120.0
 
 
-def make_filesystem(device: str, *, timeout: float | None = None, label: str | None = None) -> None:
+def make_filesystem(device: str, *, timeout: float | None = None, label: str | None = None,
+                    block_size: int | None = None) -> None:
     """An ext4 filesystem for a layer device on `device` (LAYER_MKFS_OPTIONS: about 2 MiB
-    written on a 4 GiB device, the journal included; blocks of layer_block_size()). A timeout (default mkfs_timeout()) raises CommandTimeout
-    (a hazard). nodiscard: discards on dm-thin are slow and a fresh thin device has
-    nothing to discard."""
+    written on a 4 GiB device, the journal included), in blocks of `block_size` (None:
+    mke2fs's own). A timeout (default mkfs_timeout()) raises CommandTimeout (a hazard).
+    nodiscard: discards on dm-thin are slow and a fresh thin device has nothing to discard."""
     argv = ["mkfs.ext4", "-q", "-F", *LAYER_MKFS_OPTIONS]
-    block_size = layer_block_size()
     if block_size:
         argv += ["-b", str(block_size)]
     if device_bytes(device) >= VM_JOURNAL_MIN_DEVICE_BYTES:

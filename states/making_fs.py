@@ -23,7 +23,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     with services.operation("make-filesystem"):
         path = services.ledger(ctx).activate(device_id)
         try:
-            make_filesystem(path)
+            make_filesystem(path, block_size=services.layer_block_size)
         except ManagerError as exc:
             log.error(MKFS_FAILED, device_id=device_id, device=path, error=str(exc),
                       timed_out=isinstance(exc, HazardError))

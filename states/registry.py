@@ -23,6 +23,7 @@ def build_services(
     show_progress: bool = False,
 ) -> ImageServices:
     """The real collaborators: the chosen pool backend, blob store, S3, health checks, guard."""
+    from devices.filesystem import layer_block_size
     from devices.policy import policy_from
     from devices.select import open_pool
     from images.blobstore import BlobStore
@@ -30,6 +31,7 @@ def build_services(
     from safeguards.setup import build_safeguards
     from support.progress import no_progress, terminal_progress
 
+    block_size = layer_block_size()  # a bad FLYIO_LAYER_BLOCK_SIZE fails here, before any pool or device
     pool = open_pool(state_dir, backend)
     health_guard, operation = build_safeguards(state_dir, pool)
     return ImageServices(
@@ -42,6 +44,7 @@ def build_services(
         device_size_bytes=device_size_bytes,
         progress=terminal_progress if show_progress else no_progress,
         policy=policy_from(),  # FLYIO_POOL_* (the daemon sets its own from its flags)
+        layer_block_size=block_size,
     )
 
 

@@ -39,6 +39,7 @@ class ImageServices:
     # runs before it waits for room (None: the job only waits).
     policy: UsagePolicy = field(default_factory=UsagePolicy)
     evict: Callable[[], Any] | None = None
+    layer_block_size: int | None = None  # a new base layer's ext4 block size (None: mke2fs's 4 KiB)
 
     @property
     def mount_root(self) -> Path:

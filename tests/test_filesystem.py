@@ -158,7 +158,7 @@ def test_layer_block_size_is_the_operators_choice(scratch: Path, monkeypatch: py
                 monkeypatch.delenv(LAYER_BLOCK_SIZE_ENV, raising=False)
             else:
                 monkeypatch.setenv(LAYER_BLOCK_SIZE_ENV, value)
-            make_filesystem(dev)
+            make_filesystem(dev, block_size=layer_block_size())
             assert block_size_of(dev) == expected, value
         header = run_command(["dumpe2fs", "-h", dev], timeout=30).stdout  # the layer's options still hold at 1 KiB
         assert "has_journal" in header and "inline_data" in header and "noinit_itable" in header
