@@ -1,12 +1,13 @@
 """Image eviction: kubelet's image GC for the thin pool.
 
-Candidates are the complete images that nobody pinned, that no VM snapshot uses
-(`snapshot IMAGE --vm X`) and that no unfinished job names, least recently used first
-(images.last_used_at: the last process-image or snapshot of it). Evicting one deletes,
-through the device ledger, its first snapshot (process-image's, no VM id) and then its
-layer chains' devices, children before parents, except every chain a kept image or an
-unfinished job also uses. The image row stays, `evicted`: processing it again re-creates
-its devices.
+Candidates are the complete images that nobody pinned, that have no snapshot (a VM's,
+or process-image's first one, which operators hand to a VM too) and that no unfinished job
+names, least recently used first (images.last_used_at: the last process-image or snapshot
+of it). A snapshot is a VM's disk: a stopped VM starts again on it, so eviction never
+deletes one; only `delete-snapshot` does, and an image with a snapshot is listed as kept
+with the reason. Evicting an image deletes, through the device ledger, its layer chains'
+devices, children before parents, except every chain a kept image or an unfinished job
+also uses. The image row stays, `evicted`: processing it again re-creates its devices.
 
 Without `all_images`, eviction stops as soon as pool data usage is below the low
 watermark (re-read from the pool after each image). Everything runs inside the Operation
@@ -27,6 +28,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from catalog.behind import refuse_if_behind
 from catalog.ledger import DeviceInUse, DeviceLedger, engine_transactions
 from catalog.models import DeviceState, Image, ImageLayer, Layer, Snapshot, UnpackedImage
 from catalog.records import mark_evicted
@@ -46,7 +48,7 @@ Guard = Callable[[str], AbstractContextManager[Any]]
 class DeviceToDelete:
     device_id: int
     name: str
-    kind: str  # "snapshot" | "layer"
+    kind: str  # "layer": a candidate has no snapshot, and eviction deletes none
     estimated_bytes: int
 
 
@@ -105,10 +107,12 @@ def _why_not_candidate(session: Session, image: Image, job_images: set[int], job
         return "pinned"
     if image.id in job_images or image.source in job_sources:
         return "an unfinished job uses it"
-    vm = session.scalars(select(Snapshot.vm_id).where(Snapshot.image_id == image.id,
-                                                      Snapshot.vm_id.is_not(None))).first()
-    if vm is not None:
-        return f"VM {vm} has a snapshot of it"
+    snapshot = session.scalars(select(Snapshot).where(Snapshot.image_id == image.id).order_by(Snapshot.id)).first()
+    if snapshot is not None and snapshot.vm_id is not None:
+        return f"VM {snapshot.vm_id} has a snapshot of it"
+    if snapshot is not None:
+        return (f"its snapshot {snapshot.device_name} ({snapshot.state}, process-image's) may be a VM's disk; "
+                f"delete-snapshot {snapshot.id} frees it")
     job = session.get(Job, image.job_id) if image.job_id is not None else None
     if job is None or job.state != "complete":
         return "not complete"
@@ -134,15 +138,12 @@ def plan_eviction(session: Session) -> tuple[list[Candidate], dict[str, str]]:
     # Chains every image that stays needs; an image going later still counts as staying
     # for the ones before it (eviction may stop early).
     staying = {image.id for image in images if image.name in kept and image.activation_status != "evicted"}
-    origins = set(session.scalars(select(Snapshot.origin_device_id).where(Snapshot.vm_id.is_not(None))))
+    origins = set(session.scalars(select(Snapshot.origin_device_id)))
     candidates = []
     for index, image in enumerate(chosen):
         still_here = staying | {later.id for later in chosen[index + 1:]}
         needed = {chain for image_id in still_here for _, chain, _ in chains_of.get(image_id, [])} | job_chains
         devices: list[DeviceToDelete] = []
-        for snap in session.scalars(select(Snapshot).where(Snapshot.image_id == image.id, Snapshot.vm_id.is_(None))
-                                    .order_by(Snapshot.id)):
-            devices.append(DeviceToDelete(snap.device_id, snap.device_name, "snapshot", 0))
         for _, chain_id, digest in sorted(chains_of.get(image.id, []), reverse=True):  # children first
             row = session.scalars(select(UnpackedImage).where(UnpackedImage.chain_id == chain_id)).first()
             if row is None or chain_id in needed or row.device_id in origins:
@@ -198,6 +199,7 @@ def _simulate(report: EvictionReport, candidates: list[Candidate], all_images: b
 def _evict(engine: Engine, pool: ThinPool, report: EvictionReport, candidates: list[Candidate],
            all_images: bool) -> None:
     ledger = DeviceLedger(pool, engine_transactions(engine))
+    refuse_if_behind(engine, ledger.records)  # the catalog must know every ready device before one is deleted
     for candidate in candidates:
         status = pool.get_pool_status()
         if not all_images and _below_low(status, report.policy):

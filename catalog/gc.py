@@ -1,11 +1,16 @@
-"""The guide's Garbage Collection Procedure: find thin devices no live row names, and
-(only when forced) unmount, deactivate and delete them, one at a time.
+"""The guide's Garbage Collection Procedure: find the guide's orphans, and (only when
+forced) unmount, deactivate and delete them, one at a time.
 
 An orphan is a device the pool lists that neither `unpacked_images` nor `snapshots`
-names, whether or not an aborted job recorded it in `orphaned_devices` (a crash between
-create and commit leaves one with no row at all). A cleanup that fails is counted and
-left alone: the next step on a device that just failed is how kernels hang, so gc never
-retries; the operator reboots and runs gc again.
+names and that has no record beside the pool saying it was ready: either no record at all
+(`orphan=no-record`: made by something else, or before records existed) or a record of an
+unfinished intent (`orphan=unfinished-intent`: a create or delete that never finished,
+such as an aborted job's device). A device whose record says ready is never deleted here,
+whatever the catalog says: an older backup restored, or a lost database, would otherwise
+turn a VM's disk into an "orphan". gc lists it as known to the pool and missing from the
+catalog, for `rebuild-db --merge`. A cleanup that fails is counted and left alone: the
+next step on a device that just failed is how kernels hang, so gc never retries; the
+operator reboots and runs gc again.
 
 Counts in the summary:
   total_devices  devices the pool lists
@@ -27,6 +32,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
+from catalog.device_records import DeviceRecord, RecordStore, UnreadableRecord
 from catalog.ledger import DeviceLedger, engine_transactions
 from catalog.records import live_device_names, uncleaned_orphans, utcnow
 from devices.base import DeviceInfo, ThinPool
@@ -43,6 +49,9 @@ log = get_logger("catalog.gc")
 SOME_FAILED = "Some devices could not be cleaned - manual intervention may be required"
 CONSIDER_REBOOT = "Consider rebooting the system if devices are stuck in D-state"
 DEACTIVATE_FAILED = "deactivate failed or timed out"  # the guide's Log Analysis pattern
+MISSING_FROM_CATALOG = "known to the pool, missing from the catalog: run rebuild-db --merge"
+NO_RECORD = "no-record"
+UNFINISHED_INTENT = "unfinished-intent"
 
 
 @dataclass
@@ -57,6 +66,10 @@ class GcReport:
     failed: int = 0
     skipped: int = 0
     orphans: list[DeviceInfo] = field(default_factory=list)
+    orphan_kinds: dict[str, str] = field(default_factory=dict)  # device name -> NO_RECORD | UNFINISHED_INTENT
+    missing_from_catalog: list[DeviceRecord] = field(default_factory=list)  # ready records no row names: kept
+    unreadable: list[UnreadableRecord] = field(default_factory=list)  # records that do not parse: kept
+    stale_records: list[int] = field(default_factory=list)  # unfinished records of devices the pool lacks
     failures: dict[str, str] = field(default_factory=dict)  # device name -> the step's error
 
     @property
@@ -115,11 +128,21 @@ def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
     log.info("Found device records in database", count=report.db_records)
 
     log.info("Step 3: Identifying orphaned devices")
-    report.orphans = [device for device in devices if device.name not in live_names]
+    records = RecordStore(Path(pool.config.directory))
+    _classify(report, [device for device in devices if device.name not in live_names], records)
     report.orphaned = len(report.orphans)
     for device in report.orphans:
         log.warning("Found orphaned device", device_id=device.device_id, device_name=device.name,
-                    mounted=device.mounted_at is not None)
+                    mounted=device.mounted_at is not None, orphan=report.orphan_kinds[device.name])
+    for record in report.missing_from_catalog:
+        log.warning(MISSING_FROM_CATALOG, device_id=record.device_id, device_name=record.name, kind=record.kind.value,
+                    vm_id=record.vm_id, chain_id=record.chain_id)
+    for unreadable in report.unreadable:
+        log.warning("device record unreadable; device left alone", device_name=unreadable.name,
+                    error=unreadable.error)
+    in_pool_ids = {device.device_id for device in devices}
+    report.stale_records = [device_id for device_id, record in records.devices().items()
+                            if device_id not in in_pool_ids and isinstance(record, DeviceRecord) and not record.ready]
     in_pool = {device.name for device in devices}
     gone_rows = [row_id for row_id, name in uncleaned_rows if name not in in_pool]
     report.skipped = len(gone_rows)
@@ -142,7 +165,23 @@ def collect_garbage(engine: Engine, pool: ThinPool, *, dry_run: bool = True,
             report.failures[device.name] = error
     if gone_rows:
         ledger.forget_gone_orphans(gone_rows)
+    for device_id in report.stale_records:
+        records.remove_device(device_id)  # an intent whose device never came to be, or is gone
     return report
+
+
+def _classify(report: GcReport, unnamed: list[DeviceInfo], records: RecordStore) -> None:
+    """Split devices no row names into the guide's orphans and the ones kept (a ready or
+    unreadable record)."""
+    for device in unnamed:
+        record = records.device(device.device_id)
+        if isinstance(record, UnreadableRecord):
+            report.unreadable.append(record)
+        elif record is not None and record.ready:
+            report.missing_from_catalog.append(record)
+        else:
+            report.orphans.append(device)
+            report.orphan_kinds[device.name] = NO_RECORD if record is None else UNFINISHED_INTENT
 
 
 def _clean_device(ledger: DeviceLedger, device: DeviceInfo, unmount_timeout: float) -> str | None:
@@ -181,6 +220,10 @@ def _unmount_all(device: DeviceInfo, timeout: float) -> None:
 
 def log_summary(report: GcReport) -> None:
     """The guide's closing lines for a dry run, a clean run, or one with failures."""
+    if report.missing_from_catalog:
+        log.warning("devices known to the pool are missing from the catalog and were kept; run rebuild-db --merge",
+                    count=len(report.missing_from_catalog),
+                    devices=",".join(record.name for record in report.missing_from_catalog))
     log.info("=== Garbage Collection Summary ===")
     log.info("Summary", cleaned=report.cleaned, failed=report.failed, orphaned=report.orphaned,
              skipped=report.skipped, total_devices=report.total_devices)

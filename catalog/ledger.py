@@ -15,6 +15,12 @@ delete; everything else only reads rows (catalog/records.py).
 
 A device's size is its row's: every activation reads it from there, so a device made
 with one `--device-size` is never activated at another.
+
+Each device also describes itself in a record beside the pool (catalog/device_records.py),
+written here alone and always before the row's commit: `creating` with the row's intent,
+`ready` before the row says ready, `deleting` before the kernel is asked to delete, and
+removed once the device is gone. So the record is never behind the row: a device whose
+record says ready is a device someone may need, whatever images.db says.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from enum import StrEnum
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.models import DeviceState, OrphanedDevice, Snapshot, UnpackedImage
+from catalog.device_records import DeviceKind, DeviceRecord, RecordState, RecordStore
+from catalog.models import DeviceState, Image, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import allocate_device_id, utcnow
-from devices.base import ThinPool, device_name
+from devices.base import DeviceExists, ThinPool, device_name
 from support.errors import HazardError, ManagerError, PermanentError
 from support.log import get_logger
 
@@ -46,11 +53,6 @@ class SnapshotTooSmall(PermanentError):
 
 class DeviceInUse(ManagerError):
     """A device something holds (mounted, open, under another device): not deleted."""
-
-
-class DeviceKind(StrEnum):
-    LAYER = "layer"        # one per layer chain (unpacked_images)
-    SNAPSHOT = "snapshot"  # one per VM (snapshots)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,35 @@ def device_of_row(row: UnpackedImage | Snapshot) -> Device:
     kind = DeviceKind.LAYER if isinstance(row, UnpackedImage) else DeviceKind.SNAPSHOT
     return Device(device_id=row.device_id, name=row.device_name, kind=kind, state=DeviceState(row.state),
                   size_bytes=int(row.size_bytes or 0), job_id=row.job_id)
+
+
+def record_state(state: DeviceState) -> RecordState:
+    """What the device's record says for a row in `state`: only ready and deleting differ
+    from the intent (a created or unpacking device is still untrusted)."""
+    if state == DeviceState.READY:
+        return RecordState.READY
+    if state == DeviceState.DELETING:
+        return RecordState.DELETING
+    return RecordState.CREATING
+
+
+def record_of_row(session: Session, row: UnpackedImage | Snapshot) -> DeviceRecord:
+    """The record describing a device row as it stands in `session`."""
+    created = str(row.created_at)
+    updated = str(row.updated_at or row.created_at)
+    state = record_state(DeviceState(row.state))
+    if isinstance(row, UnpackedImage):
+        parent = (session.scalars(select(UnpackedImage.device_id).where(UnpackedImage.chain_id == row.parent_chain_id))
+                  .first() if row.parent_chain_id else None)
+        return DeviceRecord(device_id=row.device_id, kind=DeviceKind.LAYER, state=state, size_bytes=int(row.size_bytes),
+                            job_id=row.job_id, created_at=created, updated_at=updated, chain_id=row.chain_id,
+                            layer_digest=row.layer_digest, parent_chain_id=row.parent_chain_id,
+                            origin_device_id=parent)
+    image = session.get(Image, row.image_id)
+    return DeviceRecord(device_id=row.device_id, kind=DeviceKind.SNAPSHOT, state=state,
+                        size_bytes=int(row.size_bytes or 0), job_id=row.job_id, created_at=created, updated_at=updated,
+                        origin_device_id=row.origin_device_id, image_source=image.source if image else None,
+                        vm_id=row.vm_id)
 
 
 def find_device(session: Session, device_id: int) -> Device | None:
@@ -102,9 +133,10 @@ class DeviceLedger:
     `transaction` opens one write transaction (a job passes its StepContext's, so its
     context data commits with the row)."""
 
-    def __init__(self, pool: ThinPool, transaction: Transaction) -> None:
+    def __init__(self, pool: ThinPool, transaction: Transaction, records: RecordStore | None = None) -> None:
         self.pool = pool
         self.transaction = transaction
+        self.records = records if records is not None else RecordStore(Path(pool.config.directory))
 
     # -- creating ------------------------------------------------------------------------
 
@@ -116,11 +148,13 @@ class DeviceLedger:
         with self.transaction() as session:
             parent = _ready_chain_device(session, parent_chain_id) if parent_chain_id else None
             size = parent.size_bytes if parent is not None else size_bytes
-            device_id = allocate_device_id(session)
+            device_id = self._allocate(session)
             now = utcnow()
-            session.add(UnpackedImage(chain_id=chain_id, layer_digest=layer_digest, parent_chain_id=parent_chain_id,
-                                      device_id=device_id, device_name=device_name(device_id), size_bytes=size,
-                                      state=DeviceState.CREATING, job_id=job_id, created_at=now, updated_at=now))
+            row = UnpackedImage(chain_id=chain_id, layer_digest=layer_digest, parent_chain_id=parent_chain_id,
+                                device_id=device_id, device_name=device_name(device_id), size_bytes=size,
+                                state=DeviceState.CREATING, job_id=job_id, created_at=now, updated_at=now)
+            session.add(row)
+            self._record(session, row)
         if parent is None:
             self._kernel(device_id, job_id, "create_thin", lambda: self.pool.create_thin(device_id, size))
         else:
@@ -136,11 +170,13 @@ class DeviceLedger:
             raise SnapshotTooSmall(f"snapshot size {size_bytes} bytes is below its origin {origin.name}'s "
                                    f"{origin.size_bytes} bytes")
         with self.transaction() as session:
-            device_id = allocate_device_id(session)
+            device_id = self._allocate(session)
             now = utcnow()
-            session.add(Snapshot(image_id=image_id, origin_device_id=origin.device_id, device_id=device_id,
-                                 device_name=device_name(device_id), state=DeviceState.CREATING, vm_id=vm_id,
-                                 size_bytes=size_bytes, job_id=job_id, created_at=now, updated_at=now))
+            row = Snapshot(image_id=image_id, origin_device_id=origin.device_id, device_id=device_id,
+                           device_name=device_name(device_id), state=DeviceState.CREATING, vm_id=vm_id,
+                           size_bytes=size_bytes, job_id=job_id, created_at=now, updated_at=now)
+            session.add(row)
+            self._record(session, row)
         self._kernel(device_id, job_id, "create_snap", lambda: self.pool.create_snapshot(device_id, origin.device_id))
         return self._set_state(device_id, DeviceState.CREATED)
 
@@ -191,6 +227,7 @@ class DeviceLedger:
         with self.transaction() as session:
             session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
             session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
+        self.records.remove_device(device_id)
         log.info("device deleted", device_name=device.name, kind=device.kind.value, reason=why)
 
     def delete_unused(self, device_id: int, *, why: str, active_path: str | None) -> None:
@@ -208,6 +245,7 @@ class DeviceLedger:
         """Delete a device no live row names (gc, after unmount and deactivate), and mark
         its orphaned_devices rows cleaned. A failure raises; nothing is recorded."""
         self.pool.delete(device_id)
+        self.records.remove_device(device_id)
         with self.transaction() as session:
             session.execute(update(OrphanedDevice).where(OrphanedDevice.device_name == device_name(device_id),
                                                          OrphanedDevice.cleaned_at.is_(None))
@@ -228,6 +266,11 @@ class DeviceLedger:
         raised as it was."""
         try:
             return call()
+        except DeviceExists:
+            # The id is taken by a device this ledger did not make (no record named it when
+            # it was allocated): not ours to orphan. Our intent goes; that device stays as it is.
+            self._forget_intent(device_id)
+            raise
         except BaseException as exc:
             reason = f"{what} failed: {exc}" if str(exc) else f"{what} interrupted ({type(exc).__name__})"
             if isinstance(exc, Exception):
@@ -235,14 +278,36 @@ class DeviceLedger:
                 log.error("device left for gc", device_name=device_name(device_id), step=what, error=str(exc))
             raise
 
+    def _allocate(self, session: Session) -> int:
+        """A thin id no row and no record has used: after an older backup was restored the
+        counter may be behind devices that describe themselves (`rebuild-db --merge`)."""
+        device_id = allocate_device_id(session)
+        while self.records.has_device(device_id):
+            device_id = allocate_device_id(session)
+        return device_id
+
+    def _record(self, session: Session, row: UnpackedImage | Snapshot) -> None:
+        """Write the device's record as `row` stands, before the caller's transaction commits."""
+        session.flush()
+        self.records.write_device(record_of_row(session, row))
+
+    def _forget_intent(self, device_id: int) -> None:
+        with self.transaction() as session:
+            session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
+            session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
+        self.records.remove_device(device_id)
+
     def _set_state(self, device_id: int, state: DeviceState) -> Device:
         with self.transaction() as session:
             row: UnpackedImage | Snapshot | None = session.scalars(
                 select(UnpackedImage).where(UnpackedImage.device_id == device_id)).first()
             if row is None:
                 row = session.scalars(select(Snapshot).where(Snapshot.device_id == device_id)).one()
+            changes_record = record_state(DeviceState(row.state)) != record_state(state)
             row.state = state
             row.updated_at = utcnow()
+            if changes_record:
+                self._record(session, row)  # the record first: it is never behind the row
             session.flush()
             return device_of_row(row)
 

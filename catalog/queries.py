@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 
 from catalog.models import Image, Snapshot, UnpackedImage
 from catalog.ledger import DeviceLedger, engine_transactions
-from catalog.records import set_pinned, snapshots_of_vm
+from catalog.behind import refuse_if_behind
+from catalog.device_records import RecordStore
+from catalog.records import rewrite_image_record, set_pinned, snapshots_of_vm
 from devices.base import ThinPool
 from safeguards.setup import build_cleanup_guard
 from support.errors import ManagerError
@@ -23,8 +25,11 @@ log = get_logger("catalog.queries")
 
 def pin_image(engine: Engine, name_or_id: str, *, pinned: bool) -> str:
     """Pin or unpin an image (by name or id); its name."""
+    assert engine.url.database, "pin_image needs a file database"
+    records = RecordStore(Path(engine.url.database).parent)
     with Session(engine) as session, session.begin():
         image = set_pinned(session, name_or_id, pinned)
+        rewrite_image_record(records, image)  # before the commit: the record is never behind the row
         log.info("image pinned" if pinned else "image unpinned", image=image.name, image_id=image.id)
         return image.name
 
@@ -42,6 +47,8 @@ def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int | None = No
     if operation is None:
         assert engine.url.database, "delete_snapshot needs a file database"
         operation = build_cleanup_guard(Path(engine.url.database).parent)
+    ledger = DeviceLedger(pool, engine_transactions(engine))
+    refuse_if_behind(engine, ledger.records)
     with Session(engine) as session:
         if vm_id is not None:
             snaps = snapshots_of_vm(session, vm_id)
@@ -53,7 +60,6 @@ def delete_snapshot(engine: Engine, pool: ThinPool, snapshot_id: int | None = No
                 raise ManagerError(f"snapshot {snapshot_id} not found")
             snaps = [snap]
         targets = [(snap.id, snap.device_id, snap.device_name, snap.image_id) for snap in snaps]
-    ledger = DeviceLedger(pool, engine_transactions(engine))
     deleted = []
     for snap_id, device_id, name, image_id in targets:
         with operation("delete-snapshot"):

@@ -5,10 +5,12 @@ are written by catalog/ledger.py alone."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from catalog.device_records import ImageRecord, LayerRecord, RecordStore
 from catalog.models import (DeviceIdCounter, DeviceState, Image, ImageLayer, Layer, OrphanedDevice, Snapshot,
                             UnpackedImage)
 
@@ -179,3 +181,26 @@ def mark_evicted(session: Session, image_id: int) -> None:
     if image is not None:
         image.activation_status = "evicted"
         image.updated_at = utcnow()
+
+
+def describe_image(session: Session, image: Image, *, idempotency_key: str, job_context: dict[str, Any]) -> ImageRecord:
+    """The record an image keeps of itself beside the pool (catalog/device_records.py): its
+    row, its layers in order with their blobs' facts, and the job that made it."""
+    layers = []
+    for row in session.scalars(select(ImageLayer).where(ImageLayer.image_id == image.id).order_by(ImageLayer.position)):
+        blob = session.get(Layer, row.digest)
+        layers.append(LayerRecord(digest=row.digest, chain_id=row.chain_id, size_bytes=int(blob.size_bytes) if blob else 0,
+                                  format=blob.format if blob else "tar", source=blob.source if blob else image.source,
+                                  etag=blob.etag if blob else None))
+    return ImageRecord(image_id=image.id, name=image.name, source=image.source, idempotency_key=idempotency_key,
+                       layers=tuple(layers), pinned=bool(image.pinned), job_context=dict(job_context),
+                       created_at=str(image.created_at), updated_at=str(image.updated_at))
+
+
+def rewrite_image_record(records: RecordStore, image: Image) -> None:
+    """Carry a change of the image row (its pin) into its record, when it has one."""
+    from dataclasses import replace
+
+    record = records.image(image.source)
+    if record is not None:
+        records.write_image(replace(record, pinned=bool(image.pinned), updated_at=str(image.updated_at)))

@@ -109,6 +109,9 @@ def exit_now(code: int) -> NoReturn:
     flushed first; while another non-daemon thread is alive, the normal exit joins it."""
     if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
+    database = sys.modules.get("fsm.database")
+    if database is not None:
+        database.close_all_engines()  # no images.db-wal left behind (fsm/database.py says why)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

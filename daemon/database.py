@@ -38,8 +38,12 @@ def default_backup_path(state_dir: Path) -> Path:
 
 
 def restore_hint(state_dir: Path) -> str:
+    """The safe way back: rebuilt from the pool (which a backup may be behind), or the backup
+    restored and then merged with the pool (docs/operations.md, Database Corruption)."""
     db = database_path(state_dir)
-    return f"restore the backup: cp {default_backup_path(state_dir)} {db} (see OPERATIONS.md, Database Corruption)"
+    return (f"rebuild it from the pool: flyio-image-manager rebuild-db --force (or restore the backup: "
+            f"cp {default_backup_path(state_dir)} {db}, then rebuild-db --merge; see docs/operations.md, "
+            f"Database Corruption)")
 
 
 def check_integrity(db_path: Path, *, full: bool = False) -> IntegrityResult:

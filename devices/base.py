@@ -100,6 +100,7 @@ class ThinPool(Protocol):
     """A pool of thin devices with cheap snapshots. Every call has a timeout inside."""
 
     backend_name: str
+    config: PoolConfig  # its directory is the state directory (device records live beside the pool)
 
     def ensure_pool_exists(self) -> PoolStatus:
         """Create the pool if missing (after a reboot: re-attach the existing files)."""

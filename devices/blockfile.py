@@ -32,6 +32,7 @@ from devices import loop
 from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
                           device_id_from_name, device_name)
 from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
+from support.durable import fsync_dir
 from support.errors import ManagerError
 from support.log import get_logger
 from support.proc import CommandFailed, run_command
@@ -220,7 +221,7 @@ class BlockfilePool:
             fh.truncate(max(self.config.metadata_size_bytes, fh.tell()))
             os.fsync(fh.fileno())
         os.replace(fresh, self.meta_file)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _pool_loop(self) -> str | None:
         found = loop.find_backing(self.data_file)
@@ -390,7 +391,7 @@ class BlockfilePool:
             self._abandon(device_id, fd)
             raise
         os.close(fd)
-        _fsync_dir(self.mount_point)
+        fsync_dir(self.mount_point)
         log.info("thin device created", device_name=device_name(device_id), size=size_bytes)
 
     def create_snapshot(self, device_id: int, origin_id: int) -> None:
@@ -421,7 +422,7 @@ class BlockfilePool:
             os.close(dst)
         finally:
             os.close(src)
-        _fsync_dir(self.mount_point)
+        fsync_dir(self.mount_point)
         log.info("snapshot created", device_name=device_name(device_id), origin=device_name(origin_id), method=method)
 
     def activate(self, device_id: int, size_bytes: int) -> str:
@@ -466,7 +467,7 @@ class BlockfilePool:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.mount_point)
+        fsync_dir(self.mount_point)
         # XFS frees an unlinked file's blocks in the background (inodegc); statfs does not
         # wait for it, syncfs does: the pool's usage is right the moment delete returns
         # (eviction stops at the low watermark by reading it).
@@ -571,14 +572,6 @@ def _reflink_works(directory: Path) -> bool:
     finally:
         a.unlink(missing_ok=True)
         b.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _syncfs(directory: Path) -> None:

@@ -8,6 +8,7 @@ to a write gets SQLITE_BUSY at once in WAL mode, whatever the busy timeout.
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, create_engine, event
 from support.errors import ManagerError
 
 BUSY_TIMEOUT_MS = 5000
+_open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class DatabaseError(ManagerError):
@@ -42,7 +44,17 @@ def open_engine(db_path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Eng
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    _open_engines.add(engine)
     return engine
+
+
+def close_all_engines() -> None:
+    """Close every pooled connection, so the last one out checkpoints the WAL into images.db
+    and removes it. A process that leaves without this leaves images.db-wal beside the file,
+    and the guide's restore (`cp images.db.backup images.db`) would then have SQLite replay
+    that newer WAL onto the restored file: a corrupt database."""
+    for engine in list(_open_engines):
+        engine.dispose()
 
 
 def describe_database_error(db_path: Path, exc: BaseException) -> DatabaseError:
@@ -52,6 +64,6 @@ def describe_database_error(db_path: Path, exc: BaseException) -> DatabaseError:
         return DatabaseError(f"database {db_path} is locked by another process (waited {BUSY_TIMEOUT_MS // 1000}s): {text}")
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return DatabaseError(
-            f"database {db_path} is corrupt ({text}); restore a backup, e.g. {db_path}.backup (see OPERATIONS.md, Database Corruption)"
+            f"database {db_path} is corrupt ({text}); rebuild it from the pool with `flyio-image-manager rebuild-db --force` (see docs/operations.md, Database Corruption)"
         )
     return DatabaseError(f"database {db_path}: {text}")

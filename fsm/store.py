@@ -99,6 +99,20 @@ class JobStore:
             session.flush()
             return job, True
 
+    def add_finished(self, session: Session, workflow: str, key: str, state: str, context: dict[str, Any], *,
+                     event: str, detail: dict[str, Any] | None = None) -> Job:
+        """A job recorded as already finished in `state` (a catalog rebuilt from what the work
+        left behind), with one history row saying so; inside the caller's transaction."""
+        now = utcnow()
+        job = Job(workflow=workflow, idempotency_key=key, state=state, attempt=0,
+                  context=json.dumps(context, sort_keys=True), created_at=now, updated_at=now)
+        session.add(job)
+        session.flush()
+        session.add(JobEvent(job_id=job.id, seq=1, from_state=None, to_state=state, event=event, started_at=now,
+                             finished_at=now, attempt=0, error=None,
+                             detail=json.dumps(detail, sort_keys=True) if detail else None))
+        return job
+
     def claim(self, job_id: int, owner: Owner, lease_seconds: float) -> Job:
         """Make `owner` the job's owner unless a live process owns it (JobBusy)."""
         with self.transaction() as session:

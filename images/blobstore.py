@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Protocol
 
+from support.durable import fsync_dir
 from support.errors import PermanentError
 from support.log import get_logger
 from support.paths import blob_dir
@@ -61,15 +62,6 @@ def check_digest(digest: str) -> str:
     if not DIGEST_PATTERN.match(digest):
         raise PermanentError(f"invalid digest: {digest!r}")
     return digest
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def hash_file(path: Path, *, limit: int | None = None) -> tuple[str, int]:

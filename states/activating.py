@@ -1,9 +1,11 @@
-"""activating: the image's row, naming its layers in order and its top chain."""
+"""activating: the image's row, naming its layers in order and its top chain, and the
+record the image keeps of itself beside the pool (written before the row commits)."""
 
 from __future__ import annotations
 
-from catalog.records import upsert_image
+from catalog.records import describe_image, upsert_image
 from fsm.context import StepContext
+from fsm.models import Job
 from states.layers import layers
 from states.services import ImageServices
 
@@ -14,4 +16,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     with ctx.transaction() as session:
         row = upsert_image(session, name=image["name"], source=image["source"], chain=chain, job_id=ctx.job_id)
         ctx.data["image_id"] = row.id
+        job = session.get(Job, ctx.job_id)
+        key = job.idempotency_key if job is not None else ""
+        services.records.write_image(describe_image(session, row, idempotency_key=key, job_context=ctx.data))
     return "activated"

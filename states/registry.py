@@ -66,9 +66,11 @@ def open_environment(state_dir: Path, store: JobStore, *, backend: str = "auto",
     """The services and the runner, on `store`. With `ensure_pool` the pool is made sure of
     first (after a reboot recreated from its files, and the catalog reconciled with it), as
     the guide's first process-image does."""
+    from catalog.behind import refuse_if_behind
     from catalog.reconcile import ensure_pool as ensure
 
     services = build_services(state_dir, backend=backend, show_progress=show_progress)
     if ensure_pool:
+        refuse_if_behind(store.engine, services.records)  # an older catalog must not drive the devices
         ensure(services.pool, store.engine)
     return JobEnvironment(services=services, runner=Runner(store, all_workflows(services), stop_event=stop_event))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catalog.device_records import RecordStore
 from catalog.ledger import DeviceLedger
 from devices.base import ThinPool
 from devices.policy import UsagePolicy
@@ -45,6 +46,11 @@ class ImageServices:
     def mount_root(self) -> Path:
         return self.state_dir / "mnt"
 
+    @property
+    def records(self) -> RecordStore:
+        """The records devices and images keep of themselves beside the pool."""
+        return RecordStore(self.state_dir)
+
     def ledger(self, ctx: StepContext) -> DeviceLedger:
         """The device ledger for a step: its rows commit with the job's context."""
-        return DeviceLedger(self.pool, ctx.transaction)
+        return DeviceLedger(self.pool, ctx.transaction, self.records)

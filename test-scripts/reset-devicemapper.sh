@@ -84,6 +84,9 @@ if [ "$failures" -gt 0 ]; then
   exit 1
 fi
 rm -f "${state_dir}/pool_data" "${state_dir}/pool_meta"
+# Every device is gone with the pool, so are the records they kept of themselves (the
+# images' records stay: processing an image again finds it).
+rm -rf "${state_dir}/records/devices"
 # The blockfile pool's directory mode (no XFS) keeps device files in pool/ itself.
 if [ -d "${state_dir}/pool" ] && ! findmnt -rn "${state_dir}/pool" >/dev/null 2>&1; then
   rm -f "${state_dir}"/pool/thin-*.img

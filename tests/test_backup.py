@@ -125,7 +125,9 @@ def test_corrupt_database_stops_every_command_with_one_line_naming_the_backup(tm
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, done.stderr
         assert lines[0].startswith(f"error: database {db} failed its integrity check (")
-        assert lines[0].endswith(f"restore the backup: cp {backup} {db} (see OPERATIONS.md, Database Corruption)")
+        assert lines[0].endswith(f"rebuild it from the pool: flyio-image-manager rebuild-db --force (or restore the "
+                                 f"backup: cp {backup} {db}, then rebuild-db --merge; see docs/operations.md, "
+                                 "Database Corruption)")
     bad = manager(state_dir, "check-db")
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert "failed its integrity check" in bad.stderr
@@ -168,5 +170,5 @@ def test_startup_check_is_the_full_integrity_check(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: database {db} failed its integrity check ("), done.stderr
     assert "ix_audit" in lines[0]
-    assert lines[0].endswith(f"restore the backup: cp {state_dir / 'images.db.backup'} {db} "
-                             "(see OPERATIONS.md, Database Corruption)")
+    assert lines[0].endswith(f"(or restore the backup: cp {state_dir / 'images.db.backup'} {db}, then "
+                             "rebuild-db --merge; see docs/operations.md, Database Corruption)")
