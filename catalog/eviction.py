@@ -107,7 +107,8 @@ def _why_not_candidate(session: Session, image: Image, job_images: set[int], job
         return "pinned"
     if image.id in job_images or image.source in job_sources:
         return "an unfinished job uses it"
-    snapshot = session.scalars(select(Snapshot).where(Snapshot.image_id == image.id).order_by(Snapshot.id)).first()
+    snapshot = session.scalars(select(Snapshot).where(Snapshot.image_id == image.id)
+                               .order_by(Snapshot.vm_id.is_(None), Snapshot.id)).first()  # a VM's first
     if snapshot is not None and snapshot.vm_id is not None:
         return f"VM {snapshot.vm_id} has a snapshot of it"
     if snapshot is not None:

@@ -93,6 +93,16 @@ def image_status(state_dir: Path) -> dict[str, str]:
     return dict(db_rows(state_dir, "SELECT name, activation_status FROM images"))
 
 
+def release_first_snapshots(state_dir: Path, names: list[str]) -> None:
+    """The VMs given these images' first snapshots (process-image's) are gone: their disks
+    are deleted, as an operator does, so the images are unused (eviction deletes no snapshot)."""
+    for name in names:
+        (snapshot_id,) = db_rows(state_dir, "SELECT s.id FROM snapshots s JOIN images i ON i.id = s.image_id "
+                                            f"WHERE i.name = '{name}' AND s.vm_id IS NULL")[0]
+        done = run(state_dir, "delete-snapshot", str(snapshot_id), "--backend", "blockfile")
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.fixture
 def capacity_bucket(s3_client: Any, make_bucket: Any, s3_server: Any) -> dict[str, Any]:
     """fam-a and fam-b share base layer `base` (8 MB); `pinned` and `vm` are single-layer
@@ -143,6 +153,7 @@ def test_eviction_frees_the_pool_and_keeps_what_is_used(state_dir: Path, capacit
     os.sync()
     try:
         filled = fill_past_high_watermark(state_dir, capacity_bucket)
+        release_first_snapshots(state_dir, ["fam-a", *filled])
         before = usage(state_dir)
         assert before >= 0.85, f"the fill did not pass the high watermark: {before:.1%}"
 
@@ -168,6 +179,7 @@ def test_eviction_frees_the_pool_and_keeps_what_is_used(state_dir: Path, capacit
         statuses = image_status(state_dir)
         assert statuses["fam-a"] == "evicted"
         assert statuses["fam-b"] == statuses["pinned"] == statuses["vm"] == "active"
+        assert re.search(r"kept image=vm reason='VM vm-1 has a snapshot of it'", force.stdout)
         assert top_a not in pool_devices(state_dir)
         # fam-a's base chain is fam-b's too: it stays.
         assert db_rows(state_dir, f"SELECT state FROM unpacked_images WHERE chain_id = '{base_chain}'") == [("ready",)]
@@ -180,10 +192,11 @@ def test_eviction_frees_the_pool_and_keeps_what_is_used(state_dir: Path, capacit
         read_back(pinned["snapshot_device"], tmp_path / "p", files["pinned"])
 
         # --all, with one image's device mounted: that image is skipped, untouched.
-        survivor = next(name for name in filled if statuses[name] == "active")
-        survivor_device = db_rows(state_dir, "SELECT s.device_id FROM snapshots s JOIN images i ON i.id = s.image_id "
-                                             f"WHERE i.name = '{survivor}'")[0][0]
-        device_path = next(d.path for d in pool_of(state_dir).list_devices() if d.device_id == survivor_device)
+        survivor = next(name for name in filled if statuses[name] != "evicted")
+        survivor_device, survivor_size = db_rows(state_dir, "SELECT u.device_id, u.size_bytes FROM images i JOIN "
+                                                            "unpacked_images u ON u.chain_id = i.top_chain_id "
+                                                            f"WHERE i.name = '{survivor}'")[0]
+        device_path = pool_of(state_dir).activate(survivor_device, survivor_size)
         held = tmp_path / "held"
         mounted(device_path, held, "ro", "noload")
         try:
@@ -399,6 +412,7 @@ def test_the_daemon_evicts_above_its_high_watermark(state_dir: Path, capacity_bu
     assert run(state_dir, "setup-pool", "--data-size", POOL, "--backend", "blockfile").returncode == 0
     process(state_dir, capacity_bucket, "pinned")
     process(state_dir, capacity_bucket, "vm")
+    release_first_snapshots(state_dir, ["vm"])
     assert run(state_dir, "images", "--pin", "pinned").returncode == 0
     assert usage(state_dir) > 0.05
     log_path = tmp_path / "daemon.log"
