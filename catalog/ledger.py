@@ -42,6 +42,7 @@ from support.errors import HazardError, ManagerError, PermanentError
 from support.log import get_logger
 
 log = get_logger("catalog.ledger")
+ROW_COMMITTED = "device row committed"  # with the record and kernel lines: the kill points of the write order
 T = TypeVar("T")
 
 Transaction = Callable[[], AbstractContextManager[Session]]
@@ -155,6 +156,7 @@ class DeviceLedger:
                                 state=DeviceState.CREATING, job_id=job_id, created_at=now, updated_at=now)
             session.add(row)
             self._record(session, row)
+        log.debug(ROW_COMMITTED, device_name=device_name(device_id), state=DeviceState.CREATING.value)
         if parent is None:
             self._kernel(device_id, job_id, "create_thin", lambda: self.pool.create_thin(device_id, size))
         else:
@@ -177,6 +179,7 @@ class DeviceLedger:
                            size_bytes=size_bytes, job_id=job_id, created_at=now, updated_at=now)
             session.add(row)
             self._record(session, row)
+        log.debug(ROW_COMMITTED, device_name=device_name(device_id), state=DeviceState.CREATING.value)
         self._kernel(device_id, job_id, "create_snap", lambda: self.pool.create_snapshot(device_id, origin.device_id))
         return self._set_state(device_id, DeviceState.CREATED)
 
@@ -227,7 +230,9 @@ class DeviceLedger:
         with self.transaction() as session:
             session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
             session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
+        log.debug(ROW_COMMITTED, device_name=device.name, state="removed")
         self.records.remove_device(device_id)
+        log.debug("device record removed", device_name=device.name)
         log.info("device deleted", device_name=device.name, kind=device.kind.value, reason=why)
 
     def delete_unused(self, device_id: int, *, why: str, active_path: str | None) -> None:
@@ -265,7 +270,9 @@ class DeviceLedger:
         any failure the device becomes an orphan (its state is unknown) and the error is
         raised as it was."""
         try:
-            return call()
+            result = call()
+            log.debug("device kernel call done", device_name=device_name(device_id), call=what)
+            return result
         except DeviceExists:
             # The id is taken by a device this ledger did not make (no record named it when
             # it was allocated): not ours to orphan. Our intent goes; that device stays as it is.
@@ -289,7 +296,9 @@ class DeviceLedger:
     def _record(self, session: Session, row: UnpackedImage | Snapshot) -> None:
         """Write the device's record as `row` stands, before the caller's transaction commits."""
         session.flush()
-        self.records.write_device(record_of_row(session, row))
+        record = record_of_row(session, row)
+        self.records.write_device(record)
+        log.debug("device record written", device_name=record.name, state=record.state.value)
 
     def _forget_intent(self, device_id: int) -> None:
         with self.transaction() as session:
@@ -309,7 +318,9 @@ class DeviceLedger:
             if changes_record:
                 self._record(session, row)  # the record first: it is never behind the row
             session.flush()
-            return device_of_row(row)
+            device = device_of_row(row)
+        log.debug(ROW_COMMITTED, device_name=device.name, state=state.value)
+        return device
 
     def _get(self, device_id: int) -> Device:
         with self.transaction() as session:
