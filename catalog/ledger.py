@@ -263,6 +263,19 @@ class DeviceLedger:
                                                          OrphanedDevice.cleaned_at.is_(None))
                             .values(cleaned_at=utcnow()))
 
+    def describe_existing_devices(self) -> int:
+        """Write a record for every device row that has none (a catalog from before devices
+        described themselves); how many were written."""
+        written = 0
+        with self.transaction() as session:
+            rows: list[UnpackedImage | Snapshot] = [*session.scalars(select(UnpackedImage)),
+                                                    *session.scalars(select(Snapshot))]
+            for row in rows:
+                if not self.records.has_device(row.device_id):
+                    self._record(session, row)
+                    written += 1
+        return written
+
     # -- the one pattern -------------------------------------------------------------------
 
     def _kernel(self, device_id: int, job_id: int | None, what: str, call: Callable[[], T]) -> T:

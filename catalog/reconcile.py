@@ -8,7 +8,9 @@ holds, and changes nothing it cannot undo:
   again, as it was before the cut; layer devices stay inactive until a job needs them;
 * a row whose device the pool does not hold is reported (the guide's database cleanup,
   or a pool rebuilt from scratch, explains it; the operator decides);
-* a device the pool holds that no row names is reported as an orphan for gc.
+* a device the pool holds that no row names is reported as an orphan for gc, unless its
+  record beside the pool says it is ready: then the catalog is behind the pool
+  (`rebuild-db --merge`), and gc will not touch it either.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from catalog.device_records import DeviceRecord
+from catalog.gc import MISSING_FROM_CATALOG
 from catalog.ledger import DeviceLedger, engine_transactions
 from catalog.models import DeviceState, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import ORPHAN_HINT
@@ -34,7 +38,8 @@ class Reconciliation:
 
     reactivated: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # rows whose device the pool lacks
-    unnamed: list[str] = field(default_factory=list)  # devices no row names
+    unnamed: list[str] = field(default_factory=list)  # devices no row names and no ready record describes
+    missing_from_catalog: list[str] = field(default_factory=list)  # ready records no row names: rebuild-db --merge
     failed: dict[str, str] = field(default_factory=dict)  # re-activations that failed
 
 
@@ -76,9 +81,15 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
         result.reactivated.append(row.device_name)
         log.info("snapshot re-activated", device_name=row.device_name, device=path)
     for device_id, device in sorted(devices.items()):
-        if device_id not in named:
-            result.unnamed.append(device.name)
-            log.warning(ORPHAN_HINT, device_id=device_id, device_name=device.name, reason="no row names it")
+        if device_id in named:
+            continue
+        record = ledger.records.device(device_id)
+        if isinstance(record, DeviceRecord) and record.ready:
+            result.missing_from_catalog.append(device.name)
+            log.warning(MISSING_FROM_CATALOG, device_id=device_id, device_name=device.name)
+            continue
+        result.unnamed.append(device.name)
+        log.warning(ORPHAN_HINT, device_id=device_id, device_name=device.name, reason="no row names it")
     log.info("catalog reconciled with the pool", devices=len(devices), reactivated=len(result.reactivated),
              missing=len(result.missing), unnamed=len(result.unnamed), failed=len(result.failed))
     return result

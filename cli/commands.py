@@ -91,6 +91,8 @@ def _top_device(data: dict) -> str | None:
 @common_options
 @click.pass_context
 def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, backend: str) -> None:
+    from catalog.behind import refuse_if_behind
+    from catalog.device_records import RecordStore
     from states.registry import open_environment
     from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
 
@@ -98,6 +100,8 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
     size_bytes = parse_size(size) if size else None
     with exclusive(options.state_dir, "snapshot"):
         store = open_store(options.state_dir)
+        # Before the image is looked up: after a lost database "not found" would mislead.
+        refuse_if_behind(store.engine, RecordStore(options.state_dir))
         with store.transaction() as session:
             request = resolve_snapshot_request(session, image, vm_id, size_bytes)
         environment = open_environment(options.state_dir, store, backend=backend, show_progress=show_progress())

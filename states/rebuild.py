@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from catalog.device_records import DeviceKind, DeviceRecord, ImageRecord, RecordStore, UnreadableRecord
 from catalog.models import DeviceIdCounter, DeviceState, Image, ImageLayer, Layer, Snapshot, UnpackedImage
 from catalog.records import FIRST_DEVICE_ID, utcnow
-from devices.base import ThinPool
+from devices.base import DeviceInfo, ThinPool
 from fsm.definition import COMPLETE
 from fsm.models import Job
 from fsm.store import JobStore
@@ -103,7 +103,7 @@ def rebuild_catalog(engine: Engine, pool: ThinPool, records: RecordStore, *, mer
         store = JobStore(engine)
         report.jobs = _add_jobs(session, store, images, snapshots)
     _move_aside(records, gone, report)
-    _hand_out_snapshots(engine, pool, records)
+    _hand_out_snapshots(engine, pool, records, in_pool)
     log.info("catalog rebuilt from the pool" if not merge else "catalog merged with the pool",
              devices=report.devices_in_pool, records=report.records, images=len(report.images),
              layers=len(report.layers), snapshots=len(report.snapshots), jobs=report.jobs, kept=report.kept,
@@ -262,7 +262,7 @@ def _move_aside(records: RecordStore, gone: list[DeviceRecord], report: RebuildR
     fsync_dir(aside)
 
 
-def _hand_out_snapshots(engine: Engine, pool: ThinPool, records: RecordStore) -> None:
+def _hand_out_snapshots(engine: Engine, pool: ThinPool, records: RecordStore, in_pool: dict[int, DeviceInfo]) -> None:
     """Activate ready snapshots (as a reboot's reconciliation does) and put each path in the
     context of the job that answers for it, as that job left it."""
     import json
@@ -270,6 +270,7 @@ def _hand_out_snapshots(engine: Engine, pool: ThinPool, records: RecordStore) ->
     from catalog.ledger import DeviceLedger, engine_transactions
 
     ledger = DeviceLedger(pool, engine_transactions(engine), records)
+    active = {device_id: device.path for device_id, device in in_pool.items() if device.active and device.path}
     with Session(engine) as session:
         pending = [(job.id, int(json.loads(job.context or "{}")["snapshot_device_id"]))
                    for job in session.scalars(select(Job).where(Job.state == COMPLETE))
@@ -277,7 +278,8 @@ def _hand_out_snapshots(engine: Engine, pool: ThinPool, records: RecordStore) ->
                    and "snapshot_device" not in json.loads(job.context or "{}")]
     for job_id, device_id in pending:
         try:
-            path = ledger.activate(device_id)
+            # VMs may be running on them (a database lost, not a reboot): active ones keep their path.
+            path = active.get(device_id) or ledger.activate(device_id)
         except (ManagerError, LookupError) as exc:
             log.error("could not activate rebuilt snapshot", device_id=device_id, error=str(exc))
             continue
@@ -293,3 +295,29 @@ def _time(text: str) -> datetime:
         return utcnow()
 
 
+
+
+def describe_existing_catalog(engine: Engine, pool: ThinPool, records: RecordStore) -> None:
+    """Once, on a host upgraded from before devices described themselves: a record for every
+    device row and every image a complete job made, so that a later loss of images.db loses
+    nothing. A no-op (one stat) once the records directory exists."""
+    import json
+
+    from catalog.ledger import DeviceLedger, engine_transactions
+    from catalog.records import describe_image
+
+    if records.root.exists():
+        return
+    devices = DeviceLedger(pool, engine_transactions(engine), records).describe_existing_devices()
+    images = 0
+    with Session(engine) as session:
+        for image in session.scalars(select(Image)):
+            job = session.get(Job, image.job_id) if image.job_id is not None else None
+            if job is None or job.state != COMPLETE:
+                continue
+            records.write_image(describe_image(session, image, idempotency_key=job.idempotency_key,
+                                               job_context=json.loads(job.context or "{}")))
+            images += 1
+    records.root.mkdir(parents=True, exist_ok=True)
+    if devices or images:
+        log.info("catalog described beside the pool", devices=devices, images=images, path=str(records.root))

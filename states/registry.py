@@ -68,9 +68,11 @@ def open_environment(state_dir: Path, store: JobStore, *, backend: str = "auto",
     the guide's first process-image does."""
     from catalog.behind import refuse_if_behind
     from catalog.reconcile import ensure_pool as ensure
+    from states.rebuild import describe_existing_catalog
 
     services = build_services(state_dir, backend=backend, show_progress=show_progress)
     if ensure_pool:
+        describe_existing_catalog(store.engine, services.pool, services.records)  # once, after an upgrade
         refuse_if_behind(store.engine, services.records)  # an older catalog must not drive the devices
         ensure(services.pool, store.engine)
     return JobEnvironment(services=services, runner=Runner(store, all_workflows(services), stop_event=stop_event))

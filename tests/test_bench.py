@@ -84,3 +84,13 @@ def test_space_prints_used_per_content_and_the_fixed_cost() -> None:
     # Used can be below the tars (headers, inline data) but not far off them, and the ratio is what it says.
     assert 0.5 < out["ratio"] < 5 and out["ratio"] == round(out["used_bytes"] / out["unique_content_bytes"], 3), out
     assert 0 < out["fixed_cost_per_base_image_bytes"] < 16 * 1024**2, out
+
+
+@needs_root
+def test_rebuild_reports_its_time_and_the_record_cost() -> None:
+    out = bench("bench.rebuild", "--devices", "12", "--runs", "1", "--cycles", "4")
+    assert re.search(r"^rebuild-db of 12 devices \(11 snapshots listed after", out, re.MULTILINE), out
+    assert re.search(r"^  median [\d.]+ s of 1 runs", out, re.MULTILINE), out
+    assert "rebuilt: images=1 layers=1 snapshots=11 jobs=11" in out, out
+    for row in ("with records", "without records", "difference"):
+        assert re.search(rf"^  {row}\s+-?[\d.]+ ms", out, re.MULTILINE), (row, out)

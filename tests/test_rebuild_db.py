@@ -183,8 +183,8 @@ def test_a_lost_database_is_rebuilt_from_the_pool(host: Host) -> None:
     before = host.view()
     host.drop_database()
 
-    refused = host.process("dsa")
-    assert refused.returncode == 1 and BEHIND.match(refused.stderr.strip().splitlines()[-1]), refused.stderr
+    for refused in (host.process("dsa"), host.run("snapshot", "dsa", "--vm", "vm-x")):
+        assert refused.returncode == 1 and BEHIND.match(refused.stderr.strip().splitlines()[-1]), refused.stderr
     dry = gc(host.state_dir, "--dry-run")
     assert summary(dry.stdout)["orphaned"] == 0 and len(re.findall(re.escape(MISSING), dry.stdout)) == 8
 
@@ -280,3 +280,17 @@ def test_gc_says_which_kind_of_orphan_each_device_is(host: Host) -> None:
     force = gc(host.state_dir, "--force")
     assert summary(force.stdout)["cleaned"] == 2
     assert not records.has_device(9001)
+
+
+def test_a_catalog_from_before_records_is_described_once_then_survives_its_loss(host: Host) -> None:
+    two_images_and_a_vm(host)
+    shutil.rmtree(host.state_dir / "records")  # a host upgraded from before devices described themselves
+    before = host.view()
+    host.ok("snapshot", "dsa", "--vm", "vm-after-upgrade")  # the first command that opens the pool
+    records = sorted(p.name for p in (host.state_dir / "records" / "devices").iterdir())
+    assert len(records) == len(host.devices()) == 9, records
+    assert len(list((host.state_dir / "records" / "images").iterdir())) == 2
+    host.ok("delete-snapshot", "--vm", "vm-after-upgrade")
+    host.drop_database()
+    assert "rebuilt: images=2 layers=5 snapshots=3" in host.ok("rebuild-db")
+    host.after_recovery(before)
