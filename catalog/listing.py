@@ -4,6 +4,7 @@ listing command starts and answers without loading SQLAlchemy (the ORM alone cos
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from fsm.listing import read_only_rows
 
 IMAGES = """
 SELECT i.id, i.name, i.source, i.layer_count, i.activation_status, u.device_name AS top_device, i.job_id,
-       i.updated_at, i.pinned, i.last_used_at
+       i.updated_at, i.pinned, i.last_used_at, i.config
 FROM images i LEFT JOIN unpacked_images u ON u.chain_id = i.top_chain_id
 ORDER BY i.id"""
 
@@ -29,7 +30,9 @@ def read_rows(db_path: Path, sql: str, parameters: tuple[Any, ...] = ()) -> list
 
 
 def list_images(db_path: Path) -> list[dict[str, Any]]:
-    return [{**row, "pinned": bool(row["pinned"])} for row in read_rows(db_path, IMAGES)]
+    """Every image; `config` is a registry image's runtime config (a dict), else None."""
+    return [{**row, "pinned": bool(row["pinned"]), "config": json.loads(row["config"]) if row["config"] else None}
+            for row in read_rows(db_path, IMAGES)]
 
 
 def list_snapshots(db_path: Path) -> list[dict[str, Any]]:

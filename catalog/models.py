@@ -71,6 +71,9 @@ class Image(CatalogBase):
     # The last process-image or snapshot that used it: eviction takes the oldest first.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # never evicted
+    # A registry image's runtime config as JSON (Env, Entrypoint, Cmd, WorkingDir, User,
+    # ExposedPorts): what a VM's init needs to start it. None for S3 images (no config).
+    config: Mapped[str | None] = mapped_column(Text)
 
 
 class ImageLayer(CatalogBase):

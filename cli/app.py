@@ -85,12 +85,45 @@ def image_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--image", default=None, help="A family: images/<family>/<n>.tar applied in numeric order."),
         click.option("--s3-prefix", default=None, help="A family by key prefix (e.g. images/node/)."),
         click.option("--url", default=None, help="s3://bucket/key, s3://bucket/prefix/ or file:///path."),
+        click.option("--ref", default=None, help="An image in an OCI registry: REGISTRY/REPO[:TAG|@sha256:DIGEST]."),
         click.option("--bucket", default=DEFAULT_BUCKET, show_default=True),
         click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", default=None,
                      help="S3-compatible endpoint (env AWS_ENDPOINT_URL)."),
     ]):
         fn = option(fn)
     return fn
+
+
+def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How a --ref image's registry is reached; passed on as one `registry` dict (None when
+    no option was given)."""
+
+    def collect(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value not in (None, False):
+            ctx.meta.setdefault("registry_options", {})[str(param.name)] = value
+        return value
+
+    for option in reversed([
+        click.option("--platform", default=None, expose_value=False, callback=collect,
+                     help="With --ref: the image of this OS/ARCH[/VARIANT] in an index (default: this host's, "
+                          "linux/amd64)."),
+        click.option("--plain-http", "plain_http", is_flag=True, default=False, expose_value=False, callback=collect,
+                     help="With --ref: plain HTTP, for a registry on 127.0.0.1 only (TLS is verified elsewhere)."),
+        click.option("--ca-cert", "ca_cert", default=None, expose_value=False, callback=collect,
+                     type=click.Path(dir_okay=False, exists=True, resolve_path=True),
+                     help="With --ref: the CA bundle that signs the registry's certificate."),
+        click.option("--registry-config", "registry_config", default=None, expose_value=False, callback=collect,
+                     type=click.Path(dir_okay=False, resolve_path=True),
+                     help="With --ref: credentials (a docker config.json with `auths`) instead of "
+                          "~/.docker/config.json."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def registry_options_of(ctx: click.Context) -> dict[str, Any] | None:
+    """The registry options given to this command (None: none)."""
+    return ctx.meta.get("registry_options") or None
 
 
 def options_of(ctx: click.Context) -> AppOptions:

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from cli.app import common_options, exclusive, image_source_options, open_database, open_store, options_of, show_progress
+from cli.app import (common_options, exclusive, image_source_options, open_database, open_store, options_of,
+                     registry_options, registry_options_of, show_progress)
 from cli.main import register
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS
@@ -22,13 +23,15 @@ log = get_logger("cli")
 
 @click.command("process-image", help="Download, verify, unpack and snapshot one image, as a durable job.")
 @image_source_options
+@registry_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="FLYIO_BACKEND", show_default=True,
               help="Pool backend (env FLYIO_BACKEND).")
 @click.option("--device-size", default="4G", show_default=True, help="Virtual size of each thin device.")
 @common_options
 @click.pass_context
 def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None,
-                  url: str | None, bucket: str, endpoint_url: str | None, backend: str, device_size: str) -> None:
+                  url: str | None, ref: str | None, bucket: str, endpoint_url: str | None, backend: str,
+                  device_size: str) -> None:
     from devices.filesystem import layer_block_size
     from states.submit import completed_job, resolve_request
 
@@ -36,7 +39,8 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     size = parse_size(device_size)
     layer_block_size()  # checked with the other inputs, before the pool is looked at (the services read it)
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
-                              endpoint_url=endpoint_url, device_size_bytes=size)
+                              endpoint_url=endpoint_url, device_size_bytes=size, ref=ref,
+                              registry=registry_options_of(ctx), state_dir=options.state_dir)
     with exclusive(options.state_dir, "process-image"):
         db = open_database(options.state_dir)
         job = completed_job(db, request) if _pool_attached(options.state_dir, backend) else None

@@ -269,7 +269,12 @@ class _Transfer:
 def _download_once(
     ref: ObjectRef, etag: str, size: int, store: BlobStore, client: Any,
     transfer: _Transfer, on_progress: ProgressCallback | None, check_md5: bool, check: CheckFactory | None,
+    *, stream: Callable[..., None] | None = None, expected_digest: str | None = None,
 ) -> BlobInfo:
+    """One attempt at `ref` into the store, resuming its temp file. `stream` is the transport
+    (S3's GET by default, images.registry's for oci:// refs); `expected_digest` the digest
+    the bytes must have (a registry names it), checked before the blob is stored."""
+    stream = stream or _stream_object
     try:
         writer = store.writer(_temp_name(ref, etag), resume=True, with_md5=check_md5,
                               check=(lambda: check(size)) if check else None)
@@ -280,14 +285,14 @@ def _download_once(
         if writer.offset > size:
             writer.restart()
         if writer.offset < size or size == 0:
-            _stream_object(ref, etag, size, client, writer, transfer, on_progress)
+            stream(ref, etag, size, client, writer, transfer, on_progress)
         if writer.size != size:
             raise TransientError(f"{ref.url}: got {writer.size} bytes, expected {size}")
         md5 = writer.md5_hex()
         etag_md5 = MD5_ETAG.match(etag)
         if check_md5 and md5 is not None and etag_md5 and md5 != etag_md5.group(1):
             raise PermanentError(f"checksum mismatch: {ref.url}: md5 {md5} does not match ETag {etag}")
-        info = writer.commit(transferred=transfer.received)
+        info = writer.commit(expected_digest, transferred=transfer.received)
     except TransientError:
         writer.keep()
         raise
@@ -382,8 +387,17 @@ def fetch_blob(
             return present
     if ref.scheme == "file":
         return _copy_local(ref, store, on_progress, check)
+    if ref.scheme == "oci":
+        from images.registry import stream_blob
+
+        if ref.etag is None or ref.size is None:
+            raise PermanentError(f"{ref.url}: a registry blob needs its digest and size from the manifest")
+        info = _download_once(ref, ref.etag, ref.size, store, client, _Transfer(), on_progress, False, check,
+                              stream=stream_blob, expected_digest=ref.etag)
+        log.info("blob fetched", source=ref.url, digest=info.digest, size=info.size, transferred=info.transferred)
+        return info
     if ref.scheme != "s3":
-        raise PermanentError(f"{ref.url}: unsupported source (expected s3:// or file://)")
+        raise PermanentError(f"{ref.url}: unsupported source (expected s3://, file:// or oci://)")
     if ref.etag is None or ref.size is None:
         ref = head_object(ref.bucket, ref.key, client)
     assert ref.etag is not None and ref.size is not None

@@ -3,6 +3,8 @@ record the image keeps of itself beside the pool (written before the row commits
 
 from __future__ import annotations
 
+import json
+
 from catalog.records import describe_image, upsert_image
 from fsm.context import StepContext
 from fsm.models import Job
@@ -15,6 +17,8 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     chain = [(layer["digest"], layer["chain_id"]) for layer in layers(ctx)]
     with ctx.transaction() as session:
         row = upsert_image(session, name=image["name"], source=image["source"], chain=chain, job_id=ctx.job_id)
+        config = image.get("config")
+        row.config = json.dumps(config, sort_keys=True) if config is not None else None  # a registry image's
         ctx.data["image_id"] = row.id
         job = session.get(Job, ctx.job_id)
         key = job.idempotency_key if job is not None else ""

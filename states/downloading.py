@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from catalog.models import Layer
 from catalog.records import find_verified_layer, record_layer
 from fsm.context import StepContext
 from images.blobstore import BlobInfo
@@ -57,7 +58,10 @@ def known_layer(ctx: StepContext, services: ImageServices, ref: ObjectRef) -> di
     """The layer of an object version downloaded and verified before, when its blob is still
     in the store (nothing to fetch)."""
     with ctx.transaction() as session:
-        known = find_verified_layer(session, ref.url, ref.etag)
+        # A registry names the digest itself: any verified layer with it is this one,
+        # wherever it came from (an S3 object, another repository).
+        known = session.get(Layer, ref.etag) if ref.scheme == "oci" else find_verified_layer(session, ref.url, ref.etag)
+        known = known if known is not None and known.verified_at is not None else None
         layer = {"digest": known.digest, "format": known.format, "size": known.size_bytes} if known else None
     if layer is None or not services.blobs.has(layer["digest"]):
         return None
@@ -68,7 +72,7 @@ def fetch_object(ctx: StepContext, services: ImageServices, ref: ObjectRef, *, s
                  should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """Download one object with its streaming checks; its layers (an archive holds several).
     Touches no database: the caller records them (`record_layers`), in the job's thread."""
-    client = services.s3_client(ctx.data["image"].get("endpoint_url")) if ref.scheme == "s3" else None
+    client = _client_for(ctx, services, ref)
 
     def check(size: int) -> BlobCheck:
         return BlobCheck(size, services.limits)
@@ -90,6 +94,17 @@ def fetch_object(ctx: StepContext, services: ImageServices, ref: ObjectRef, *, s
         inner = layers_of_archive(info.path, found.format, services.blobs, services.limits, check=check)
         return [_layer(blob, _findings(blob), f"{ref.url}#{blob.digest}", None) for blob in inner]
     return [_layer(info, found, ref.url, ref.etag)]
+
+
+def _client_for(ctx: StepContext, services: ImageServices, ref: ObjectRef) -> Any:
+    """S3's client, a registry's (its options from the job's context), or none (file://)."""
+    if ref.scheme == "s3":
+        return services.s3_client(ctx.data["image"].get("endpoint_url"))
+    if ref.scheme == "oci":
+        from images.registry import parse_blob_url
+
+        return services.registry_client(parse_blob_url(ref.url)[0].registry, ctx.data["image"].get("registry"))
+    return None
 
 
 def background_fetch(ctx: StepContext, services: ImageServices, ref: ObjectRef) -> Callable[[Callable[[], bool]], Any]:

@@ -20,6 +20,12 @@ from support.progress import Progress, no_progress
 DEFAULT_DEVICE_SIZE = 4 * 1024**3
 
 
+def _registry_client(registry: str, options: dict[str, Any] | None) -> Any:
+    from images.registry import RegistryOptions, client_for
+
+    return client_for(registry, RegistryOptions.from_dict(options))
+
+
 @dataclass
 class ImageServices:
     """The job's collaborators. `health_guard` returns None when the host is healthy,
@@ -41,6 +47,8 @@ class ImageServices:
     policy: UsagePolicy = field(default_factory=UsagePolicy)
     evict: Callable[[], Any] | None = None
     layer_block_size: int | None = None  # a new base layer's ext4 block size (None: mke2fs's 4 KiB)
+    # oci:// layers: this thread's client of a registry, from the job's registry options.
+    registry_client: Callable[[str, dict[str, Any] | None], Any] = _registry_client
 
     @property
     def mount_root(self) -> Path:

@@ -30,19 +30,27 @@ class ImageRequest:
     objects: tuple[ObjectRef, ...]
     endpoint_url: str | None
     device_size_bytes: int | None = None  # new base devices' size; None: the process's default
+    # A registry image (--ref): the manifest digest the reference named, the image's runtime
+    # config (Env, Cmd, ...) and how to reach the registry (images.registry.RegistryOptions).
+    manifest_digest: str | None = None
+    config: dict[str, Any] | None = None
+    registry: dict[str, Any] | None = None
 
     @property
     def idempotency_key(self) -> str:
-        """The image's identity: its source and the exact versions (ETags) of its objects."""
+        """The image's identity: its source and the exact versions (ETags) of its objects
+        (and, from a registry, the manifest's digest: a new config is a new image)."""
         versions = "\n".join(f"{o.url} {o.etag or ''} {o.size or ''}" for o in self.objects)
+        if self.manifest_digest:
+            versions += f"\nmanifest {self.manifest_digest}"
         return f"{self.source}@{hashlib.sha256(versions.encode()).hexdigest()[:16]}"
 
     def job_context(self) -> dict[str, Any]:
-        return {
-            "image": {"name": self.name, "source": self.source, "endpoint_url": self.endpoint_url,
-                      "device_size_bytes": self.device_size_bytes},
-            "objects": [{"url": o.url, "size": o.size, "etag": o.etag} for o in self.objects],
-        }
+        image: dict[str, Any] = {"name": self.name, "source": self.source, "endpoint_url": self.endpoint_url,
+                                 "device_size_bytes": self.device_size_bytes}
+        if self.manifest_digest:
+            image.update(manifest_digest=self.manifest_digest, config=self.config, registry=self.registry)
+        return {"image": image, "objects": [{"url": o.url, "size": o.size, "etag": o.etag} for o in self.objects]}
 
 
 def resolve_request(
@@ -54,12 +62,23 @@ def resolve_request(
     url: str | None = None,
     endpoint_url: str | None = None,
     device_size_bytes: int | None = None,
+    ref: str | None = None,
+    registry: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
 ) -> ImageRequest:
-    """Exactly one of s3_key (one layer), image (a family), s3_prefix, or url (s3:// or file://);
-    `device_size_bytes` the size of the image's new base devices (None: the default)."""
-    given = [x for x in (s3_key, image, s3_prefix, url) if x]
+    """Exactly one of s3_key (one layer), image (a family), s3_prefix, url (s3:// or file://)
+    or ref (an image in a registry, reached with the `registry` options; its manifests are
+    kept in `state_dir`'s blob store); `device_size_bytes` the size of the image's new base
+    devices (None: the default)."""
+    given = [x for x in (s3_key, image, s3_prefix, url, ref) if x]
     if len(given) != 1:
-        raise PermanentError("give exactly one of --s3-key, --image, --s3-prefix or --url")
+        raise PermanentError("give exactly one of --s3-key, --image, --s3-prefix, --url or --ref")
+    if ref:
+        if state_dir is None:
+            raise ValueError("a registry reference needs the state directory (its manifests go in the blob store)")
+        return resolve_registry_request(ref, registry, state_dir, device_size_bytes)
+    if registry:
+        raise PermanentError("--platform, --plain-http, --ca-cert and --registry-config go with --ref only")
     if url:
         parsed = urlparse(url)
         if parsed.scheme == "file":
@@ -83,6 +102,24 @@ def resolve_request(
     name = image or prefix.rstrip("/").rsplit("/", 1)[-1]
     return ImageRequest(name=name, source=s3_url(bucket, prefix), objects=tuple(refs), endpoint_url=endpoint_url,
                         device_size_bytes=device_size_bytes)
+
+
+def resolve_registry_request(ref: str, registry: dict[str, Any] | None, state_dir: Path,
+                             device_size_bytes: int | None) -> ImageRequest:
+    """The request for a registry image: its layers, config and manifest digest. The image's
+    name is REPO:TAG; its source `oci://REGISTRY/REPO:TAG` (plus `#PLATFORM` when not this
+    host's), so one image row follows the tag as it moves."""
+    from images.blobstore import BlobStore
+    from images.registry import RegistryOptions, host_platform_name, resolve_image
+
+    options = RegistryOptions.from_dict(registry)
+    resolved = resolve_image(ref, options, BlobStore(state_dir))
+    target = resolved.ref
+    name = f"{target.repository.removeprefix('library/')}" + (f":{target.tag}" if target.tag else f"@{target.digest}")
+    source = f"oci://{target}" + (f"#{options.platform}" if options.platform != host_platform_name() else "")
+    return ImageRequest(name=name, source=source, objects=resolved.layers, endpoint_url=None,
+                        device_size_bytes=device_size_bytes, manifest_digest=resolved.manifest_digest,
+                        config=resolved.config, registry=options.to_dict())
 
 
 def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None:
