@@ -7,7 +7,7 @@ import time
 
 import click
 
-from cli.app import common_options, image_source_options, open_store, options_of
+from cli.app import common_options, image_source_options, open_store, options_of, registry_options, registry_options_of
 from cli.commands import snapshot_result_line
 from cli.main import register
 from daemon.protocol import DaemonNotRunning, request
@@ -72,6 +72,7 @@ def shutdown_cmd(ctx: click.Context, wait: bool, timeout: float) -> None:
 @click.command("submit", help="Queue a request on the running daemon: process-image (an image source option) or, "
                               "with --snapshot IMAGE --vm VM_ID, a VM's snapshot; prints the request id.")
 @image_source_options
+@registry_options
 @click.option("--device-size", default=None, help="Virtual size of each thin device (default: the daemon's).")
 @click.option("--snapshot", "snapshot_of", default=None, metavar="IMAGE",
               help="Snapshot this complete image (name or id) for --vm, as `snapshot` does.")
@@ -82,19 +83,22 @@ def shutdown_cmd(ctx: click.Context, wait: bool, timeout: float) -> None:
 @common_options
 @click.pass_context
 def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_prefix: str | None, url: str | None,
-               bucket: str, endpoint_url: str | None, device_size: str | None, snapshot_of: str | None,
+               ref: str | None, bucket: str, endpoint_url: str | None, device_size: str | None, snapshot_of: str | None,
                vm_id: str | None, size: str | None, wait: bool, timeout: float) -> None:
     state_dir = options_of(ctx).state_dir
     message = _snapshot_message(snapshot_of, vm_id, size) if snapshot_of or vm_id or size else None
     if message is None:
-        given = {k: v for k, v in (("s3_key", s3_key), ("image", image), ("s3_prefix", s3_prefix), ("url", url)) if v}
+        given = {k: v for k, v in (("s3_key", s3_key), ("image", image), ("s3_prefix", s3_prefix), ("url", url),
+                                   ("ref", ref)) if v}
         if len(given) != 1:
-            raise ManagerError("give exactly one of --s3-key, --image, --s3-prefix or --url (or --snapshot IMAGE --vm VM_ID)")
+            raise ManagerError("give exactly one of --s3-key, --image, --s3-prefix, --url or --ref "
+                               "(or --snapshot IMAGE --vm VM_ID)")
+        given.update(registry_options_of(ctx) or {})  # the daemon's "platform", "plain_http", ...
         if device_size:
             parse_size(device_size)  # a bad size fails here, not in the daemon
         message = {"op": "process-image", **given, "bucket": bucket, "endpoint_url": endpoint_url,
                    "device_size": device_size}
-    elif s3_key or image or s3_prefix or url or device_size:
+    elif s3_key or image or s3_prefix or url or ref or device_size:
         raise ManagerError("--snapshot takes no image source or --device-size options")
     reply = request(state_dir, message)
     if not wait:

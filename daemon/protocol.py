@@ -1,8 +1,8 @@
 """The daemon's socket protocol: one JSON object per line each way, on the unix socket
 `<state-dir>/fsm/manager.sock` (mode 0600: only root talks to the manager).
 
-Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url": ..., "bucket", "endpoint_url",
-"device_size"}, {"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
+Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url"|"ref": ..., "bucket", "endpoint_url",
+"device_size"} (with "ref": also "platform", "plain_http", "ca_cert", "registry_config"), {"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
 {"op": "job", "id": N}, {"op": "shutdown"}. Every reply has "ok"; a failed one has "error"
 (one line)."""
 
@@ -17,7 +17,8 @@ from support.errors import ManagerError
 
 SOCKET_NAME = "manager.sock"
 MAX_LINE_BYTES = 64 * 1024
-SOURCE_FIELDS = ("s3_key", "image", "s3_prefix", "url")
+SOURCE_FIELDS = ("s3_key", "image", "s3_prefix", "url", "ref")
+REGISTRY_FIELDS = ("platform", "plain_http", "ca_cert", "registry_config")  # how a "ref" is reached
 OPS = ("process-image", "snapshot", "status", "job", "shutdown")
 JOB_OPS = ("process-image", "snapshot")  # ops that queue a job
 

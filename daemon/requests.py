@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon.protocol import JOB_OPS, SOURCE_FIELDS
+from daemon.protocol import JOB_OPS, REGISTRY_FIELDS, SOURCE_FIELDS
 from images.bucket import DEFAULT_BUCKET
 from support.sizes import parse_size
 
@@ -35,6 +35,7 @@ class ImageRequestRecord:
     state: str = QUEUED
     job_id: int | None = None
     error: str | None = None
+    registry: dict[str, Any] | None = None  # a "ref": platform, plain_http, ca_cert, registry_config
     submitted_at: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def describe(self) -> str:
@@ -55,9 +56,12 @@ def record_from_message(request_id: int, message: dict[str, Any], default_bucket
                                   vm_id=str(message["vm"]), device_size_bytes=request_size(message.get("size"), "size"))
     given = {name: str(message[name]) for name in SOURCE_FIELDS if message.get(name)}
     if len(given) != 1:
-        raise ValueError("give exactly one of s3_key, image, s3_prefix or url")
+        raise ValueError("give exactly one of s3_key, image, s3_prefix, url or ref")
+    registry = {name: message[name] for name in REGISTRY_FIELDS if message.get(name)}
+    if registry and "ref" not in given:
+        raise ValueError(f"{', '.join(registry)} go with \"ref\" only")
     return ImageRequestRecord(id=request_id, source=given, bucket=str(message.get("bucket") or default_bucket),
-                              endpoint_url=message.get("endpoint_url") or None,
+                              endpoint_url=message.get("endpoint_url") or None, registry=registry or None,
                               device_size_bytes=request_size(message.get("device_size"), "device_size"))
 
 

@@ -288,6 +288,7 @@ class Daemon:
                 else:
                     resolved = resolve_request(bucket=record.bucket, endpoint_url=record.endpoint_url,
                                                device_size_bytes=record.device_size_bytes or self.config.device_size_bytes,
+                                               registry=record.registry, state_dir=self.config.state_dir,
                                                **record.source)
                     workflow = WORKFLOW_NAME
                 job, created = self.store.create_or_get(workflow, resolved.idempotency_key,

@@ -84,6 +84,17 @@ class Registry:
         hex_digest = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "registry.log"
+
+    def requests(self) -> list[str]:
+        """The request lines of the access log so far ("GET /v2/demo/app/manifests/1 HTTP/1.1")."""
+        import re
+
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return re.findall(r'"((?:GET|HEAD|PUT|POST|PATCH|DELETE) /v2/[^"]*)"', text)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.process.poll() is not None:
             return
@@ -121,7 +132,7 @@ def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout:
     port = _free_port()
     config: dict[str, Any] = {
         "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "log": {"level": "warn", "accesslog": {"disabled": False}},  # tests count requests in it
         "storage": {"filesystem": {"rootdirectory": str(data_dir / "storage")}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "debug": {"addr": ""}},
     }

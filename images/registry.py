@@ -53,6 +53,7 @@ ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 MAX_INDEX_DEPTH = 2
+MANIFEST_LIMIT_ENV = "FLYIO_REGISTRY_MAX_MANIFEST_BYTES"
 REFERENCE = re.compile(
     r"^(?:(?P<registry>[^/@]+[.:][^/@]*|localhost)/)?"      # a first part with a dot or port is a host
     r"(?P<repository>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
@@ -330,12 +331,27 @@ class RegistryImage:
 CONFIG_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "ExposedPorts")
 
 
+def manifest_limits(limits: Limits = DEFAULT_LIMITS) -> Limits:
+    """`limits` with the manifest and config size limit of $FLYIO_REGISTRY_MAX_MANIFEST_BYTES
+    (default 4 MiB, what registries accept: the distribution server refuses larger pushes)."""
+    import dataclasses
+    import os
+
+    value = os.environ.get(MANIFEST_LIMIT_ENV, "")
+    if not value:
+        return limits
+    if not value.isdigit() or int(value) < 1024:
+        raise PermanentError(f"{MANIFEST_LIMIT_ENV}={value!r}: expected a number of bytes, at least 1024")
+    return dataclasses.replace(limits, max_json_bytes=int(value))
+
+
 def resolve_image(text: str, options: RegistryOptions, store: BlobStore,
-                  limits: Limits = DEFAULT_LIMITS) -> RegistryImage:
+                  limits: Limits | None = None) -> RegistryImage:
     """Resolve `text` to its image for `options.platform`: the tag's (or digest's) manifest
     is asked for once; a platform manifest or config already in the store is not asked again."""
     from images.source import ObjectRef
 
+    limits = limits or manifest_limits()
     ref = parse_reference(text)
     options.check_for(ref)
     client = client_for(ref.registry, options)

@@ -73,3 +73,40 @@ def sample_bucket(
     bucket = make_bucket("samples")
     upload_families(s3_client, bucket, local_dir)
     return SampleBucket(bucket, s3_server.endpoint_url, local_dir, layers, SAMPLE_SCALE_MB)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A running distribution registry (Debian's docker-registry) on 127.0.0.1, anonymous,
+    for the whole session (skipped when it or skopeo is not installed)."""
+    from demo.registry import RegistryError, find_registry, find_skopeo, start_registry
+
+    try:
+        find_registry(), find_skopeo()
+    except RegistryError as exc:
+        pytest.skip(f"no local registry: {exc}")
+    server = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The same registry asking for Basic auth (htpasswd, bcrypt): user "ann", password "s3cret"."""
+    import shutil
+
+    from demo.registry import RegistryError, find_registry, find_skopeo, start_registry
+
+    try:
+        find_registry(), find_skopeo()
+    except RegistryError as exc:
+        pytest.skip(f"no local registry: {exc}")
+    if shutil.which("htpasswd") is None:
+        pytest.skip("no htpasswd (apt-get install apache2-utils)")
+    server = start_registry(tmp_path_factory.mktemp("auth-registry"), users={"ann": "s3cret"})
+    try:
+        yield server
+    finally:
+        server.stop()
