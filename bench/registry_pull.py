@@ -1,6 +1,7 @@
 """The golang sample family pulled from a local OCI registry: `process-image --ref` against
-`skopeo copy` plus GNU tar doing the same work, as a ratio of medians; and the repeat of a
-complete image (one manifest request).
+`skopeo copy` plus GNU tar doing the same work, as a ratio of medians; beside it the same
+family from S3 (what the registry path costs over the S3 one); and the repeat of a complete
+image (one manifest request).
 
     sudo .venv/bin/python -m bench.registry_pull [--scale-mb 64] [--rounds 5] [--compression gzip]
 
@@ -8,10 +9,13 @@ Set-up: demo.samples' golang family (five layers) at `--scale-mb`, each layer co
 (gzip by default, as `docker push` does; zstd with --compression zstd), written as an OCI
 layout and pushed with `skopeo copy` to Debian's docker-registry on 127.0.0.1.
 
-Each round, alternating which goes first:
+Each round, rotating which goes first:
 * ours: `flyio-image-manager process-image --ref REF --plain-http` into a fresh state dir
-  (blockfile backend): resolve, download with digest and tar checks, a device per layer,
-  mkfs.ext4, unpack each layer, a VM snapshot.
+  (blockfile backend) whose pool `setup-pool` made first, untimed (a host makes its pool
+  once): resolve, download with digest and tar checks, a device per layer, mkfs.ext4,
+  unpack each layer, a VM snapshot.
+* s3: the same with `--image golang` from a local SeaweedFS holding the same layers
+  (the same blobs: the registry's gzip ones, so both decompress the same bytes).
 * baseline: `skopeo copy docker://REF oci:DIR` (downloads, checks digests), then an ext4
   file made with mkfs.ext4, loop-mounted, every layer extracted into it in order with GNU
   tar (`tar -xf`, which detects the compression), unmounted.
@@ -32,18 +36,30 @@ import time
 from pathlib import Path
 
 from demo.registry import ImageSpec, make_layer, push_layout, start_registry, write_oci_layout
+from demo.s3server import start_s3_server
 from demo.samples import family_layers, write_layer
 from support.proc import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 REPEAT_TARGET_S = 0.3
+BUCKET = "bench-registry"
+
+
+def manager(state: Path, *args: str) -> float:
+    """Wall seconds of one `flyio-image-manager` command (blockfile backend)."""
+    started = time.perf_counter()
+    run_command([sys.executable, "-m", "cli", "--quiet", "--state-dir", str(state), *args, "--backend", "blockfile"],
+                timeout=1800)
+    return time.perf_counter() - started
 
 
 def ours(ref: str, state: Path, device_size: str) -> float:
-    started = time.perf_counter()
-    run_command([sys.executable, "-m", "cli", "--quiet", "--state-dir", str(state), "process-image", "--ref", ref,
-                 "--plain-http", "--backend", "blockfile", "--device-size", device_size], timeout=1800)
-    return time.perf_counter() - started
+    return manager(state, "process-image", "--ref", ref, "--plain-http", "--device-size", device_size)
+
+
+def from_s3(endpoint: str, state: Path, device_size: str) -> float:
+    return manager(state, "process-image", "--image", "golang", "--bucket", BUCKET, "--endpoint-url", endpoint,
+                   "--device-size", device_size)
 
 
 def baseline(ref: str, work: Path, device_size: str) -> float:
@@ -84,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compression", choices=("gzip", "zstd"), default="gzip")
     parser.add_argument("--device-size", default="2G")
+    parser.add_argument("--pool-size", default="4G")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     tars = [write_layer(spec, work / "tars" / f"{n}.tar")
@@ -93,33 +110,40 @@ def main() -> None:
     blob_mb = sum(len(layer.blob) for layer in layers) / 1e6
     print(f"golang family at {args.scale_mb:g} MB scale: 5 layers, {tar_mb:.1f} MB of tar, {blob_mb:.1f} MB "
           f"{args.compression} blobs; {args.rounds} rounds, alternating")
-    mine: list[float] = []
-    theirs: list[float] = []
-    with start_registry(work / "registry") as registry:
+    times: dict[str, list[float]] = {"ours": [], "s3": [], "baseline": []}
+    with start_registry(work / "registry") as registry, start_s3_server(work / "s3") as s3:
+        from images.source import make_s3_client
+
+        client = make_s3_client(s3.endpoint_url, anonymous=True)
+        client.create_bucket(Bucket=BUCKET)
+        for n, layer in enumerate(layers, start=1):
+            client.put_object(Bucket=BUCKET, Key=f"images/golang/{n}.tar", Body=layer.blob)
         ref = f"{registry.host}/bench/golang:1"
         push_layout(write_oci_layout(work / "layout", [ImageSpec(layers, {"Cmd": ["go"]})]), ref, registry)
+        kinds = list(times)
         for round_no in range(args.rounds):
-            order = ("ours", "baseline") if round_no % 2 == 0 else ("baseline", "ours")
-            for which in order:
+            for which in kinds[round_no % 3:] + kinds[:round_no % 3]:
                 scratch = work / f"{which}-{round_no}"
-                try:
-                    if which == "ours":
-                        mine.append(ours(ref, scratch, args.device_size))
-                    else:
-                        theirs.append(baseline(ref, scratch, args.device_size))
-                finally:
-                    if which == "ours" and round_no < args.rounds - 1:
-                        release(scratch)
-                    elif which == "baseline":
-                        shutil.rmtree(scratch, ignore_errors=True)
-            print(f"round {round_no + 1}: ours {mine[-1]:.2f} s, skopeo+tar {theirs[-1]:.2f} s", flush=True)
+                if which == "baseline":
+                    times[which].append(baseline(ref, scratch, args.device_size))
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    continue
+                manager(scratch, "setup-pool", "--data-size", args.pool_size)
+                run = ours if which == "ours" else from_s3
+                times[which].append(run(ref if which == "ours" else s3.endpoint_url, scratch, args.device_size))
+                if which == "s3" or round_no < args.rounds - 1:
+                    release(scratch)
+            print(f"round {round_no + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
         kept = work / f"ours-{args.rounds - 1}"
         repeats = [ours(ref, kept, args.device_size) for _ in range(args.rounds)]
         release(kept)
-    ours_median, base_median = statistics.median(mine), statistics.median(theirs)
-    print(f"process-image --ref (median): {ours_median:.2f} s  ({tar_mb / ours_median:.0f} MB/s of tar)")
-    print(f"skopeo copy + mkfs + GNU tar (median): {base_median:.2f} s  ({tar_mb / base_median:.0f} MB/s of tar)")
-    print(f"ratio ours / baseline: {ours_median / base_median:.2f}")
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    print(f"process-image --ref (median): {medians['ours']:.2f} s  ({tar_mb / medians['ours']:.0f} MB/s of tar)")
+    print(f"process-image --image from S3, same blobs (median): {medians['s3']:.2f} s")
+    print(f"skopeo copy + mkfs + GNU tar (median): {medians['baseline']:.2f} s  "
+          f"({tar_mb / medians['baseline']:.0f} MB/s of tar)")
+    print(f"ratio ours / baseline: {medians['ours'] / medians['baseline']:.2f}; "
+          f"registry / S3: {medians['ours'] / medians['s3']:.2f}")
     print(f"repeat of the complete image (median of {len(repeats)}): {statistics.median(repeats):.3f} s "
           f"(target <= {REPEAT_TARGET_S} s)")
     shutil.rmtree(work, ignore_errors=True)
