@@ -344,3 +344,28 @@ def test_the_same_layers_from_s3_and_a_registry_share_devices_and_tree(registry:
         finally:
             subprocess.run(["umount", str(target)], check=True, timeout=60)
     assert trees[0] == trees[1] and len(trees[0]) > 10
+
+
+# -- through the daemon ----------------------------------------------------------------------------
+
+@needs_root
+def test_submit_ref_through_the_daemon(registry: Any, state_dir: Path, tmp_path: Path) -> None:
+    from daemon.protocol import request
+    from tests.test_daemon import DaemonProcess, free_port
+
+    ref = push(registry, tmp_path, "demo/daemon:1", [ImageSpec((BASE, MIDDLE), {"Cmd": ["daemon"]})])
+    daemon = DaemonProcess(state_dir, free_port(), tmp_path / "daemon.log")
+    try:
+        daemon.start()
+        with pytest.raises(Exception, match="go with \"ref\" only"):
+            request(state_dir, {"op": "process-image", "s3_key": "a.tar", "plain_http": True})
+        done = manager(state_dir, "submit", "--ref", ref, "--plain-http", "--wait", "--timeout", "120")
+        assert done.returncode == 0, (done.stderr[-2000:], daemon.log())
+        result = fields(done.stdout)
+        assert result["state"] == "complete" and result["image"] == "demo/daemon:1"
+        (image,) = images_json(state_dir)
+        assert image["config"] == {"Cmd": ["daemon"]} and image["layer_count"] == 2
+        assert manager(state_dir, "shutdown").returncode == 0
+        assert daemon.wait() == 0
+    finally:
+        daemon.kill()
