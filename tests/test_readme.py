@@ -84,7 +84,9 @@ def test_the_demo_processes_every_sample_family(tmp_path: Path) -> None:
         listed = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state), "fsm", "list", "--json"],
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         jobs = json.loads(listed.stdout)
-        assert [job["state"] for job in jobs] == ["complete"] * 4, jobs
+        assert [job["state"] for job in jobs] == ["complete"] * 5, jobs  # four families, one registry pull
+        assert jobs[-1]["key"].startswith("oci://127.0.0.1:") and "/demo/golang-app:1@" in jobs[-1]["key"], jobs
+        assert re.search(r'"Cmd": \[\s*"/app/hello.sh"\s*\]', done.stdout), done.stdout[-3000:]  # its config
         assert re.search(r"Summary\s+cleaned=0 failed=0 orphaned=0", done.stdout + done.stderr)
     finally:
         teardown(state)
