@@ -123,9 +123,12 @@ def _htpasswd(path: Path, users: dict[str, str]) -> None:
             fh.write(result.stdout.strip() + "\n")
 
 
-def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout: float = 30) -> Registry:
+def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout: float = 30,
+                   token_auth: dict[str, str] | None = None) -> Registry:
     """Start the registry on a free port of 127.0.0.1 storing under `data_dir`; with `users`
-    it asks for Basic auth (htpasswd). Returns once /v2/ answers."""
+    it asks for Basic auth (htpasswd); with `token_auth` (the distribution server's
+    auth.token settings: realm, service, issuer, rootcertbundle) for bearer tokens.
+    Returns once /v2/ answers."""
     binary = find_registry()
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +142,8 @@ def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout:
     if users:
         _htpasswd(data_dir / "htpasswd", users)
         config["auth"] = {"htpasswd": {"realm": "flyio-test", "path": str(data_dir / "htpasswd")}}
+    elif token_auth:
+        config["auth"] = {"token": dict(token_auth)}
     (data_dir / "config.yml").write_text(json.dumps(config))  # JSON is YAML
     log_file = open(data_dir / "registry.log", "ab")  # noqa: SIM115 - owned by the child
     # A long-lived server cannot go through support.proc.run_command (which waits for exit).

@@ -167,9 +167,14 @@ class RegistryClient:
     has a timeout and is tried once (the job engine's retry is the one retry layer)."""
 
     def __init__(self, registry: str, options: RegistryOptions) -> None:
+        import logging
+
         import oras.auth
         import requests
 
+        # oras-py logs its own "ERROR ... requires a token" beside the one-line error raised
+        # here for the same failure: the operator sees ours only.
+        logging.getLogger("oras").setLevel(logging.CRITICAL)
         self.registry = registry
         self.options = options
         self.scheme = "http" if options.plain_http else "https"
