@@ -124,11 +124,11 @@ def _htpasswd(path: Path, users: dict[str, str]) -> None:
 
 
 def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout: float = 30,
-                   token_auth: dict[str, str] | None = None) -> Registry:
+                   token_auth: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> Registry:
     """Start the registry on a free port of 127.0.0.1 storing under `data_dir`; with `users`
     it asks for Basic auth (htpasswd); with `token_auth` (the distribution server's
     auth.token settings: realm, service, issuer, rootcertbundle) for bearer tokens.
-    Returns once /v2/ answers."""
+    With `tls` (certificate, key) it speaks HTTPS. Returns once /v2/ answers."""
     binary = find_registry()
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +144,8 @@ def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout:
         config["auth"] = {"htpasswd": {"realm": "flyio-test", "path": str(data_dir / "htpasswd")}}
     elif token_auth:
         config["auth"] = {"token": dict(token_auth)}
+    if tls:
+        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     (data_dir / "config.yml").write_text(json.dumps(config))  # JSON is YAML
     log_file = open(data_dir / "registry.log", "ab")  # noqa: SIM115 - owned by the child
     # A long-lived server cannot go through support.proc.run_command (which waits for exit).
@@ -157,7 +159,10 @@ def start_registry(data_dir: Path, users: dict[str, str] | None = None, timeout:
             raise RegistryError(f"docker-registry exited with {process.returncode}: "
                                 f"{(data_dir / 'registry.log').read_text(errors='replace')[-500:]}")
         try:
-            urllib.request.urlopen(f"http://{registry.host}/v2/", timeout=1).close()
+            import ssl
+
+            urllib.request.urlopen(f"{'https' if tls else 'http'}://{registry.host}/v2/", timeout=1,
+                                   context=ssl._create_unverified_context() if tls else None).close()
             break
         except urllib.error.HTTPError:
             break  # 401: up, and asking for credentials

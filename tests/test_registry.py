@@ -402,3 +402,47 @@ def test_bearer_token_from_the_challenge(state_dir: Path, tmp_path: Path) -> Non
         assert {"type": "repository", "name": "team/app", "actions": ["pull"]} in pulls[0]["access"], pulls
         (image,) = images_json(state_dir)
         assert image["config"] == {"User": "app"}
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA, and a certificate it signs for 127.0.0.1 (subjectAltName IP): (ca, cert, key)."""
+    from support.proc import run_command
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    run_command(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+                 "-days", "1", "-subj", "/CN=flyio test CA"], timeout=60)
+    run_command(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                 "-subj", "/CN=127.0.0.1"], timeout=60)
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run_command(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-out", str(cert), "-days", "1", "-extfile", str(directory / "san.cnf")], timeout=60)
+    return ca, cert, key
+
+
+@needs_root
+def test_tls_is_verified_and_ca_cert_names_a_private_ca(state_dir: Path, tmp_path: Path) -> None:
+    from demo.registry import RegistryError, find_registry, start_registry
+
+    try:
+        find_registry()
+    except RegistryError as exc:
+        pytest.skip(str(exc))
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
+    with start_registry(tmp_path / "tls-registry", tls=(cert, key)) as tls_registry:
+        ref = push(tls_registry, tmp_path, "secure/app:1", [ImageSpec((BASE,), {"Cmd": ["tls"]})])
+
+        def pull_tls(*args: str) -> subprocess.CompletedProcess[str]:  # no --plain-http
+            return subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image",
+                                   "--ref", ref, "--backend", "blockfile", "--device-size", DEVICE_SIZE, *args],
+                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+
+        line = one_error_line(pull_tls())  # the private CA is not in the system's bundle
+        assert "TLS verification failed" in line and "--ca-cert" in line, line
+        done = pull_tls("--ca-cert", str(ca))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert fields(done.stdout)["state"] == "complete"
+        assert images_json(state_dir)[0]["source"] == f"oci://{ref}"
