@@ -13,6 +13,7 @@ here, each checked as it is copied out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +91,11 @@ def fetch_object(ctx: StepContext, services: ImageServices, ref: ObjectRef, *, s
     log.info("blob downloaded", url=ref.url, digest=info.digest, bytes=info.size, transferred=info.transferred,
              background=not show_progress)
     found = _findings(info)
-    if found.format in ARCHIVE_FORMATS:
+    if found.format in ARCHIVE_FORMATS and ref.scheme == "oci":
+        # A registry layer is a layer: a tar that happens to hold an OCI layout's or a
+        # docker save's top-level names is still unpacked as it is, under its own digest.
+        found = dataclasses.replace(found, format="tar")
+    elif found.format in ARCHIVE_FORMATS:
         inner = layers_of_archive(info.path, found.format, services.blobs, services.limits, check=check)
         return [_layer(blob, _findings(blob), f"{ref.url}#{blob.digest}", None) for blob in inner]
     return [_layer(info, found, ref.url, ref.etag)]
