@@ -2,7 +2,8 @@
 `<state-dir>/fsm/manager.sock` (mode 0600: only root talks to the manager).
 
 Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url"|"ref": ..., "bucket", "endpoint_url",
-"device_size"} (with "ref": also "platform", "plain_http", "ca_cert", "registry_config"), {"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
+"device_size"} (with "ref": also "platform", "plain_http", "ca_cert", "registry_config"),
+{"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
 {"op": "job", "id": N}, {"op": "shutdown"}. Every reply has "ok"; a failed one has "error"
 (one line)."""
 
