@@ -270,10 +270,13 @@ def write_oci_layout(layout: Path, images: list[ImageSpec]) -> Path:
     return layout
 
 
-def push_layout(layout: Path, ref: str, registry: Registry, *, user: str | None = None) -> None:
+def push_layout(layout: Path, ref: str, registry: Registry, *, user: str | None = None,
+                docker_format: bool = False) -> None:
     """`skopeo copy --all` of the layout's "latest" to `ref` over plain HTTP, as it is
-    (no recompression, the index kept)."""
-    argv = [str(find_skopeo()), "copy", "--all", "--preserve-digests", "--dest-tls-verify=false"]
+    (no recompression, the index kept); with `docker_format` converted to Docker schema 2
+    manifests and a manifest list (gzip layers only)."""
+    argv = [str(find_skopeo()), "copy", "--all", "--dest-tls-verify=false"]
+    argv += ["--format", "v2s2"] if docker_format else ["--preserve-digests"]
     if user:
         argv.append(f"--dest-creds={user}:{registry.users[user]}")
     argv += [f"oci:{layout}:latest", f"docker://{ref}"]

@@ -446,3 +446,27 @@ def test_tls_is_verified_and_ca_cert_names_a_private_ca(state_dir: Path, tmp_pat
         assert done.returncode == 0, done.stderr[-3000:]
         assert fields(done.stdout)["state"] == "complete"
         assert images_json(state_dir)[0]["source"] == f"oci://{ref}"
+
+
+@needs_root
+def test_docker_schema2_manifest_list_and_manifests(registry: Any, state_dir: Path, tmp_path: Path) -> None:
+    """skopeo converts the layout to Docker's media types on the way: a manifest list of
+    two platforms, schema 2 manifests, `rootfs.diff.tar.gzip` layers."""
+    import urllib.request
+
+    arm = make_layer(tar_of({"arch": b"arm64\n"}), "tar+gzip")
+    amd = make_layer(tar_of({"arch": b"amd64\n"}), "tar+gzip")
+    layout = write_oci_layout(tmp_path / "docker-layout", [
+        ImageSpec((BASE, amd), {"Cmd": ["amd"]}), ImageSpec((BASE, arm), {"Cmd": ["arm"]}, architecture="arm64")])
+    push_layout(layout, f"{registry.host}/demo/dockerish:1", registry, docker_format=True)
+    accept = ", ".join(["application/vnd.docker.distribution.manifest.list.v2+json",
+                        "application/vnd.oci.image.index.v1+json"])
+    with urllib.request.urlopen(urllib.request.Request(f"http://{registry.host}/v2/demo/dockerish/manifests/1",
+                                                       headers={"Accept": accept})) as response:
+        assert response.headers["Content-Type"] == "application/vnd.docker.distribution.manifest.list.v2+json"
+
+    done = pull(state_dir, f"{registry.host}/demo/dockerish:1", "--platform", "linux/arm64")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files_in(fields(done.stdout)["snapshot_device"], tmp_path / "mnt")["arch"] == b"arm64\n"
+    (image,) = images_json(state_dir)
+    assert image["config"] == {"Cmd": ["arm"]}
