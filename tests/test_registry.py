@@ -470,3 +470,28 @@ def test_docker_schema2_manifest_list_and_manifests(registry: Any, state_dir: Pa
     assert files_in(fields(done.stdout)["snapshot_device"], tmp_path / "mnt")["arch"] == b"arm64\n"
     (image,) = images_json(state_dir)
     assert image["config"] == {"Cmd": ["arm"]}
+
+
+def test_an_interrupted_layer_download_resumes_by_range(registry: Any, tmp_path: Path) -> None:
+    """The temp file of a cut-off download (named after the blob's url and digest) is
+    resumed with a Range request: only the rest comes over the wire, and the whole is
+    checked (digest and tar structure) before it is stored."""
+    from images.blobstore import BlobStore
+    from images.registry import RegistryOptions, client_for, resolve_image
+    from images.source import fetch_blob, partial_path
+    from images.verify import BlobCheck
+
+    big = make_layer(tar_of({f"f{i}": os.urandom(20_000) for i in range(20)}), "tar+gzip")
+    ref = push(registry, tmp_path, "demo/resume:1", [ImageSpec((big,))])
+    store = BlobStore(tmp_path / "state")
+    options = RegistryOptions(plain_http=True)
+    (layer,) = resolve_image(ref, options, store).layers
+    cut = layer.size // 3
+    store.ensure_dirs()
+    partial_path(store, layer).write_bytes(big.blob[:cut])
+
+    info = fetch_blob(layer, store, client_for(registry.host, options), check=lambda size: BlobCheck(size))
+    assert info.digest == big.digest and info.size == len(big.blob)
+    assert info.transferred == len(big.blob) - cut  # only the rest was fetched
+    assert info.findings.format == "tar+gzip" and info.findings.entries == 20
+    assert not partial_path(store, layer).exists()
