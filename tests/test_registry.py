@@ -198,6 +198,7 @@ def test_a_tag_moved_to_a_new_digest_is_a_new_job_for_the_same_image(registry: A
     ref = push(registry, tmp_path, "demo/moving:stable", [ImageSpec((BASE, v1), {"Env": ["V=1"]})])
     first = pull(state_dir, ref)
     assert first.returncode == 0, first.stderr[-3000:]
+    v1_digest = manifest_digest(registry, "demo/moving", "stable")
     push(registry, tmp_path / "v2", "demo/moving:stable", [ImageSpec((BASE, v2), {"Env": ["V=2"]})])
     second = pull(state_dir, ref)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -207,6 +208,25 @@ def test_a_tag_moved_to_a_new_digest_is_a_new_job_for_the_same_image(registry: A
     assert files_in(fields(second.stdout)["snapshot_device"], tmp_path / "mnt")["version"] == b"2\n"
     (image,) = images_json(state_dir)
     assert image["config"] == {"Env": ["V=2"]} and image["layer_count"] == 2
+
+    # The old image by digest: an image of its own, on the devices v1 made.
+    pinned = pull(state_dir, f"{registry.host}/demo/moving@{v1_digest}")
+    assert pinned.returncode == 0, pinned.stderr[-3000:]
+    assert pinned.stderr.count("layer already unpacked; reusing its device") == 2
+    assert files_in(fields(pinned.stdout)["snapshot_device"], tmp_path / "mnt")["version"] == b"1\n"
+    assert {i["name"]: i["config"] for i in images_json(state_dir)} == {
+        "demo/moving:stable": {"Env": ["V=2"]}, f"demo/moving@{v1_digest}": {"Env": ["V=1"]}}
+
+
+def manifest_digest(registry: Any, repository: str, tag: str) -> str:
+    """The digest of the manifest the tag names now, read from the registry directly."""
+    import hashlib
+    import urllib.request
+
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+    with urllib.request.urlopen(urllib.request.Request(f"http://{registry.host}/v2/{repository}/manifests/{tag}",
+                                                       headers={"Accept": accept})) as response:
+        return "sha256:" + hashlib.sha256(response.read()).hexdigest()
 
 
 # -- errors: one line, no job, no device ---------------------------------------------------------
