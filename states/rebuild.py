@@ -128,7 +128,8 @@ def _add_images(session: Session, image_records: list[ImageRecord], report: Rebu
                       top_chain_id=record.layers[-1].chain_id if record.layers else None,
                       layer_count=len(record.layers), activation_status="inactive", job_id=None,
                       created_at=_time(record.created_at), updated_at=utcnow(),
-                      last_used_at=_time(record.updated_at), pinned=record.pinned)
+                      last_used_at=_time(record.updated_at), pinned=record.pinned,
+                      config=_config(record))
         session.add(image)
         session.flush()
         for position, layer in enumerate(record.layers):
@@ -286,6 +287,14 @@ def _hand_out_snapshots(engine: Engine, pool: ThinPool, records: RecordStore, in
         with Session(engine) as session, session.begin():
             job = session.get(Job, job_id)
             job.context = json.dumps({**json.loads(job.context or "{}"), "snapshot_device": path}, sort_keys=True)
+
+
+def _config(record: ImageRecord) -> str | None:
+    """A registry image's runtime config, as its job's context kept it (None: an S3 image)."""
+    import json
+
+    config = (record.job_context.get("image") or {}).get("config")
+    return json.dumps(config, sort_keys=True) if config is not None else None
 
 
 def _time(text: str) -> datetime:

@@ -162,6 +162,20 @@ def test_pull_by_ref_gzip_zstd_and_plain_layers_with_config_and_a_one_request_re
     assert fields(again.stdout)["job_id"] == result["job_id"]
     assert registry.requests()[before:] == ["GET /v2/demo/app/manifests/1 HTTP/1.1"]
 
+    # The database lost: rebuild-db gives the image back with its config, and its job, so the
+    # next pull is still the one-request repeat.
+    for suffix in ("", "-wal", "-shm"):
+        (state_dir / f"images.db{suffix}").unlink(missing_ok=True)
+    rebuilt = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "rebuild-db", "--backend",
+                              "blockfile"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0 and "rebuilt: images=1 layers=3 snapshots=1" in rebuilt.stdout, rebuilt.stderr
+    (image,) = images_json(state_dir)
+    assert image["config"] == CONFIG and image["activation_status"] == "active"
+    before = len(registry.requests())
+    again = pull(state_dir, ref)
+    assert again.returncode == 0 and "image already complete; nothing to do" in again.stderr, again.stderr[-3000:]
+    assert registry.requests()[before:] == ["GET /v2/demo/app/manifests/1 HTTP/1.1"]
+
 
 @needs_root
 def test_index_of_two_platforms_picks_the_hosts_or_the_one_asked_for(registry: Any, state_dir: Path,
