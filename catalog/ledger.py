@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from catalog.device_records import DeviceKind, DeviceRecord, RecordState, RecordStore
 from catalog.models import DeviceState, Image, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import allocate_device_id, utcnow
-from devices.base import DeviceExists, ThinPool, device_name
+from devices.base import DeviceExists, OriginMissing, ThinPool, device_name
 from support.errors import HazardError, ManagerError, PermanentError
 from support.log import get_logger
 
@@ -286,9 +286,10 @@ class DeviceLedger:
             result = call()
             log.debug("device kernel call done", device_name=device_name(device_id), call=what)
             return result
-        except DeviceExists:
-            # The id is taken by a device this ledger did not make (no record named it when
-            # it was allocated): not ours to orphan. Our intent goes; that device stays as it is.
+        except (DeviceExists, OriginMissing):
+            # Nothing was made: the id is taken by a device this ledger did not make (no
+            # record named it when it was allocated), or the origin is not in the pool. Not
+            # ours to orphan: our intent goes, and a device that is there stays as it is.
             self._forget_intent(device_id)
             raise
         except BaseException as exc:

@@ -37,6 +37,10 @@ class DeviceExists(ManagerError):
     """create_thin / create_snap found the thin id already taken (EEXIST)."""
 
 
+class OriginMissing(ManagerError):
+    """create_snap's origin is not in the pool (ENODATA): nothing was created."""
+
+
 @dataclass(frozen=True)
 class PoolStatus:
     """What `dmsetup status pool` (or the blockfile equivalent) says about the pool."""

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from devices import loop
-from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
+from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
                           device_id_from_name, device_name)
 from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.durable import fsync_dir
@@ -73,6 +73,8 @@ class BlockfilePool:
         self.data_file = self.directory / "pool_data"
         self.meta_file = self.directory / "pool_meta"
         self.mount_point = self.directory / "pool"
+        # Which loop backs each device file: found without listing every loop on the host.
+        self._loops = loop.LoopIndex(self.directory / "loops", self._files_by_key)
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -242,20 +244,19 @@ class BlockfilePool:
                                                                     f"at {self.mount_point}")
 
     def _pool_mount_error(self, entry: MountEntry) -> str | None:
-        """Why the mount at `pool` is not our pool_data on a loop device, or None."""
+        """Why the mount at `pool` is not our pool_data on a loop device, or None (one ioctl
+        on the mounted loop: a status costs the same however many loops the host has)."""
         if entry.fstype != "xfs":
             return f"{self.mount_point} holds a {entry.fstype} mount of {entry.source}, not the XFS pool"
-        backing = {d.device: d for d in loop.loop_devices()}.get(entry.source)
-        if backing is None:
-            return f"{self.mount_point} is mounted from {entry.source}, which is not a loop device"
+        identity = loop.backing_identity(entry.source)
+        if identity is None:
+            return f"{self.mount_point} is mounted from {entry.source}, which is not a bound loop device"
         try:
             st = self.data_file.stat()
         except FileNotFoundError:
-            st = None
-        if backing.backing_deleted or st is None:
-            return f"the pool's backing file {self.data_file} is gone ({entry.source} -> {backing.backing_file})"
-        if (backing.backing_inode, backing.backing_dev) != (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))):
-            return f"{entry.source} at {self.mount_point} is backed by {backing.backing_file}, not {self.data_file}"
+            return f"the pool's backing file {self.data_file} is gone ({entry.source} still holds it)"
+        if identity != (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            return f"{entry.source} at {self.mount_point} is backed by another file, not {self.data_file}"
         return None
 
     def _status_from_statvfs(self, *, error: str | None, raw: str) -> PoolStatus:
@@ -285,11 +286,18 @@ class BlockfilePool:
 
     def teardown_pool(self) -> None:
         """Unmount and detach every device and the pool, as a reboot would; no file is deleted."""
+        backing = {(d.backing_inode, d.backing_dev): d.device for d in loop.loop_devices() if not d.backing_deleted}
+        all_mounts = mounts()
         for path in self._device_files():
-            for device in loop.find_backing(path):
-                for target in [m.target for m in mounts() if m.source == device][::-1]:
-                    unmount(target)
-                loop.detach(device)
+            st = path.stat()
+            device = backing.get((st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))))
+            if device is None:
+                continue
+            for target in [m.target for m in all_mounts if m.source == device][::-1]:
+                unmount(target)
+            loop.detach(device)
+        for key in self._files_by_key():
+            self._loops.forget(key)
         if self.mode() == MODE_XFS:
             pool_loops = set(loop.find_backing(self.data_file))
             entry = mount_entry(self.mount_point)
@@ -340,6 +348,13 @@ class BlockfilePool:
         if not isinstance(device_id, int) or not 0 <= device_id <= MAX_THIN_ID:
             raise ManagerError(f"invalid thin device id {device_id!r}: must be an integer 0..{MAX_THIN_ID}")
         return self.mount_point / f"{device_name(device_id)}{IMAGE_SUFFIX}"
+
+    def _backing(self, device_id: int) -> list[str]:
+        """The loop devices backing the device's file (normally zero or one), from the index."""
+        return self._loops.lookup(device_name(device_id), self._file(device_id))
+
+    def _files_by_key(self) -> dict[str, Path]:
+        return {path.name.removesuffix(IMAGE_SUFFIX): path for path in self._device_files()}
 
     def _device_files(self) -> Iterator[Path]:
         if not self.mount_point.is_dir():
@@ -402,8 +417,8 @@ class BlockfilePool:
         origin = self._file(origin_id)
         self._require_room()
         if not origin.is_file():
-            raise ManagerError(f"snapshot origin {device_name(origin_id)} does not exist in the pool")
-        for dev in loop.find_backing(origin):
+            raise OriginMissing(f"snapshot origin {device_name(origin_id)} does not exist in the pool")
+        for dev in self._backing(origin_id):
             for entry in mounts():
                 if entry.source == dev and not entry.read_only:
                     raise ManagerError(f"snapshot origin {device_name(origin_id)} ({dev}) is mounted read-write "
@@ -434,7 +449,7 @@ class BlockfilePool:
         self._require_pool()
         if not path.is_file():
             raise ManagerError(f"device {device_name(device_id)} does not exist in the pool")
-        existing = loop.find_backing(path)
+        existing = self._backing(device_id)
         if existing:
             return existing[0]
         current = path.stat().st_size
@@ -442,25 +457,32 @@ class BlockfilePool:
             raise ManagerError(f"cannot activate {device_name(device_id)} at {size_bytes} bytes: it holds {current}")
         if size_bytes > current:
             os.truncate(path, size_bytes)
-        device = loop.attach(path)
+        self._loops.attaching(device_name(device_id))
+        try:
+            device = loop.attach(path)
+        except BaseException:
+            self._loops.forget(device_name(device_id))
+            raise
+        self._loops.attached(device_name(device_id), device)
         log.debug("device activated", device_name=device_name(device_id), device=device)
         return device
 
     def deactivate(self, device_id: int) -> None:
         """Detach the device's loop; inactive is fine; a mounted device is refused."""
-        for dev in loop.find_backing(self._file(device_id)):
+        for dev in self._backing(device_id):
             mounted_at = [m.target for m in mounts() if m.source == dev]
             if mounted_at:
                 raise ManagerError(f"device {device_name(device_id)} ({dev}) is mounted at {mounted_at[0]}; "
                                    "unmount it first")
             loop.detach(dev)
+            self._loops.forget(device_name(device_id))
             log.debug("device deactivated", device_name=device_name(device_id), device=dev)
 
     def delete(self, device_id: int) -> None:
         """Delete the device's file; absent is fine; an active device is refused (the caller deactivates)."""
         path = self._file(device_id)
         self._require_pool()
-        active = loop.find_backing(path)
+        active = self._backing(device_id)
         if active:
             raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
         try:
@@ -477,18 +499,20 @@ class BlockfilePool:
     def list_devices(self) -> list[DeviceInfo]:
         """Every `thin-<id>.img` in the pool, with the loop that backs it and where that is mounted."""
         self._require_pool()
-        loops = loop.loop_devices()
-        all_mounts = mounts()
+        backing: dict[tuple[int, tuple[int, int] | None], str] = {}
+        for attached in sorted(loop.loop_devices(), key=lambda d: d.device, reverse=True):
+            if not attached.backing_deleted:
+                backing[(attached.backing_inode, attached.backing_dev)] = attached.device  # the first by name wins
+        mounted = {}
+        for entry in reversed(mounts()):
+            mounted[entry.source] = entry.target
         devices = []
         for path in self._device_files():
             device_id = device_id_from_name(path.name.removesuffix(IMAGE_SUFFIX))
             assert device_id is not None  # _device_files yields only our names
             st = path.stat(follow_symlinks=False)
-            identity = (os.major(st.st_dev), os.minor(st.st_dev))
-            backing = sorted(d.device for d in loops if d.backing_inode == st.st_ino and d.backing_dev == identity
-                             and not d.backing_deleted)
-            dev = backing[0] if backing else None
-            mounted_at = next((m.target for m in all_mounts if dev and m.source == dev), None)
+            dev = backing.get((st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))))
+            mounted_at = mounted.get(dev) if dev else None
             devices.append(DeviceInfo(device_id=device_id, name=device_name(device_id), active=dev is not None,
                                       path=dev, mounted_at=mounted_at))
         return sorted(devices, key=lambda d: d.device_id)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from devices import loop
-from devices.base import (DeviceExists, DeviceInfo, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
+from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
                           device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
 from devices.mount import mounts
@@ -355,7 +355,7 @@ class DevicemapperPool:
             if EEXIST in str(exc):
                 raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
             if ENODATA in str(exc):
-                raise ManagerError(f"snapshot origin {origin} does not exist in the pool") from None
+                raise OriginMissing(f"snapshot origin {origin} does not exist in the pool") from None
             raise
         finally:
             if suspended:

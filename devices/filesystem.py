@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
 from devices.mount import DEFAULT_OPTIONS
 from support.errors import HazardError, ManagerError
@@ -103,12 +104,23 @@ def device_bytes(device: str, *, timeout: float = TUNE2FS_TIMEOUT) -> int:
     return int(run_command(["blockdev", "--getsize64", device], timeout=timeout).stdout.strip())
 
 
+SUPERBLOCK_OFFSET = 1024
+EXT4_MAGIC = 0xEF53
+COMPAT_HAS_JOURNAL = 0x0004
+
+
 def has_journal(device: str) -> bool:
-    """Whether the ext4 on `device` has a journal (`tune2fs -l` features)."""
-    listing = run_command(["tune2fs", "-l", device], timeout=TUNE2FS_TIMEOUT).stdout
-    features = next((line.split(":", 1)[1].split() for line in listing.splitlines()
-                     if line.startswith("Filesystem features:")), [])
-    return "has_journal" in features
+    """Whether the ext4 on `device` has a journal: the has_journal bit of the superblock's
+    compatible features, read in place (what `tune2fs -l` prints, without a process start
+    on every VM's snapshot)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        block = os.pread(fd, 1024, SUPERBLOCK_OFFSET)
+    finally:
+        os.close(fd)
+    if len(block) < 0x60 or struct.unpack_from("<H", block, 0x38)[0] != EXT4_MAGIC:
+        raise ManagerError(f"{device} holds no ext4 filesystem (no superblock magic at byte {SUPERBLOCK_OFFSET})")
+    return bool(struct.unpack_from("<I", block, 0x5C)[0] & COMPAT_HAS_JOURNAL)
 
 
 def add_journal(device: str, *, size_mib: int = VM_JOURNAL_MIB, timeout: float = TUNE2FS_TIMEOUT) -> bool:

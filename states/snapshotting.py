@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 from catalog.ledger import Device, device_of_row
 from catalog.models import DeviceState
 from catalog.records import get_image, mark_image_active, snapshot_of_job, top_layer_device
+from devices.base import OriginMissing
 from devices.filesystem import add_journal, grow_filesystem
 from fsm.context import StepContext
 from states.services import ImageServices
-from support.errors import ManagerError
+from support.errors import ManagerError, PermanentError
 from support.log import get_logger
 
 log = get_logger("states.snapshotting")
@@ -42,8 +43,12 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
         ledger.orphan(previous_device.device_id, job_id=ctx.job_id,
                       reason=f"snapshot interrupted in state {previous_device.state}; contents untrusted")
     size = int(ctx.data.get("snapshot_size_bytes") or origin.size_bytes)
-    snapshot = ledger.create_vm_snapshot(image_id=image_id, origin=origin, vm_id=ctx.data.get("vm_id"),
-                                         size_bytes=size, job_id=ctx.job_id)
+    try:
+        snapshot = ledger.create_vm_snapshot(image_id=image_id, origin=origin, vm_id=ctx.data.get("vm_id"),
+                                             size_bytes=size, job_id=ctx.job_id)
+    except OriginMissing:  # a reset pool, or a lost pool file: nothing was made
+        raise PermanentError(f"image {ctx.data['image']['name']!r}: its device {origin.name} is missing from the "
+                             "pool; process the image again") from None
     ctx.data["snapshot_device_id"] = snapshot.device_id
     ctx.save()
     path = ledger.activate(snapshot.device_id)
