@@ -15,10 +15,15 @@ from cli.app import (common_options, exclusive, image_source_options, open_datab
 from cli.main import register
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS
+from support.errors import ManagerError
 from support.log import get_logger
 from support.sizes import parse_size
 
 log = get_logger("cli")
+
+
+class JobLeftWaiting(ManagerError):
+    """The command's job waits for something only another command can give it."""
 
 
 @click.command("process-image", help="Download, verify, unpack and snapshot one image, as a durable job.")
@@ -51,6 +56,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
             log.info("image already complete; nothing to do", job_id=job["id"], image=request.name)
         else:
             job = _run_image_job(options.state_dir, backend, request)
+    refuse_if_left_waiting(job["id"], job["state"], job["error"])
     data = json.loads(job["context"] or "{}")
     result = {"job_id": job["id"], "state": job["state"], "image": request.name,
               "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
@@ -58,6 +64,14 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     click.echo(" ".join(f"{k}={v}" for k, v in result.items() if v is not None))
     if job["state"] != "complete":
         ctx.exit(1)
+
+
+def refuse_if_left_waiting(job_id: int, state: str, error: str | None) -> None:
+    """A job this command left waiting (no room in the pool even after eviction): one
+    `error:` line naming the job and its reason, which says what to run; exit 1. The lock is
+    released by then, so the remedies it names can run."""
+    if state not in ("complete", "aborted") and (error or "").startswith("waiting: "):
+        raise JobLeftWaiting(f"job {job_id} left waiting: {str(error)[len('waiting: '):]}")
 
 
 def _pool_attached(state_dir: Path, backend: str) -> bool:
@@ -110,6 +124,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
             request = resolve_snapshot_request(session, image, vm_id, size_bytes)
         environment = open_environment(options.state_dir, store, backend=backend, show_progress=show_progress())
         job = process_snapshot_request(environment.runner, request)
+    refuse_if_left_waiting(job.id, job.state, job.error)
     click.echo(snapshot_result_line(job.id, job.state, job.context, job.error))
     if job.state != "complete":
         ctx.exit(1)
@@ -236,7 +251,6 @@ def _size(size_bytes: int | None) -> str:
 def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int | None, vm_id: str | None, backend: str) -> None:
     from catalog.queries import delete_snapshot
     from devices.select import open_pool
-    from support.errors import ManagerError
 
     if (snapshot_id is None) == (vm_id is None):
         raise ManagerError("give a snapshot id or --vm VM_ID, not both")

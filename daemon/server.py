@@ -99,8 +99,10 @@ class Daemon:
             environment = open_environment(self.config.state_dir, self.store, backend=self.config.backend,
                                            stop_event=self.stop_event)
             self.services, self._runner = environment.services, environment.runner
-            # Admission evicts before it makes a job wait for room (states/admission.py).
+            # Admission evicts before it makes a job wait for room (states/admission.py); the
+            # daemon then waits, since others can talk to it and free space meanwhile.
             self.services.policy, self.services.evict = self.config.policy, self.evict_images
+            self.services.wait_for_room = True
             self.metrics = DaemonMetrics(database_path(self.config.state_dir), self.services.pool.get_pool_status, self.request_counts,
                                          self.config.policy)
             if self.config.metrics_port is not None:
@@ -360,16 +362,18 @@ class Daemon:
 
     # -- capacity -----------------------------------------------------------------------
 
-    def evict_images(self) -> Any:
-        """Evict least recently used images until data usage is below the low watermark,
-        inside the cleanup Operation Guard (never during another job's device step). One
-        eviction at a time; a second caller waits for the first and finds the pool freed."""
+    def evict_images(self, room_for: int = 0) -> Any:
+        """Evict least recently used images until data usage is below the low watermark (or
+        lower, when admission needs `room_for` bytes below the high one), inside the cleanup
+        Operation Guard (never during another job's device step). One eviction at a time; a
+        second caller waits for the first and finds the pool freed."""
         from catalog.eviction import evict_images
         from safeguards.setup import build_cleanup_guard
 
         assert self.services is not None
         with self._evict_lock:
-            report = evict_images(self.store.engine, self.services.pool, self.config.policy, dry_run=False,
+            policy = self.config.policy.making_room(self.services.pool.get_pool_status(), room_for)
+            report = evict_images(self.store.engine, self.services.pool, policy, dry_run=False,
                                   operation=build_cleanup_guard(self.config.state_dir))
         if self.metrics is not None:
             self.metrics.eviction_runs.inc()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from devices.base import PoolStatus
 from support.errors import ManagerError
@@ -52,6 +52,17 @@ class UsagePolicy:
 
     def describe(self) -> str:
         return f"warn={self.warn:.0%} high={self.high:.0%} low={self.low:.0%}"
+
+    def making_room(self, status: PoolStatus, need: int) -> UsagePolicy:
+        """This policy with its low watermark lowered, when it must be, to where `need` more
+        bytes fit below the high watermark: what admission evicts down to (a layer bigger
+        than the gap between the watermarks needs more than the usual eviction). Unchanged
+        when even an empty pool could not take `need`: evicting cannot help, growing can."""
+        total = status.total_data_blocks * status.data_block_bytes
+        target = self.high - need / total if total else 0.0
+        if target <= 0 or target >= self.low:
+            return self
+        return replace(self, low=target)
 
 
 def parse_percent(text: str, what: str) -> float:

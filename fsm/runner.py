@@ -290,7 +290,7 @@ class Runner:
                 try:
                     return self._run_step(spec, ctx)
                 except NotReadyError as exc:
-                    if not self._wait(ctx, backoff, episode, str(exc)):
+                    if not self._wait(ctx, backoff, episode, str(exc), leave=exc.leave_waiting):
                         return None
 
     def _run_step(self, spec: StateSpec, ctx: StepContext) -> str:
@@ -364,12 +364,17 @@ class Runner:
                  **({"detail": detail["text"]} if detail and "text" in detail else {}))
         return True
 
-    def _wait(self, ctx: StepContext, backoff: _Backoff, episode: Episode, reason: str) -> bool:
+    def _wait(self, ctx: StepContext, backoff: _Backoff, episode: Episode, reason: str, *,
+              leave: bool = False) -> bool:
         """Record `waiting: <reason>` and sleep the next backoff (interrupted by an abort
-        request or shutdown); False once it is spent (the job is left waiting, unowned, for
-        `fsm resume`)."""
-        wait = backoff.next_wait()
+        request or shutdown); False once it is spent, or at once with `leave` (the job is
+        left waiting, unowned, for `fsm resume`)."""
+        wait = None if leave else backoff.next_wait()
         if wait is None:
+            if leave:  # the reason is recorded even though this process does not wait on it
+                episode.saw(reason)
+                self.store.set_progress(ctx.job_id, self.owner, error=f"waiting: {reason}",
+                                        waiting_since=episode.started_at)
             episode.outcome = WaitOutcome.LEFT_WAITING
             log.warning("job left waiting; `fsm resume` picks it up", job_id=ctx.job_id, reason=reason,
                         state=episode.state, **_event_field(episode))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fsm.definition import Workflow
 from fsm.runner import Runner
@@ -71,8 +72,23 @@ def open_environment(state_dir: Path, store: JobStore, *, backend: str = "auto",
     from states.rebuild import describe_existing_catalog
 
     services = build_services(state_dir, backend=backend, show_progress=show_progress)
+    # Admission evicts before a job waits for room, here as in the daemon (which replaces
+    # this with its own, counted in its metrics).
+    services.evict = lambda room_for: evict_for_admission(state_dir, store, services, room_for)
     if ensure_pool:
         describe_existing_catalog(store.engine, services.pool, services.records)  # once, after an upgrade
         refuse_if_behind(store.engine, services.records)  # an older catalog must not drive the devices
         ensure(services.pool, store.engine)
     return JobEnvironment(services=services, runner=Runner(store, all_workflows(services), stop_event=stop_event))
+
+
+def evict_for_admission(state_dir: Path, store: JobStore, services: ImageServices, room_for: int) -> Any:
+    """Evict least recently used images until data usage is below the low watermark, or
+    lower if `room_for` more bytes need it to fit below the high one (catalog/eviction.py,
+    as `gc --images --force` and the daemon do), inside the cleanup Operation Guard: never
+    during another job's device step."""
+    from catalog.eviction import evict_images
+    from safeguards.setup import build_cleanup_guard
+
+    policy = services.policy.making_room(services.pool.get_pool_status(), room_for)
+    return evict_images(store.engine, services.pool, policy, dry_run=False, operation=build_cleanup_guard(state_dir))

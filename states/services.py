@@ -42,10 +42,13 @@ class ImageServices:
     limits: Limits = DEFAULT_LIMITS
     progress: Callable[[str, int | None], Progress] = field(default=no_progress)
     prefetch: Prefetcher = field(default_factory=Prefetcher)  # later blobs download while layers unpack
-    # Admission (states/admission.py): the watermarks, and in the daemon the eviction a job
-    # runs before it waits for room (None: the job only waits).
+    # Admission (states/admission.py): the watermarks, the eviction a job runs before it
+    # waits for room (None: none), and whether it then waits in this process (the daemon,
+    # which others can talk to) or is left waiting at once (a CLI command: it holds the
+    # manager lock that the remedies need).
     policy: UsagePolicy = field(default_factory=UsagePolicy)
-    evict: Callable[[], Any] | None = None
+    evict: Callable[[int], Any] | None = None  # called with the bytes to make room for
+    wait_for_room: bool = False
     layer_block_size: int | None = None  # a new base layer's ext4 block size (None: mke2fs's 4 KiB)
     # oci:// layers: this thread's client of a registry, from the job's registry options.
     registry_client: Callable[[str, dict[str, Any] | None], Any] = _registry_client

@@ -19,7 +19,15 @@ class TransientError(ManagerError):
 
 class NotReadyError(TransientError):
     """Not now: a precondition of the step does not hold yet (a failing health check).
-    The job waits as on a failing guard (`waiting: ...`, backoff) and never aborts for it."""
+    The job waits as on a failing guard (`waiting: ...`, backoff) and never aborts for it.
+
+    With `leave_waiting`, waiting in this process cannot help (a CLI command holds the
+    manager lock, so nothing else may free what the job needs): the job is left waiting at
+    once, the reason recorded, for `fsm resume`."""
+
+    def __init__(self, message: str, *, leave_waiting: bool = False) -> None:
+        super().__init__(message)
+        self.leave_waiting = leave_waiting
 
 
 class PermanentError(ManagerError):

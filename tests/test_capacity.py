@@ -370,7 +370,7 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
     from devices.base import PoolConfig
     from devices.blockfile import BlockfilePool
     from devices.policy import UsagePolicy
-    from states.admission import PoolFullWait, admit
+    from states.admission import PoolFullWait, admit, estimated_bytes
     from states.services import ImageServices
 
     pool = BlockfilePool(PoolConfig(directory=str(tmp_path / "pool"), data_size_bytes=320 * MB))
@@ -388,14 +388,14 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
         filler.write_bytes(blob("filler", 200 * MB))
         evicted = []
 
-        def evict() -> None:
-            evicted.append(True)
+        def evict(room_for: int) -> None:
+            evicted.append(room_for)
             filler.unlink()
             os.sync()  # XFS frees the blocks in the background; statfs does not wait for it
 
         services.evict = evict
         admit(services, tar_bytes=16 * MB, base=False, job_id=1)  # evicts, then fits
-        assert evicted == [True]
+        assert evicted == [estimated_bytes(16 * MB, base=False)]
     finally:
         pool.teardown_pool()
 
