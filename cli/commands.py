@@ -38,10 +38,13 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
                   url: str | None, ref: str | None, bucket: str, endpoint_url: str | None, backend: str,
                   device_size: str) -> None:
     from devices.filesystem import layer_block_size
+    from devices.limits import check_device_size
+    from devices.select import open_pool
     from states.submit import completed_job, resolve_request
 
     options = options_of(ctx)
-    size = parse_size(device_size)
+    pool = open_pool(options.state_dir, backend, say=False)  # its limits; opened for real under the lock
+    size = check_device_size("--device-size", parse_size(device_size), pool)
     layer_block_size()  # checked with the other inputs, before the pool is looked at (the services read it)
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size, ref=ref,
@@ -111,11 +114,16 @@ def _top_device(data: dict) -> str | None:
 def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, backend: str) -> None:
     from catalog.behind import refuse_if_behind
     from catalog.device_records import RecordStore
+    from devices.limits import check_device_size
+    from devices.select import open_pool
     from states.registry import open_environment
+    from states.names import check_vm_id
     from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
 
     options = options_of(ctx)
-    size_bytes = parse_size(size) if size else None
+    check_vm_id(vm_id)  # with the size, before the lock or the database is touched
+    pool = open_pool(options.state_dir, backend, say=False)  # its limits; opened for real under the lock
+    size_bytes = check_device_size("--size", parse_size(size), pool) if size else None
     with exclusive(options.state_dir, "snapshot"):
         store = open_store(options.state_dir)
         # Before the image is looked up: after a lost database "not found" would mislead.
@@ -161,21 +169,27 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
                pool_low: str | None) -> None:
     from catalog.reconcile import ensure_pool
     from devices.base import PoolConfig
+    from devices.limits import check_pool_size
     from devices.policy import usage_line, warn_if_above
     from devices.select import data_block_bytes_from, open_pool
 
     options = options_of(ctx)
     policy = policy_of(pool_warn, pool_high, pool_low)
     data_block_bytes = data_block_bytes_from(data_block_size)
-    grow_bytes = parse_size(grow) if grow else None
-    grow_metadata_bytes = parse_size(grow_metadata) if grow_metadata else None
+    sizes = {flag: parse_size(text) if text else None for flag, text in (
+        ("--data-size", data_size), ("--metadata-size", metadata_size), ("--grow", grow),
+        ("--grow-metadata", grow_metadata))}
     state_dir = Path(db).parent if db else options.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
-    config = PoolConfig(directory=str(state_dir), data_size_bytes=parse_size(data_size),
-                        metadata_size_bytes=parse_size(metadata_size), data_block_bytes=data_block_bytes)
+    config = PoolConfig(directory=str(state_dir), data_size_bytes=int(sizes["--data-size"] or 0),
+                        metadata_size_bytes=int(sizes["--metadata-size"] or 0), data_block_bytes=data_block_bytes)
+    pool = open_pool(state_dir, backend, config)
+    for flag, size in sizes.items():  # each a file in the state directory: checked before anything is made
+        if size is not None:
+            check_pool_size(flag, size, state_dir, pool.backend_name)
+    grow_bytes, grow_metadata_bytes = sizes["--grow"], sizes["--grow-metadata"]
     with exclusive(state_dir, "setup-pool"):
         store = open_store(state_dir)
-        pool = open_pool(state_dir, backend, config)
         status = ensure_pool(pool, store.engine)
         if grow_bytes is not None or grow_metadata_bytes is not None:
             pool.grow_pool(data_size_bytes=grow_bytes, metadata_size_bytes=grow_metadata_bytes)

@@ -37,10 +37,13 @@ def daemon_cmd(ctx: click.Context, metrics_port: int, metrics_address: str, work
                device_size: str, health_interval: float, pool_warn: str | None, pool_high: str | None,
                pool_low: str | None) -> None:
     from daemon.server import Daemon, DaemonConfig
+    from devices.limits import check_device_size
+    from devices.select import open_pool
 
     state_dir = options_of(ctx).state_dir
+    size = check_device_size("--device-size", parse_size(device_size), open_pool(state_dir, backend, say=False))
     state_dir.mkdir(parents=True, exist_ok=True)
-    config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=parse_size(device_size),
+    config = DaemonConfig(state_dir=state_dir, backend=backend, workers=workers, device_size_bytes=size,
                           metrics_address=metrics_address, metrics_port=metrics_port or None,
                           health_interval=health_interval, policy=policy_of(pool_warn, pool_high, pool_low))
     ctx.exit(Daemon(config, open_store(state_dir)).serve())
@@ -121,6 +124,9 @@ def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_pre
 def _snapshot_message(image: str | None, vm_id: str | None, size: str | None) -> dict:
     if not image or not vm_id:
         raise ManagerError("a snapshot needs both --snapshot IMAGE and --vm VM_ID")
+    from states.names import check_vm_id
+
+    check_vm_id(vm_id)  # the daemon checks it too; refused here without a round trip
     if size:
         parse_size(size)
     return {"op": "snapshot", "image": image, "vm": vm_id, "size": size}

@@ -69,6 +69,8 @@ def request_size(value: Any, name: str) -> int | None:
     """A size field of a request ("8G" or bytes), None when absent; ValueError when bad."""
     if value in (None, ""):
         return None
+    if isinstance(value, bool):  # JSON true is not a size, though Python counts it an int
+        raise ValueError(f"{name} must be a size, got {value!r}")
     size = parse_size(str(value)) if not isinstance(value, int) else value
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")

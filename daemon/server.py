@@ -204,6 +204,8 @@ class Daemon:
             raise ManagerError("the daemon is shutting down; submit again after it restarts")
         if message["op"] == "snapshot":
             self._resolve_snapshot(message.get("image"), message.get("vm"), message.get("size"))  # errors now, not later
+        else:
+            self._device_size(message.get("device_size"), "device_size")
         record = self.spool.allocate(message)  # validated and durable before we answer
         log.info("request queued", request_id=record.id, source=record.describe())
         self.executor.submit(self._work, record)
@@ -257,8 +259,18 @@ class Daemon:
     def _resolve_snapshot(self, image: Any, vm_id: Any, size: Any) -> SnapshotRequest:
         if not image or not vm_id:
             raise ValueError('a snapshot request needs "image" (name or id) and "vm"')
+        size_bytes = self._device_size(size, "size")
         with self.store.transaction() as session:
-            return resolve_snapshot_request(session, str(image), str(vm_id), request_size(size, "size"))
+            return resolve_snapshot_request(session, str(image), str(vm_id), size_bytes)
+
+    def _device_size(self, value: Any, name: str) -> int | None:
+        """A request's size field in bytes (None: absent), within what the pool's backend
+        can make (devices/limits.py): a bad one is the request's error, before any job."""
+        from devices.limits import check_device_size
+
+        size = request_size(value, name)
+        assert self.services is not None
+        return check_device_size(name, size, self.services.pool) if size is not None else None
 
     @contextmanager
     def _job_slot(self, job_id: int) -> Iterator[None]:

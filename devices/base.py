@@ -9,9 +9,12 @@ Modelled on containerd's devmapper snapshotter: the pool device, the metadata st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from support.errors import ManagerError
+
+if TYPE_CHECKING:
+    from devices.limits import SizeLimit
 
 DEVICE_PREFIX = "thin-"
 
@@ -140,6 +143,11 @@ class ThinPool(Protocol):
 
     def list_devices(self) -> list[DeviceInfo]:
         """Every thin device the pool holds, active or not."""
+        ...
+
+    def max_device_bytes(self) -> "SizeLimit":
+        """The largest device this backend can make (devices/limits.py adds the bounds
+        every backend shares)."""
         ...
 
     def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:

@@ -31,6 +31,7 @@ from pathlib import Path
 from devices import loop
 from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
                           device_id_from_name, device_name)
+from devices.limits import SizeLimit
 from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.durable import fsync_dir
 from support.errors import ManagerError
@@ -308,6 +309,17 @@ class BlockfilePool:
             for device in sorted(pool_loops):
                 loop.detach(device)
         log.info("pool torn down", pool_name=self.config.pool_name, mode=self.mode())
+
+    def max_device_bytes(self) -> SizeLimit:
+        """A device is a file in the pool's filesystem: that filesystem's largest file,
+        probed where the pool is mounted (or is a directory); XFS's before the pool exists."""
+        from devices.limits import SQLITE_INTEGER_MAX, file_limit
+
+        if self.mode() == MODE_DIRECTORY and self.mount_point.is_dir():
+            return file_limit(self.mount_point)
+        if mount_entry(self.mount_point) is not None:
+            return file_limit(self.mount_point)
+        return SizeLimit(SQLITE_INTEGER_MAX, "XFS's largest file (the pool's filesystem)")
 
     def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:
         """Extend pool_data (sparse), `losetup -c` its loop, `xfs_growfs` the mounted pool,

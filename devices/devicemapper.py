@@ -28,6 +28,7 @@ from devices import loop
 from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
                           device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
+from devices.limits import SizeLimit
 from devices.mount import mounts
 from support.errors import ManagerError, PermanentError
 from support.log import get_logger
@@ -280,6 +281,13 @@ class DevicemapperPool:
         for path in (self.meta_file, self.data_file):
             for device in loop.find_backing(path):
                 loop.detach(device)
+
+    def max_device_bytes(self) -> SizeLimit:
+        """dm-thin maps 64-bit virtual block numbers: the bound is the kernel's block device
+        (a loff_t of whole sectors); devices/limits.py adds ext4's and SQLite's."""
+        from devices.limits import BLOCK_DEVICE_LIMIT
+
+        return BLOCK_DEVICE_LIMIT
 
     def grow_pool(self, *, data_size_bytes: int | None = None, metadata_size_bytes: int | None = None) -> PoolStatus:
         """Extend the backing file(s), `losetup -c` their loops, then reload the pool's

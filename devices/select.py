@@ -43,8 +43,11 @@ def device_mapper_available() -> tuple[bool, str]:
     return True, "device-mapper driver answers"
 
 
-def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None = None) -> ThinPool:
-    """The pool backend for `state_dir`; `auto` picks devicemapper where the kernel has it."""
+def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None = None, *,
+              say: bool = True) -> ThinPool:
+    """The pool backend for `state_dir`; `auto` picks devicemapper where the kernel has it.
+    `say=False`: the choice is not logged (a look at the backend's limits, before the
+    command opens the pool for real and says what it picked)."""
     if backend not in BACKENDS:
         raise ManagerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     config = config or PoolConfig(directory=str(state_dir),
@@ -53,7 +56,8 @@ def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None 
     if backend == "auto":
         available, why = device_mapper_available()
         chosen, reason = ("devicemapper", why) if available else ("blockfile", why)
-    log.info("backend selected", backend=chosen, reason=reason)
+    if say:
+        log.info("backend selected", backend=chosen, reason=reason)
     if chosen == "devicemapper":
         from devices.devicemapper import DevicemapperPool
 

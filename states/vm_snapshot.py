@@ -27,14 +27,13 @@ from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
 from states.aborting import record_orphans
-from states.names import SNAPSHOT_WORKFLOW
+from states.names import SNAPSHOT_WORKFLOW, check_vm_id
 from states.services import ImageServices
 from support.errors import PermanentError
 from support.log import get_logger
 
 log = get_logger("states.vm_snapshot")
 
-MAX_VM_ID = 128
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
@@ -64,8 +63,7 @@ class SnapshotRequest:
 def resolve_snapshot_request(session: Session, image: str, vm_id: str, size_bytes: int | None) -> SnapshotRequest:
     """The request for `image` (name or id, as `images` lists it), or a one-line
     PermanentError: unknown or incomplete image, bad VM id, a size below the origin's."""
-    if not vm_id or len(vm_id) > MAX_VM_ID or not vm_id.isprintable() or "/" in vm_id:
-        raise PermanentError(f"invalid VM id {vm_id!r}: 1-{MAX_VM_ID} printable characters, no '/'")
+    check_vm_id(vm_id)
     row = find_image(session, image)
     if row is None:
         raise ImageNotReady(f"image {image!r} not found; `images` lists them")
