@@ -20,12 +20,14 @@ from sqlalchemy.orm import Session
 
 from catalog.ledger import SnapshotTooSmall
 from catalog.models import DeviceState, Image, UnpackedImage
-from catalog.records import find_image, get_image, image_job_state, snapshot_of_vm, top_layer_device, touch_image
+from catalog.records import (find_image, get_image, image_job_state, snapshot_of_job, snapshot_of_vm, top_layer_device,
+                             touch_image)
 from fsm.context import StepContext
 from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
 from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
+from states.admission import admit_bytes, snapshot_bytes
 from states.aborting import record_orphans
 from states.names import SNAPSHOT_WORKFLOW, check_vm_id
 from states.services import ImageServices
@@ -128,6 +130,18 @@ def activate_origin(ctx: StepContext, services: ImageServices) -> str:
     return "activated"
 
 
+def admitted_snapshot(ctx: StepContext, services: ImageServices) -> str:
+    """snapshotting, once the snapshot fits below the high watermark (states/admission.py:
+    evicting first; then the daemon waits, the CLI leaves the job waiting). A snapshot an
+    interrupted run already made ready needs no room."""
+    with ctx.transaction() as session:
+        made = snapshot_of_job(session, ctx.job_id)
+        ready = made is not None and made.state == DeviceState.READY
+    if not ready:
+        admit_bytes(services, snapshot_bytes(), job_id=ctx.job_id, what="this snapshot")
+    return snapshotting.run(ctx, services)
+
+
 def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
     """The snapshot workflow bound to `services` (None: for drawing the graph only)."""
 
@@ -144,7 +158,7 @@ def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
         states=(
             StateSpec("pending", step=step(check_request)),
             StateSpec("activating", step=step(activate_origin)),
-            StateSpec("snapshotting", step=step(snapshotting.run), retry=NO_RETRY),
+            StateSpec("snapshotting", step=step(admitted_snapshot), retry=NO_RETRY),
         ),
         transitions=(
             TransitionSpec("start", "pending", "activating"),
