@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_capacity import blob, errors, image_status, pool_of, read_back, run
+from tests.test_capacity import blob, errors, image_status, pool_of, read_back, run, usage
 from tests.test_vm_snapshots import db_rows, fields, layer_tar, pool_devices, state_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
@@ -102,3 +102,26 @@ def test_the_cli_evicts_or_leaves_its_job_waiting_without_the_lock(state_dir: Pa
                                              "ON i.id = s.image_id WHERE i.name = 'big3'")
     path = next(d.path for d in pool_of(state_dir).list_devices() if d.device_id == snapshot_device)
     read_back(path, tmp_path / "big3", big_bucket["files"]["big3"])
+
+    # A VM's snapshot is admitted too. With the high watermark just above the pool's usage
+    # its journal does not fit, and nothing can be evicted (big2 pinned, big3 the job's own
+    # image): the snapshot job is left waiting with the same one line; below a watermark
+    # that fits, `fsm resume` makes it.
+    used = usage(state_dir) * 100
+    tight = {"FLYIO_POOL_HIGH_PERCENT": f"{int(used) + 1}", "FLYIO_POOL_LOW_PERCENT": f"{int(used)}"}
+    vm = run(state_dir, "snapshot", "big3", "--vm", "vm-1", env=tight)
+    line = one_line(vm)
+    (vm_job, vm_state, vm_error), = db_rows(state_dir, "SELECT id, state, error FROM jobs WHERE workflow = 'snapshot'")
+    assert line.startswith(f"error: job {vm_job} left waiting: pool has no room below its high watermark "
+                           f"({int(used) + 1}%) for this snapshot: needs about 9.0 MiB, "), line
+    assert line.endswith(", then fsm resume") and vm_state == "snapshotting" and vm_error.startswith("waiting: ")
+    assert db_rows(state_dir, "SELECT count(*) FROM snapshots WHERE vm_id IS NOT NULL") == [(0,)]
+    resume = run(state_dir, "fsm", "resume")
+    assert resume.returncode == 0 and f"job {vm_job} complete" in resume.stdout, resume.stdout + resume.stderr[-3000:]
+    assert db_rows(state_dir, "SELECT vm_id, state FROM snapshots WHERE vm_id IS NOT NULL") == [("vm-1", "ready")]
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert len(errors(result)) == 1 and result.stdout == "", result.stdout + result.stderr[-3000:]
+    return errors(result)[0]
