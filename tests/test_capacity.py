@@ -379,8 +379,13 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
         services = ImageServices(state_dir=tmp_path, pool=pool, blobs=None, s3_client=lambda _: None,  # type: ignore[arg-type]
                                  health_guard=lambda: None, operation=lambda _: None, policy=UsagePolicy())
         admit(services, tar_bytes=64 * MB, base=True, job_id=1)  # fits: returns
-        with pytest.raises(PoolFullWait, match=r"high watermark \(85%\).*needs about 3\d\d\.\d MiB"):
+        with pytest.raises(PoolFullWait, match=r"high watermark \(85%\).*needs about 3\d\d\.\d MiB") as cli:
             admit(services, tar_bytes=260 * MB, base=True, job_id=1)
+        # A CLI command leaves the job waiting (it holds the lock the remedies need); the daemon waits.
+        assert cli.value.leave_waiting and str(cli.value).endswith("(setup-pool --grow SIZE), then fsm resume")
+        with pytest.raises(PoolFullWait) as daemon:
+            admit(dataclasses.replace(services, wait_for_room=True), tar_bytes=260 * MB, base=True, job_id=1)
+        assert not daemon.value.leave_waiting and str(daemon.value).endswith("(setup-pool --grow SIZE)")
         # A high watermark of 100% is none: admission is off (the fault tests run a pool out).
         unguarded = dataclasses.replace(services, policy=UsagePolicy(high=1.0, low=0.75))
         admit(unguarded, tar_bytes=260 * MB, base=True, job_id=1)
@@ -390,14 +395,32 @@ def test_admission_waits_or_evicts_against_a_real_pool(tmp_path: Path) -> None:
 
         def evict(room_for: int) -> None:
             evicted.append(room_for)
+            # Truncated first: XFS frees an unlinked file's blocks in the background (inodegc),
+            # where statfs may not see them yet; a truncate frees them in the call itself.
+            os.truncate(filler, 0)
             filler.unlink()
-            os.sync()  # XFS frees the blocks in the background; statfs does not wait for it
+            os.sync()
 
         services.evict = evict
         admit(services, tar_bytes=16 * MB, base=False, job_id=1)  # evicts, then fits
         assert evicted == [estimated_bytes(16 * MB, base=False)]
     finally:
         pool.teardown_pool()
+
+
+def test_admission_evicts_down_to_where_the_device_fits() -> None:
+    """The low watermark, unless the device needs more than the gap to the high one; unchanged
+    when even an empty pool could not take it (evicting cannot help)."""
+    from devices.base import PoolStatus
+    from devices.policy import UsagePolicy
+
+    policy = UsagePolicy()  # high 85%, low 75%
+    status = PoolStatus(backend="blockfile", exists=True, used_data_blocks=50, total_data_blocks=100,
+                        data_block_bytes=MB)
+    assert policy.making_room(status, 5 * MB) == policy
+    assert policy.making_room(status, 30 * MB).low == pytest.approx(0.55)
+    assert policy.making_room(status, 85 * MB) == policy
+    assert policy.making_room(dataclasses.replace(status, total_data_blocks=0), 5 * MB) == policy
 
 
 def test_the_daemon_evicts_above_its_high_watermark(state_dir: Path, capacity_bucket: dict[str, Any],

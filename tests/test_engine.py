@@ -412,6 +412,26 @@ def test_a_guard_that_never_passes_is_one_episode_left_waiting(tmp_path: Path) -
     assert sum(clock.slices) == 5.0 and max(clock.slices) == 0.25  # waits 1 + 2 + 2, in slices
 
 
+def test_a_step_not_ready_with_leave_waiting_is_left_waiting_at_once_and_resumes(tmp_path: Path) -> None:
+    """Admission in a CLI command: no wait in this process can help, so none happens; the
+    reason is recorded and the next run (fsm resume) tries the step again."""
+    room = iter([False, True])
+
+    def admitted(ctx: StepContext) -> str:
+        if not next(room):
+            raise NotReadyError("pool has no room below its high watermark (85%)", leave_waiting=True)
+        return "go"
+
+    clock = FakeClock()
+    runner = make_runner(tmp_path, two_step(admitted, lambda ctx: "done"), clock)
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error, job.owner_pid) == ("a", "waiting: pool has no room below its high watermark (85%)", None)
+    assert clock.slices == []  # not one slice slept
+    assert notes_of(runner, job.id) == [("guard-wait", "left waiting", 1)]
+    assert [j.id for j in runner.resumable_jobs()] == [job.id]
+    assert runner.run(job.id).state == COMPLETE
+
+
 def test_the_describe_hook_is_stored_with_each_transition_from_the_data_the_step_found(tmp_path: Path) -> None:
     def a(ctx: StepContext) -> str:
         ctx.data["item"] = ctx.data.get("item", 0) + 1  # moves on, as the layer loop does
