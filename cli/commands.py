@@ -43,9 +43,10 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     from states.submit import completed_job, resolve_request
 
     options = options_of(ctx)
-    pool = open_pool(options.state_dir, backend, say=False)  # its limits; opened for real under the lock
-    size = check_device_size("--device-size", parse_size(device_size), pool)
+    size = parse_size(device_size)
     layer_block_size()  # checked with the other inputs, before the pool is looked at (the services read it)
+    # The backend's limits (the pool is opened for real under the lock), before S3 is asked.
+    check_device_size("--device-size", size, open_pool(options.state_dir, backend, say=False))
     request = resolve_request(bucket=bucket, s3_key=s3_key, image=image, s3_prefix=s3_prefix, url=url,
                               endpoint_url=endpoint_url, device_size_bytes=size, ref=ref,
                               registry=registry_options_of(ctx), state_dir=options.state_dir)
@@ -74,7 +75,9 @@ def refuse_if_left_waiting(job_id: int, state: str, error: str | None) -> None:
     `error:` line naming the job and its reason, which says what to run; exit 1. The lock is
     released by then, so the remedies it names can run."""
     if state not in ("complete", "aborted") and (error or "").startswith("waiting: "):
-        raise JobLeftWaiting(f"job {job_id} left waiting: {str(error)[len('waiting: '):]}")
+        reason = str(error)[len("waiting: "):]
+        then = "" if "fsm resume" in reason else "; fsm resume runs it on"  # a health check's reason says none
+        raise JobLeftWaiting(f"job {job_id} left waiting: {reason}{then}")
 
 
 def _pool_attached(state_dir: Path, backend: str) -> bool:
@@ -122,8 +125,9 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
 
     options = options_of(ctx)
     check_vm_id(vm_id)  # with the size, before the lock or the database is touched
-    pool = open_pool(options.state_dir, backend, say=False)  # its limits; opened for real under the lock
-    size_bytes = check_device_size("--size", parse_size(size), pool) if size else None
+    size_bytes = None
+    if size:  # checked against the backend's limits; the pool is opened for real under the lock
+        size_bytes = check_device_size("--size", parse_size(size), open_pool(options.state_dir, backend, say=False))
     with exclusive(options.state_dir, "snapshot"):
         store = open_store(options.state_dir)
         # Before the image is looked up: after a lost database "not found" would mislead.
