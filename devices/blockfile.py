@@ -498,13 +498,19 @@ class BlockfilePool:
         if active:
             raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
         try:
-            path.unlink()
+            # XFS frees an unlinked file's blocks in the background (inodegc), and neither
+            # statfs nor syncfs reliably waits for it; a truncate frees them in its own
+            # transaction. So the pool's usage is right the moment delete returns (eviction
+            # and admission read it to know what an eviction freed).
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
         fsync_dir(self.mount_point)
-        # XFS frees an unlinked file's blocks in the background (inodegc); statfs does not
-        # wait for it, syncfs does: the pool's usage is right the moment delete returns
-        # (eviction stops at the low watermark by reading it).
         _syncfs(self.mount_point)
         log.info("thin device deleted", device_name=device_name(device_id))
 
