@@ -185,12 +185,13 @@ class DeviceLedger:
 
     # -- using ---------------------------------------------------------------------------
 
-    def activate(self, device_id: int) -> str:
+    def activate(self, device: int | Device) -> str:
         """Map the device at its row's size; its block device path. Activation is not a
         state of the row: a failure raises and changes nothing (a job's abort then records
-        its unfinished devices; a ready device stays ready for the operator to look at)."""
-        device = self._get(device_id)
-        return self.pool.activate(device_id, device.size_bytes)
+        its unfinished devices; a ready device stays ready for the operator to look at).
+        Given the Device this ledger just returned, its row is not read again."""
+        known = device if isinstance(device, Device) else self._get(device)
+        return self.pool.activate(known.device_id, known.size_bytes)
 
     def deactivate(self, device_id: int) -> None:
         """Unmap the device (its data stays). A failure is left to the caller: the device

@@ -103,18 +103,15 @@ def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_pre
                    "device_size": device_size}
     elif s3_key or image or s3_prefix or url or ref or device_size:
         raise ManagerError("--snapshot takes no image source or --device-size options")
-    reply = request(state_dir, message)
     if not wait:
-        click.echo(f"request={reply['id']} state={reply['state']}")
+        reply = request(state_dir, message)
+        name = f"request={reply['id']}" if reply.get("id") is not None else f"job={reply['job_id']}"
+        click.echo(f"{name} state={reply['state']}")
         return
-    deadline = time.monotonic() + timeout
-    while True:
-        status = request(state_dir, {"op": "job", "id": reply["id"]})
-        if status.get("final"):
-            break
-        if time.monotonic() > deadline:
-            raise ManagerError(f"request {reply['id']} not final after {timeout:g}s (state {status.get('state')})")
-        time.sleep(0.5)
+    status = request(state_dir, {**message, "wait": True}, timeout=timeout)  # answered once the job ends
+    if not status.get("final"):
+        raise ManagerError(f"job {status.get('job_id')} not final ({status.get('state')}: {status.get('error')}); "
+                           "`fsm show` says where it stands")
     click.echo(result_line(status) if message["op"] == "process-image" else snapshot_result_line(
         status.get("job_id"), status.get("job_state") or status.get("state"), status.get("context"), status.get("error")))
     if status.get("job_state") != "complete":

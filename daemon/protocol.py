@@ -4,8 +4,11 @@
 Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url"|"ref": ..., "bucket", "endpoint_url",
 "device_size"} (with "ref": also "platform", "plain_http", "ca_cert", "registry_config"),
 {"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
-{"op": "job", "id": N}, {"op": "shutdown"}. Every reply has "ok"; a failed one has "error"
-(one line)."""
+{"op": "job", "id": N} (a request) or {"op": "job", "job_id": N}, {"op": "shutdown"}. Every reply
+has "ok"; a failed one has "error" (one line). A process-image or snapshot request with
+"wait": true is answered once its job is final (or left unfinished), on the same connection:
+the reply carries the job's state and, for a snapshot, "snapshot" and "snapshot_device" (the
+ready device's path). A snapshot request is answered with its "job_id" (it has no request id)."""
 
 from __future__ import annotations
 

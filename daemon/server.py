@@ -200,16 +200,45 @@ class Daemon:
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
     def _submit(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Queue the request; with `"wait": true` answer only once its job is final (or left
+        unfinished by a shutdown or a wait), on the same connection: no polling."""
         if self.stop_event.is_set():
             raise ManagerError("the daemon is shutting down; submit again after it restarts")
         if message["op"] == "snapshot":
-            self._resolve_snapshot(message.get("image"), message.get("vm"), message.get("size"))  # errors now, not later
-        else:
-            self._device_size(message.get("device_size"), "device_size")
+            return self._submit_snapshot(message)
+        self._device_size(message.get("device_size"), "device_size")
         record = self.spool.allocate(message)  # validated and durable before we answer
         log.info("request queued", request_id=record.id, source=record.describe())
-        self.executor.submit(self._work, record)
-        return {"ok": True, "id": record.id, "job_id": None, "state": QUEUED}
+        future = self.executor.submit(self._work, record)
+        if not message.get("wait"):
+            return {"ok": True, "id": record.id, "job_id": None, "state": QUEUED}
+        future.result()
+        return self.job_status({"id": record.id})
+
+    def _submit_snapshot(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A VM's snapshot: resolved against the catalog and its job created here, at once
+        (nothing to fetch, so no spool file: the job row is the durable request, and an
+        unfinished one is resumed at the next start), then run by a worker."""
+        resolved = self._resolve_snapshot(message.get("image"), message.get("vm"), message.get("size"))
+        job, created = self.store.create_or_get(SNAPSHOT_WORKFLOW, resolved.idempotency_key,
+                                                self.runner.workflow(SNAPSHOT_WORKFLOW).initial, resolved.job_context())
+        if created:
+            log.info("job created", job_id=job.id, workflow=SNAPSHOT_WORKFLOW, key=resolved.idempotency_key)
+        future = self.executor.submit(self._run_snapshot, job.id, resolved)
+        if not message.get("wait"):
+            return {"ok": True, "id": None, "job_id": job.id, "state": QUEUED}
+        return snapshot_reply(future.result())
+
+    def _run_snapshot(self, job_id: int, resolved: SnapshotRequest) -> Any:
+        """Run a VM's snapshot job in a worker; the job as it ended (a failure is its own)."""
+        try:
+            job = self._run_job(self.runner, job_id, resolved)
+            log.info("request finished" if job.state in FINAL_STATES else "request left unfinished", job_id=job_id,
+                     state=job.state)
+            return job
+        except Exception as exc:  # one request's failure is its own; the daemon goes on
+            log.error("request failed", job_id=job_id, error=str(exc) or type(exc).__name__)
+            return self.store.get(job_id)
 
     def status(self) -> dict[str, Any]:
         jobs = job_counts(database_path(self.config.state_dir))
@@ -435,3 +464,16 @@ class Daemon:
                 log.warning("housekeeping failed", error=f"{type(exc).__name__}: {exc}")
             if self.stop_event.wait(TRANSITIONS_POLL_SECONDS):
                 return
+
+
+def snapshot_reply(job: Any) -> dict[str, Any]:
+    """What a waiting snapshot request is answered: the job's final state and, once it is
+    complete, the ready device's path (what the VM is given)."""
+    import json
+
+    data = json.loads(job.context or "{}")
+    device_id = data.get("snapshot_device_id")
+    return {"ok": True, "id": None, "job_id": job.id, "state": job.state, "job_state": job.state,
+            "final": job.state in FINAL_STATES, "error": job.error, "vm": data.get("vm_id"),
+            "snapshot": f"thin-{device_id}" if device_id is not None else None,
+            "snapshot_device": data.get("snapshot_device"), "context": job.context}

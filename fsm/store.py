@@ -193,8 +193,10 @@ class JobStore:
         job = session.get(Job, job_id)
         if job is None or job.owner_pid != owner.pid or job.owner_boot_id != owner.boot_id:
             raise LostOwnership(f"job {job_id} is no longer owned by pid {owner.pid}")
-        job.context = json.dumps(context, sort_keys=True)
-        job.updated_at = utcnow()
+        text = json.dumps(context, sort_keys=True)
+        if text != job.context:  # unchanged: a step that only read commits no write (no WAL fsync)
+            job.context = text
+            job.updated_at = utcnow()
 
     def set_progress(self, job_id: int, owner: Owner, *, attempt: int | None = None, error: str | None = None,
                      waiting_since: datetime | None = None) -> None:

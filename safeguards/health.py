@@ -261,11 +261,12 @@ class SystemHealthChecker:
             self._sampler.join(timeout=5)
             self._sampler = None
 
-    def as_guard(self) -> Callable[[], str | None]:
+    def as_guard(self, reuse_pass_seconds: float = 0.0) -> Callable[[], str | None]:
         """The condition of transitions into device states: None when healthy, else the
-        one-line summary of what failed (the job waits with it and retries)."""
+        one-line summary of what failed (the job waits with it and retries). A check that
+        passed at most `reuse_pass_seconds` ago stands (check_recent); a failure never does."""
         def health_guard() -> str | None:
-            report = self.check_all()
+            report = self.check_recent(reuse_pass_seconds) if reuse_pass_seconds > 0 else self.check_all()
             return None if report.passed else report.summary()
         return health_guard
 

@@ -49,13 +49,14 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     except OriginMissing:  # a reset pool, or a lost pool file: nothing was made
         raise PermanentError(f"image {ctx.data['image']['name']!r}: its device {origin.name} is missing from the "
                              "pool; process the image again") from None
-    ctx.data["snapshot_device_id"] = snapshot.device_id
-    ctx.save()
-    path = ledger.activate(snapshot.device_id)
+    # No save of the context here: the snapshot's row names this job (snapshot_of_job finds
+    # it after a crash), and every commit is a WAL fsync on a VM's critical path.
+    path = ledger.activate(snapshot)
     if snapshot.size_bytes > origin.size_bytes:
         grow_filesystem(path)
     journal_for_vm(path)
-    return _hand_out(ctx, ledger.mark_ready(snapshot.device_id), path, origin)
+    with ctx.transaction():  # ready and handed out in one commit (the record first, as always)
+        return _hand_out(ctx, ledger.mark_ready(snapshot.device_id), path, origin)
 
 
 def journal_for_vm(path: str) -> None:

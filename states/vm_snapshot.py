@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -23,7 +22,7 @@ from catalog.models import DeviceState, Image, UnpackedImage
 from catalog.records import (find_image, get_image, image_job_state, snapshot_of_job, snapshot_of_vm, top_layer_device,
                              touch_image)
 from fsm.context import StepContext
-from fsm.definition import RetryPolicy, StateSpec, TransitionSpec, Workflow
+from fsm.definition import StateSpec, TransitionSpec, Workflow
 from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
@@ -31,12 +30,12 @@ from states.admission import admit_bytes, snapshot_bytes
 from states.aborting import record_orphans
 from states.names import SNAPSHOT_WORKFLOW, check_vm_id
 from states.services import ImageServices
+from states.steps import NO_RETRY, bound_step, health_guard
 from support.errors import PermanentError
 from support.log import get_logger
 
 log = get_logger("states.vm_snapshot")
 
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class ImageNotReady(PermanentError):
@@ -146,11 +145,9 @@ def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
     """The snapshot workflow bound to `services` (None: for drawing the graph only)."""
 
     def step(module_run: Callable[[StepContext, ImageServices], str]) -> Callable[[StepContext], str]:
-        bound = partial(module_run, services=services)
-        return lambda ctx: bound(ctx)
+        return bound_step(services, module_run)
 
-    def healthy(ctx: StepContext) -> str | None:
-        return services.health_guard() if services is not None else None
+    healthy = health_guard(services)
 
     return Workflow(
         name=SNAPSHOT_WORKFLOW,

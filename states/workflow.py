@@ -12,24 +12,21 @@ job wait (with the reason recorded), not abort.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 from fsm.context import StepContext
 from fsm.definition import ABORT_EVENT, RetryPolicy, StateSpec, TransitionSpec, Workflow
-from safeguards.guard import interruptible
 from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
                     unpacking, verifying)
 from states.aborting import record_orphans
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
 from states.names import IMAGE_WORKFLOW
 from states.services import ImageServices
+from states.steps import NO_RETRY, bound_step, health_guard
 from support.errors import TransientError
 
 WORKFLOW_NAME = IMAGE_WORKFLOW
 
-# Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
-NO_RETRY = RetryPolicy(max_attempts=1)
 NETWORK_RETRY = RetryPolicy(max_attempts=3, initial_wait=2.0, max_wait=30.0)
 # creating_device retries transient errors only: a chain another job is unpacking (about
 # 10 min), or the layer's background download that failed (fetched again, resumed by Range).
@@ -40,16 +37,9 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
     """The image workflow bound to `services` (None: for drawing the graph only)."""
 
     def step(module_run: Callable[[StepContext, ImageServices], str]) -> Callable[[StepContext], str]:
-        bound = partial(module_run, services=services)
+        return bound_step(services, module_run)
 
-        def run(ctx: StepContext) -> str:
-            # A step queued on the Operation Guard gives up the wait on `fsm abort` or shutdown.
-            with interruptible(ctx.check_interrupt):
-                return bound(ctx)
-        return run
-
-    def healthy(ctx: StepContext) -> str | None:
-        return services.health_guard() if services is not None else None
+    healthy = health_guard(services)
 
     def abort_hook(ctx: StepContext, reason: str) -> None:
         record_orphans(ctx, reason)

@@ -255,3 +255,39 @@ def test_history_of_a_five_layer_run_names_every_layer_in_order_and_a_forced_wai
     now = json.loads(shown.stdout)
     assert now["state"] == "complete" and now["waiting"] is None and now["abort_pending"] is None
     assert len(now["now"]["devices"]) == 5 and now["now"]["snapshot_device_id"]
+
+
+def test_a_snapshot_job_waiting_for_the_operation_guards_lock_is_aborted_within_a_second(
+        state_dir: Path, sample_bucket: SampleBucket) -> None:
+    """The snapshot workflow's steps are built as the image workflow's (states/steps.py): a
+    VM's snapshot queued on the Operation Guard gives the wait up on `fsm abort`."""
+    made = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "process-image", "--s3-key",
+                           "images/node/5.tar", "--bucket", sample_bucket.name, "--endpoint-url",
+                           sample_bucket.endpoint_url, "--backend", "blockfile", "--device-size", DEVICE_SIZE],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    lock = state_dir / "fsm" / "dm-operations.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process's device step holds the guard
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "snapshot",
+                             "images/node/5.tar", "--vm", "vm-held", "--backend", "blockfile"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = poll(lambda: (rows := query(state_dir, "SELECT id FROM jobs WHERE workflow = 'snapshot' AND "
+                                                        "state = 'snapshotting'")) and rows[0][0],
+                      "the snapshot job to queue on the guard", proc, every=0.002)
+        asked = fsm(state_dir, "abort", str(job_id), "--reason", "snapshot lock wait test")
+        assert asked.returncode == 0, asked.stderr
+        poll(lambda: query(state_dir, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0] == "aborted",
+             "the abort", timeout=30, every=0.01)
+        history = json.loads(fsm(state_dir, "history", str(job_id), "--json").stdout)
+    finally:
+        os.close(fd)
+        err = finish(proc)
+    latency = abort_latency(history)
+    print(f"snapshot lock wait: abort landed {latency:.3f}s after the request")
+    assert latency < 1.0
+    assert history[-1]["from"] == "snapshotting" and history[-1]["error"] == "snapshot lock wait test"
+    assert "wait for the guard given up" in err and proc.returncode == 1
+    # Nothing was made while it waited: no device, no orphan.
+    assert orphans_of(state_dir, job_id) == [] and query(state_dir, "SELECT count(*) FROM snapshots") == [(1,)]

@@ -378,6 +378,9 @@ def test_images_sharing_base_layers_run_at_once_and_all_complete(state_dir: Path
     assert refused.returncode == 1 and refused.stderr.strip() == "error: image 'no-such-image' not found; `images` lists them"
     queued = manager(state_dir, "submit", "--image", "python", "--bucket", sample_bucket.name,
                      "--endpoint-url", sample_bucket.endpoint_url)
-    assert queued.returncode == 0 and queued.stdout.strip() == "request=8 state=queued", queued.stdout
+    # Snapshot requests take no request id (their job is the durable request): 5 before this one.
+    assert queued.returncode == 0 and queued.stdout.strip() == "request=6 state=queued", queued.stdout
+    snap = manager(state_dir, "submit", "--snapshot", "node", "--vm", "vm-e")
+    assert snap.returncode == 0 and re.fullmatch(r"job=\d+ state=queued", snap.stdout.strip()), snap.stdout
     request(state_dir, {"op": "shutdown"})
     assert daemon.wait() == 0
