@@ -41,6 +41,7 @@ class RecordState(StrEnum):
     CREATING = "creating"  # intent: written before create_thin/create_snap; contents untrusted
     READY = "ready"        # a layer chain unpacked, or a VM's disk handed out
     DELETING = "deleting"  # written before deactivate + delete
+    ORPHANED = "orphaned"  # given up on (a failed call, an aborted job): the guide's orphan, gc's
 
 
 class DeviceKind(StrEnum):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -112,9 +112,15 @@ def find_device(session: Session, device_id: int) -> Device | None:
     return device_of_row(row) if row is not None else None
 
 
-def orphan_device(session: Session, *, device_id: int, reason: str, job_id: int | None) -> OrphanedDevice:
+def orphan_device(session: Session, records: RecordStore, *, device_id: int, reason: str,
+                  job_id: int | None) -> OrphanedDevice:
     """Move a device from its live row to orphaned_devices, inside the caller's transaction
-    (an abort's): recorded, not touched."""
+    (an abort's): recorded, not touched. Its record says so first: a record written ready
+    just before a crash took the row's commit with it must not keep gc away from a device
+    nobody was ever given."""
+    record = records.device(device_id)
+    if isinstance(record, DeviceRecord) and record.state != RecordState.ORPHANED:
+        records.write_device(replace(record, state=RecordState.ORPHANED, updated_at=str(utcnow())))
     session.execute(delete(UnpackedImage).where(UnpackedImage.device_id == device_id))
     session.execute(delete(Snapshot).where(Snapshot.device_id == device_id))
     row = OrphanedDevice(device_id=device_id, device_name=device_name(device_id), reason=reason, job_id=job_id,
@@ -208,7 +214,7 @@ class DeviceLedger:
     def orphan(self, device_id: int, *, reason: str, job_id: int | None) -> None:
         """Give up on a device: recorded for gc, not touched."""
         with self.transaction() as session:
-            orphan_device(session, device_id=device_id, reason=reason, job_id=job_id)
+            orphan_device(session, self.records, device_id=device_id, reason=reason, job_id=job_id)
 
     # -- deleting ------------------------------------------------------------------------
 

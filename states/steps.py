@@ -10,6 +10,7 @@ from functools import partial
 from fsm.context import StepContext
 from fsm.definition import RetryPolicy
 from safeguards.guard import interruptible
+from states.aborting import record_orphans
 from states.services import ImageServices
 
 # Kernel-facing steps are not retried: a failure there is a hazard, handled by abort.
@@ -38,3 +39,17 @@ def health_guard(services: ImageServices | None) -> Callable[[StepContext], str 
         return services.health_guard() if services is not None else None
 
     return healthy
+
+
+def abort_hook(services: ImageServices | None) -> Callable[[StepContext, str], None]:
+    """What an abort does in either workflow: every device the job recorded but did not
+    finish becomes an orphan for gc (its record says so too); nothing is touched. The image
+    job's layers still downloading in the background are not wanted any more."""
+
+    def on_abort(ctx: StepContext, reason: str) -> None:
+        if services is None:
+            return
+        record_orphans(ctx, reason, services.records)
+        services.prefetch.cancel(ctx.job_id)
+
+    return on_abort

@@ -27,10 +27,9 @@ from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
 from states.admission import admit_bytes, snapshot_bytes
-from states.aborting import record_orphans
 from states.names import SNAPSHOT_WORKFLOW, check_vm_id
 from states.services import ImageServices
-from states.steps import NO_RETRY, bound_step, health_guard
+from states.steps import NO_RETRY, abort_hook, bound_step, health_guard
 from support.errors import PermanentError
 from support.log import get_logger
 
@@ -162,5 +161,5 @@ def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
             TransitionSpec("activated", "activating", "snapshotting", guards=(healthy,)),
             TransitionSpec("snapshotted", "snapshotting", "complete"),
         ),
-        on_abort=record_orphans,
+        on_abort=abort_hook(services),
     )

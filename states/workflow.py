@@ -18,11 +18,10 @@ from fsm.context import StepContext
 from fsm.definition import ABORT_EVENT, RetryPolicy, StateSpec, TransitionSpec, Workflow
 from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
                     unpacking, verifying)
-from states.aborting import record_orphans
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
 from states.names import IMAGE_WORKFLOW
 from states.services import ImageServices
-from states.steps import NO_RETRY, bound_step, health_guard
+from states.steps import NO_RETRY, abort_hook, bound_step, health_guard
 from support.errors import TransientError
 
 WORKFLOW_NAME = IMAGE_WORKFLOW
@@ -40,11 +39,6 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
         return bound_step(services, module_run)
 
     healthy = health_guard(services)
-
-    def abort_hook(ctx: StepContext, reason: str) -> None:
-        record_orphans(ctx, reason)
-        if services is not None:
-            services.prefetch.cancel(ctx.job_id)  # the layers after this one are not wanted now
 
     guarded = (healthy,)
     return Workflow(
@@ -75,7 +69,7 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
             TransitionSpec("activated", "activating", "snapshotting", guards=guarded),
             TransitionSpec("snapshotted", "snapshotting", "complete"),
         ),
-        on_abort=abort_hook,
+        on_abort=abort_hook(services),
         describe=describe,
     )
 
