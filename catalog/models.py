@@ -103,7 +103,7 @@ class UnpackedImage(CatalogBase):
     device_name: Mapped[str] = mapped_column(String(64), unique=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16))  # a DeviceState
-    job_id: Mapped[int | None] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -121,9 +121,9 @@ class Snapshot(CatalogBase):
     device_id: Mapped[int] = mapped_column(Integer, unique=True)
     device_name: Mapped[str] = mapped_column(String(64), unique=True)
     state: Mapped[str] = mapped_column(String(16))  # a DeviceState
-    vm_id: Mapped[str | None] = mapped_column(String(128))
+    vm_id: Mapped[str | None] = mapped_column(String(128), index=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # may exceed the origin's: the VM asked for more
-    job_id: Mapped[int | None] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from catalog.device_records import DeviceRecord
 from catalog.gc import MISSING_FROM_CATALOG
-from catalog.ledger import DeviceLedger, engine_transactions
+from catalog.ledger import DeviceLedger, device_of_row, engine_transactions
 from catalog.models import DeviceState, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import ORPHAN_HINT
 from devices.base import PoolStatus, ThinPool
@@ -59,8 +59,7 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
     with Session(engine) as session:
         layers = session.execute(select(UnpackedImage.device_id, UnpackedImage.device_name,
                                         UnpackedImage.state)).all()
-        snapshots = session.execute(select(Snapshot.device_id, Snapshot.device_name, Snapshot.origin_device_id,
-                                           Snapshot.state)).all()
+        snapshots = list(session.scalars(select(Snapshot)))
         orphans = set(session.scalars(select(OrphanedDevice.device_id).where(OrphanedDevice.cleaned_at.is_(None))))
     named = {row.device_id for row in layers} | {row.device_id for row in snapshots} | orphans
     for row in (*layers, *snapshots):
@@ -73,7 +72,7 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
         if row.state != DeviceState.READY or device is None or device.active:
             continue
         try:
-            path = ledger.activate(row.device_id)
+            path = ledger.activate(device_of_row(row))  # the row read above: not read again per device
         except ManagerError as exc:
             result.failed[row.device_name] = str(exc)
             log.error("could not re-activate snapshot", device_name=row.device_name, error=str(exc))

@@ -1,0 +1,194 @@
+"""A VM gets its disk at the same cost at the thousandth VM as at the first (issue 19), on
+real parts: blockfile pool (XFS on a loop device, real loop devices), SQLite, the real
+daemon on its socket. No timing is judged here (bench/vm_start.py measures): what is
+checked is what makes the cost flat, and that the results are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.vm_start import oci_archive
+from tests.test_gc import teardown
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
+IMAGE = "image.tar"
+
+
+def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "FLYIO_BACKEND": "blockfile"})
+    assert done.returncode == 0, (args, done.stderr[-3000:])
+    return done
+
+
+@pytest.fixture
+def image_state(tmp_path: Path) -> Iterator[Path]:
+    """A state dir with a pool and one processed three-layer image."""
+    state_dir = tmp_path / "state"
+    try:
+        cli(state_dir, "setup-pool", "--data-size", "4G")
+        cli(state_dir, "process-image", "--url", f"file://{oci_archive(tmp_path / IMAGE)}", "--device-size", "64M")
+        yield state_dir
+    finally:
+        teardown(state_dir)
+
+
+class Snapshots:
+    """VM snapshots made in this process, as the daemon makes them (one runner, one set of services)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from cli.app import open_store
+        from states.registry import open_environment
+
+        self.store = open_store(state_dir)
+        self.environment = open_environment(state_dir, self.store, backend="blockfile")
+        self.made = 0
+
+    def make(self, vm: str) -> Any:
+        from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
+
+        with self.store.transaction() as session:
+            request = resolve_snapshot_request(session, IMAGE, vm, None)
+        job = process_snapshot_request(self.environment.runner, request)
+        assert job.state == "complete", job.error
+        self.made += 1
+        return job
+
+    def up_to(self, count: int) -> None:
+        while self.made < count:
+            self.make(f"vm-{self.made}")
+
+
+def calls_of_one_snapshot(snapshots: Snapshots, vm: str, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every process started (by its program) and every loop-device kernel call one snapshot makes."""
+    import subprocess as real
+    from devices import loop
+
+    counts: Counter[str] = Counter()
+    original_run, original_in_kernel, original_identity = real.run, loop.in_kernel, loop.backing_identity
+
+    def run(argv: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[f"process {Path(str(argv[0])).name}"] += 1
+        return original_run(argv, *args, **kwargs)
+
+    def in_kernel(call: Any, timeout: float, what: str) -> Any:
+        counts[f"ioctl {what.split()[0]}"] += 1
+        return original_in_kernel(call, timeout, what)
+
+    def identity(device: str) -> Any:
+        counts["ioctl LOOP_GET_STATUS64"] += 1
+        return original_identity(device)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(real, "run", run)
+        patch.setattr(loop, "in_kernel", in_kernel)
+        patch.setattr(loop, "backing_identity", identity)
+        snapshots.make(vm)
+    return counts
+
+
+def test_a_snapshot_makes_the_same_calls_at_10_and_at_200_devices(image_state: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+
+    snapshots = Snapshots(image_state)
+    snapshots.up_to(10)
+    at_10 = calls_of_one_snapshot(snapshots, "counted-10", monkeypatch)
+    snapshots.up_to(200)
+    at_200 = calls_of_one_snapshot(snapshots, "counted-200", monkeypatch)
+    devices = BlockfilePool(PoolConfig(directory=str(image_state))).list_devices()
+    assert len(devices) >= 200 and sum(d.active for d in devices) >= 200  # 200 VMs' disks attached
+    print(f"calls per snapshot at 10 and at 200 devices: {dict(at_10)}")
+    assert at_10 == at_200
+    assert at_10["ioctl attach"] == 1  # the snapshot's own loop
+    assert "process losetup" not in at_10  # no listing of every loop device
+
+
+def test_a_thousand_vms_then_a_reboot_and_the_pool_and_catalog_agree(image_state: Path) -> None:
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+
+    snapshots = Snapshots(image_state)
+    snapshots.up_to(1000)
+    snapshots.store.engine.dispose()
+    listed = json.loads(cli(image_state, "snapshots", "--json").stdout)
+    catalog = {row["device_name"] for row in listed}
+    assert len(catalog) == 1001 and {row["state"] for row in listed} == {"ready"}  # process-image's and 1000 VMs'
+    assert len({row["vm_id"] for row in listed}) == 1001
+    pool = BlockfilePool(PoolConfig(directory=str(image_state)))
+    for device in pool.list_devices():  # a simulated reboot: every loop gone, the pool unmounted
+        if device.active:
+            pool.deactivate(device.device_id)
+    pool.teardown_pool()
+    assert not pool.get_pool_status().exists
+    reattached = cli(image_state, "setup-pool")
+    assert "catalog reconciled with the pool" in reattached.stderr and "reactivated=1001" in reattached.stderr
+    devices = pool.list_devices()
+    assert {d.name for d in devices if d.active} == catalog  # every VM's disk back, and only those
+    layers = {row[0] for row in _rows(image_state, "SELECT device_name FROM unpacked_images")}
+    assert {d.name for d in devices} == catalog | layers
+    dry = cli(image_state, "gc", "--dry-run")
+    assert "orphaned=0" in dry.stdout and f"total_devices={len(catalog | layers)}" in dry.stdout
+
+
+def test_a_waiting_snapshot_request_is_answered_with_the_ready_device(image_state: Path, tmp_path: Path) -> None:
+    log = (tmp_path / "daemon.log").open("wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(image_state), "daemon", "--backend",
+                               "blockfile", "--metrics-port", "0"], cwd=REPO, stdout=log, stderr=log)
+    try:
+        sock = _connect(image_state, daemon)
+        reader = sock.makefile("rb")
+        replies = []
+        for _ in range(2):  # the second ask of the same VM is the same job, answered at once
+            sock.sendall(json.dumps({"op": "snapshot", "image": IMAGE, "vm": "vm-waits", "wait": True}).encode() + b"\n")
+            replies.append(json.loads(reader.readline()))
+        sock.close()
+        first, again = replies
+        assert first["ok"] and first["state"] == "complete" and first["final"] is True, first
+        assert first["snapshot_device"].startswith("/dev/loop") and first["snapshot"].startswith("thin-")
+        assert again["job_id"] == first["job_id"] and again["snapshot_device"] == first["snapshot_device"]
+        row = _rows(image_state, "SELECT device_name, state FROM snapshots WHERE vm_id = 'vm-waits'")
+        assert row == [(first["snapshot"], "ready")]
+        with open(first["snapshot_device"], "rb") as device:  # the path is the VM's disk, readable now
+            device.seek(1024 + 0x38)
+            assert device.read(2) == b"\x53\xef"  # ext4's superblock magic
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=120)
+        log.close()
+
+
+def _connect(state_dir: Path, daemon: subprocess.Popen[bytes]) -> socket.socket:
+    path = state_dir / "fsm" / "manager.sock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert daemon.poll() is None, "the daemon exited"
+        if path.exists():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                return sock
+            except OSError:
+                sock.close()
+        time.sleep(0.05)  # until the daemon's socket answers, with a deadline
+    raise AssertionError("the daemon's socket never answered")
+
+
+def _rows(state_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    with sqlite3.connect(state_dir / "images.db") as db:
+        return db.execute(sql).fetchall()
