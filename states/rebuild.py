@@ -8,6 +8,10 @@ key and context as the job that made it, so a repeat `process-image` or `snapsho
 no-op; its history says `rebuilt`). The id counter goes past every device in the pool and
 every record, so a new device never collides with one that is there.
 
+Job ids are never carried over from the records: they name jobs of the lost database, and
+a new job with the same id must not find another job's snapshot as its own (a device row
+names the rebuilt job that answers for it, or none).
+
 What is not: a device with no record, or whose record is an unfinished intent, is one of
 the guide's orphans, left for gc; a ready record whose device the pool no longer holds is
 moved aside (`records/gone/`), not deleted; an unreadable record is reported and left.
@@ -152,7 +156,7 @@ def _add_layer_devices(session: Session, ready_layers: list[DeviceRecord], named
         session.add(UnpackedImage(chain_id=record.chain_id, layer_digest=record.layer_digest or record.chain_id,
                                   parent_chain_id=record.parent_chain_id, device_id=record.device_id,
                                   device_name=record.name, size_bytes=record.size_bytes, state=DeviceState.READY,
-                                  job_id=record.job_id, created_at=_time(record.created_at),
+                                  job_id=None, created_at=_time(record.created_at),
                                   updated_at=_time(record.updated_at)))
         chains.add(record.chain_id)
         report.layers.append(record.name)
@@ -174,7 +178,7 @@ def _add_snapshots(session: Session, ready_snapshots: list[DeviceRecord], named:
             continue
         row = Snapshot(image_id=image.id, origin_device_id=record.origin_device_id or 0, device_id=record.device_id,
                        device_name=record.name, state=DeviceState.READY, vm_id=record.vm_id,
-                       size_bytes=record.size_bytes, job_id=record.job_id, created_at=_time(record.created_at),
+                       size_bytes=record.size_bytes, job_id=None, created_at=_time(record.created_at),
                        updated_at=_time(record.updated_at))
         session.add(row)
         taken.add((image.id, record.vm_id))
@@ -230,13 +234,18 @@ def _add_jobs(session: Session, store: JobStore, images: dict[str, tuple[Image, 
         job = store.add_finished(session, IMAGE_WORKFLOW, record.idempotency_key, COMPLETE, context,
                                  event=REBUILT_EVENT, detail=detail)
         image.job_id = job.id
+        if first is not None and first.job_id is None:
+            first.job_id = job.id
         count += 1
     for snapshot in snapshots:
         if snapshot.vm_id is None:
             continue
         image = session.get(Image, snapshot.image_id)
         key = f"image:{image.id}/vm:{snapshot.vm_id}"
-        if session.scalars(select(Job).where(Job.workflow == SNAPSHOT_WORKFLOW, Job.idempotency_key == key)).first():
+        existing = session.scalars(select(Job).where(Job.workflow == SNAPSHOT_WORKFLOW,
+                                                     Job.idempotency_key == key)).first()
+        if existing is not None:  # a job the catalog kept answers for it (resumed, it finds its snapshot ready)
+            snapshot.job_id = existing.id
             continue
         context: dict[str, Any] = {"image_id": image.id, "image": {"name": image.name}, "vm_id": snapshot.vm_id,
                                    "snapshot_size_bytes": snapshot.size_bytes,
