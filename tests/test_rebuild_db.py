@@ -17,14 +17,14 @@ import shutil
 import sqlite3
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.test_backup import corrupt_middle
-from tests.test_gc import gc, manager, pool_of, summary, teardown
+from tests.test_gc import gc, manager, pool_of, state_dir, summary  # noqa: F401  (state_dir: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices, mkfs and mount")
@@ -57,15 +57,6 @@ def bucket(s3_client: Any, make_bucket: Callable[..., str]) -> str:
         for n in range(1, layers + 1):
             s3_client.put_object(Bucket=name, Key=f"images/{family}/{n}.tar", Body=layer_tar(family, n))
     return name
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "state"
-    try:
-        yield directory
-    finally:
-        teardown(directory)
 
 
 class Host:

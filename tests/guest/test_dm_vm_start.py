@@ -54,6 +54,11 @@ def test_a_snapshot_makes_the_same_dmsetup_calls_at_10_and_at_200_devices(state_
                            f"file://{layer}", "--backend", "devicemapper", "--device-size", "64M"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stderr[-3000:]
+    # Every health check runs afresh (no reuse of a recent pass by the transition guard or
+    # the Operation Guard: under TCG whether a pass is still fresh depends on how slow the
+    # emulation was just then, not on the devices).
+    monkeypatch.setattr("safeguards.setup.GUARD_REUSE_SECONDS", 0.0)
+    monkeypatch.setattr("safeguards.setup.RECENT_PASS_SECONDS", 0.0)
     store = open_store(state_dir)
     runner = open_environment(state_dir, store, backend="devicemapper").runner
     pool = DevicemapperPool(PoolConfig(directory=str(state_dir)))
