@@ -487,7 +487,8 @@ class BlockfilePool:
                 raise ManagerError(f"device {device_name(device_id)} ({dev}) is mounted at {mounted_at[0]}; "
                                    "unmount it first")
             loop.detach(dev)
-            self._loops.forget(device_name(device_id))
+            if loop.backing_identity(dev) is None:  # still bound: held open, detached when its user lets go
+                self._loops.forget(device_name(device_id))
             log.debug("device deactivated", device_name=device_name(device_id), device=dev)
 
     def delete(self, device_id: int) -> None:
