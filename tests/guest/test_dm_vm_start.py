@@ -10,7 +10,8 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections import Counter
+import traceback
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ def test_a_snapshot_makes_the_same_dmsetup_calls_at_10_and_at_200_devices(state_
         job = process_snapshot_request(runner, request)
         assert job.state == "complete", job.error
 
+    callers: dict[str, list[str]] = defaultdict(list)
+
     def counted(vm: str) -> Counter[str]:
         counts: Counter[str] = Counter()
         real_run = subprocess.run
@@ -76,7 +79,13 @@ def test_a_snapshot_makes_the_same_dmsetup_calls_at_10_and_at_200_devices(state_
         def run(argv: Any, *args: Any, **kwargs: Any) -> Any:
             words = [str(a) for a in argv]
             tool = Path(words[0]).name
-            counts[f"{tool} {words[1]}" if tool == "dmsetup" and len(words) > 1 else tool] += 1
+            name = f"{tool} {words[1]}" if tool == "dmsetup" and len(words) > 1 else tool
+            stack = [f.name for f in reversed(traceback.extract_stack(limit=9)[:-2])]
+            # A health check (one `dmsetup status` of the pool each) runs again while the host
+            # is busy (under TCG, after 190 creates, the I/O-wait check may fail once): counted
+            # apart, since how often the host is unhealthy is not what the devices cost.
+            counts["health check: " + name if "check_all" in stack else name] += 1
+            callers[vm].append(name + " <- " + " < ".join(stack))
             return real_run(argv, *args, **kwargs)
 
         with monkeypatch.context() as patch:
@@ -94,8 +103,12 @@ def test_a_snapshot_makes_the_same_dmsetup_calls_at_10_and_at_200_devices(state_
     at_10 = counted("vm-at-10")
     fill_to(200)
     at_200 = counted("vm-at-200")
-    print(f"calls per snapshot on dm-thin, at 10 and at 200 thin devices: {dict(at_10)}")
-    assert at_10 == at_200
+    print(f"calls per snapshot on dm-thin, at 10 and at 200 thin devices: {dict(at_10)}; {dict(at_200)}")
+    device_calls = [{k: v for k, v in c.items() if not k.startswith("health check: ")} for c in (at_10, at_200)]
+    assert device_calls[0] == device_calls[1], "\n".join(["at 10:", *callers["vm-at-10"], "at 200:",
+                                                          *callers["vm-at-200"]])
+    assert {k for k in at_10 | at_200 if k.startswith("health check: ")} == {"health check: dmsetup status"}
+    at_10 = Counter(device_calls[0])
     assert at_10["dmsetup message"] == 1  # create_snap, the one metadata message
     assert at_10["dmsetup create"] == 1  # the VM's device mapped
     assert "thin_ls" not in at_10 and "dmsetup ls" not in at_10  # nothing lists every device
