@@ -13,7 +13,6 @@ parser of our own that never reads a metadata record larger than the limit.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -30,6 +29,7 @@ from typing import Any, BinaryIO, cast
 import zstandard
 
 from images.blobstore import CHUNK_SIZE, BlobInfo, BlobStore, StreamCheck
+from images.tardecoder import BLOCK, REGULAR, ZERO_BLOCK, TarLimits, TarReader, checksum_ok
 from support.errors import PermanentError
 from support.log import get_logger
 
@@ -38,9 +38,6 @@ log = get_logger("images.formats", component="formats")
 FORMATS = ("tar", "tar+gzip", "tar+zstd", "oci-layout", "docker-save")
 LAYER_FORMATS = ("tar", "tar+gzip", "tar+zstd")
 ARCHIVE_FORMATS = ("oci-layout", "docker-save")
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
-HIGH_BYTES = bytes(range(128, 256))
 ZSTD_INPUT_SLICE = 1024  # a 1 KiB zstd slice expands to at most ~32 MiB (RLE blocks)
 
 
@@ -65,79 +62,12 @@ DEFAULT_LIMITS = Limits()
 CheckFactory = Callable[[int], StreamCheck]
 
 
-# --- tar headers ---------------------------------------------------------------------
+# --- tar members of an archive (images/tardecoder.py reads them) -------------------------
 
-def tar_checksum_ok(block: bytes) -> bool:
-    """True when `block` is a 512-byte tar header with a valid (unsigned or signed) checksum."""
-    if len(block) != BLOCK or block == ZERO_BLOCK:
-        return False
-    try:
-        stored = parse_number(block[148:156])
-    except PermanentError:
-        return False
-    rest = block[:148] + block[156:]
-    unsigned = sum(rest) + 8 * 0x20
-    if stored == unsigned:
-        return True
-    # Signed: every byte over 127 counts 256 less (counted in C: this runs per header).
-    high_bytes = len(rest) - len(rest.translate(None, HIGH_BYTES))
-    return stored == unsigned - 256 * high_bytes
-
-
-def parse_number(field: bytes) -> int:
-    """A tar numeric field: octal text, or GNU base-256 when the high bit is set."""
-    if field and field[0] == 0x80:
-        return int.from_bytes(field[1:], "big")
-    if field and field[0] == 0xFF:
-        raise PermanentError("truncated or corrupt tar: negative number in header")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise PermanentError(f"truncated or corrupt tar: bad number {field!r} in header") from None
-
-
-def _cstring(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def header_name(block: bytes) -> str:
-    """The member name of a header (ustar prefix joined), before pax/GNU overrides."""
-    name = _cstring(block[0:100])
-    if block[257:262] == b"ustar" and block[262:263] == b"\0":  # POSIX ustar has a prefix field
-        prefix = _cstring(block[345:500])
-        if prefix:
-            name = f"{prefix}/{name}"
-    return name
-
-
-def parse_pax_records(data: bytes) -> dict[str, str]:
-    """The key=value records of a pax extended header ("<len> <key>=<value>\\n" ...)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space]) if space > pos else -1
-        except ValueError:
-            length = -1
-        record = data[space + 1: pos + length] if length > 0 else b""
-        if length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
-            raise PermanentError(f"truncated or corrupt tar: malformed pax record at byte {pos}")
-        key, _, value = record[:-1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-def padded(size: int) -> int:
-    return (size + BLOCK - 1) // BLOCK * BLOCK
-
-
-REGULAR_TYPES = (b"0", b"\0", b"7")
-META_TYPES = (b"x", b"X", b"g", b"L", b"K")
+def tar_limits(limits: Limits) -> TarLimits:
+    """The decoder's bounds for a blob under `limits`."""
+    return TarLimits(max_metadata_bytes=limits.max_metadata_bytes, max_path_bytes=limits.max_path_bytes,
+                     max_entries=limits.max_entries, max_entry_bytes=limits.max_entry_bytes)
 
 
 @dataclass(frozen=True)
@@ -148,10 +78,11 @@ class TarMember:
     type: bytes
     size: int
     offset: int
+    sparse: bool = False
 
     @property
     def is_file(self) -> bool:
-        return self.type in REGULAR_TYPES
+        return self.type in REGULAR and not self.sparse
 
 
 def normalize_member_name(name: str) -> str:
@@ -161,48 +92,15 @@ def normalize_member_name(name: str) -> str:
     return name.rstrip("/")
 
 
-def iter_members(fh: BinaryIO, file_size: int, limits: Limits = DEFAULT_LIMITS) -> Iterator[TarMember]:
-    """Walk the headers of a seekable plain tar, seeking over data, honouring pax path/size
-    and GNU long names. Raises PermanentError on anything truncated, corrupt or too big."""
+def iter_members(fh: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> Iterator[TarMember]:
+    """The members of a seekable plain tar, read by the one decoder (seeking over data).
+    Raises PermanentError on anything truncated, corrupt or over the limits."""
     fh.seek(0)
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    count = 0
-    while True:
-        at = fh.tell()
-        block = fh.read(BLOCK)
-        if len(block) < BLOCK:
-            raise PermanentError(f"truncated or corrupt tar: archive ends at byte {at} without an end marker")
-        if block == ZERO_BLOCK:
-            return
-        if not tar_checksum_ok(block):
-            raise PermanentError(f"truncated or corrupt tar: bad header checksum at byte {at}")
-        kind = block[156:157]
-        size = parse_number(block[124:136])
-        data_at = at + BLOCK
-        if kind in META_TYPES:
-            if size > limits.max_metadata_bytes:
-                raise PermanentError(f"truncated or corrupt tar: metadata record of {size} bytes at byte {at}")
-            data = fh.read(size)
-            if len(data) < size:
-                raise PermanentError(f"truncated or corrupt tar: archive ends inside a header at byte {at}")
-            if kind in (b"x", b"X"):
-                pax = parse_pax_records(data)
-            elif kind == b"L":
-                long_name = _cstring(data)
-            fh.seek(data_at + padded(size))
-            continue
-        name = pax.get("path", long_name if long_name is not None else header_name(block))
-        size = int(pax.get("size", size))
-        pax, long_name = {}, None
-        count += 1
-        if count > limits.max_entries:
-            raise PermanentError(f"too many entries: more than {limits.max_entries}")
-        data_len = size if kind in REGULAR_TYPES else 0
-        if data_at + data_len > file_size:
-            raise PermanentError(f"truncated or corrupt tar: {name!r} extends past the end of the archive")
-        yield TarMember(name=normalize_member_name(name), type=kind, size=size, offset=data_at)
-        fh.seek(data_at + padded(data_len))
+    reader = TarReader(fh, 64 << 10, tar_limits(limits))
+    for member in reader.members():
+        yield TarMember(name=normalize_member_name(member.name), type=member.type, size=member.data_size,
+                        offset=reader.offset, sparse=member.sparse is not None)
+    reader.finish()
 
 
 # --- sniffing ------------------------------------------------------------------------
@@ -245,8 +143,7 @@ def describe_not_tar(head: bytes) -> str:
 
 def _root_names(path: Path, limits: Limits) -> set[str]:
     with open(path, "rb") as fh:
-        size = path.stat().st_size
-        return {m.name for m in iter_members(fh, size, limits) if m.name and "/" not in m.name}
+        return {m.name for m in iter_members(fh, limits) if m.name and "/" not in m.name}
 
 
 def sniff_format(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
@@ -262,13 +159,13 @@ def sniff_format(path: Path, limits: Limits = DEFAULT_LIMITS) -> str:
         fmt = "tar+gzip" if head.startswith(GZIP_MAGIC) else "tar+zstd"
         with open_layer_stream(path, fmt, limits) as stream:
             first = _read_exact(stream, BLOCK)
-        if not tar_checksum_ok(first) and first != ZERO_BLOCK:
+        if not checksum_ok(first) and first != ZERO_BLOCK:
             what = "gzip" if fmt == "tar+gzip" else "zstd"
             raise PermanentError(f"unsupported format: {what}-compressed data that is not a tar")
         return fmt
     if head[:BLOCK * 2] == bytes(BLOCK * 2):
         return "tar"  # an empty archive: just the end-of-archive marker
-    if not tar_checksum_ok(head[:BLOCK]):
+    if not checksum_ok(head[:BLOCK]):
         raise PermanentError(f"unsupported format: {describe_not_tar(head)}")
     roots = _root_names(path, limits)
     if {"oci-layout", "index.json"} <= roots:
@@ -290,86 +187,96 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-# --- decompression -------------------------------------------------------------------
+# --- decompression: the one set of decoders, pushed (verify) or pulled (unpack) ------------
 
-class _ZstdReader(io.RawIOBase):
-    """Streaming zstd decompression with bounded output per step and a hard error on a
-    truncated frame (zstandard's stream_reader returns a silent EOF there)."""
+class GzipDecoder:
+    """gzip members (one or several, concatenated; zero padding between or after them is
+    skipped, as gzip(1) and Python's gzip do) decompressed in pieces of at most CHUNK_SIZE."""
 
-    def __init__(self, raw: BinaryIO, max_window_size: int) -> None:
-        self._raw = raw
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(wbits=31)
+        self._started = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            if not self._started:
+                data = data.lstrip(b"\0")
+                if not data:
+                    return
+            self._started = True
+            try:
+                piece = self._d.decompress(data, CHUNK_SIZE)
+            except zlib.error as exc:
+                raise PermanentError(f"truncated or corrupt gzip: {exc}") from None
+            if piece:
+                yield piece
+            if self._d.eof:  # the member ended; what follows must be another member
+                data = self._d.unused_data
+                self._d = zlib.decompressobj(wbits=31)
+                self._started = False
+            else:
+                data = self._d.unconsumed_tail
+
+    def finish(self) -> Iterator[bytes]:
+        if self._started:
+            raise PermanentError("truncated or corrupt gzip: Compressed file ended before the end-of-stream "
+                                 "marker was reached")
+        return iter(())
+
+
+class ZstdDecoder:
+    """zstd frames (and skippable frames) decompressed slice by slice: a 1 KiB slice
+    expands to at most ~32 MiB; a stream that ends inside a frame is an error (zstandard's
+    stream_reader returns a silent EOF there)."""
+
+    def __init__(self, max_window_size: int) -> None:
         self._dctx = zstandard.ZstdDecompressor(max_window_size=max_window_size)
         self._dobj = self._dctx.decompressobj()
         self._in_frame = False
-        self._input = b""
-        self._input_pos = 0
-        self._output = bytearray()
-        self._eof = False
 
-    def readable(self) -> bool:
-        return True
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        for at in range(0, len(data), ZSTD_INPUT_SLICE):
+            piece = data[at: at + ZSTD_INPUT_SLICE]
+            while piece:
+                self._in_frame = True
+                try:
+                    out = self._dobj.decompress(piece)
+                except zstandard.ZstdError as exc:
+                    raise PermanentError(f"truncated or corrupt zstd: {exc}") from None
+                if out:
+                    yield out
+                if not self._dobj.eof:
+                    break
+                piece = self._dobj.unused_data  # the frame ended: the rest starts the next one
+                self._dobj = self._dctx.decompressobj()
+                self._in_frame = False
 
-    def _feed(self) -> bool:
-        """Decompress one small slice of input; False when the input is exhausted."""
-        if self._input_pos >= len(self._input):
-            self._input = self._raw.read(CHUNK_SIZE)
-            self._input_pos = 0
-            if not self._input:
-                if self._in_frame:
-                    raise PermanentError("truncated or corrupt zstd: stream ends inside a frame")
-                return False
-        piece = self._input[self._input_pos: self._input_pos + ZSTD_INPUT_SLICE]
-        self._input_pos += len(piece)
-        while piece:
-            self._in_frame = True
-            try:
-                self._output += self._dobj.decompress(piece)
-            except zstandard.ZstdError as exc:
-                raise PermanentError(f"truncated or corrupt zstd: {exc}") from None
-            if not self._dobj.eof:
-                break
-            # Frame finished: anything after it starts the next frame.
-            piece = self._dobj.unused_data
-            self._dobj = self._dctx.decompressobj()
-            self._in_frame = False
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        want = CHUNK_SIZE if size is None or size < 0 else size
-        while len(self._output) < want and not self._eof:
-            if not self._feed():
-                self._eof = True
-        data = bytes(self._output[:want])
-        del self._output[:want]
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def finish(self) -> Iterator[bytes]:
+        if self._in_frame:
+            raise PermanentError("truncated or corrupt zstd: stream ends inside a frame")
+        return iter(())
 
 
-class _GzipReader(io.RawIOBase):
-    """gzip.GzipFile with its failures turned into one-line PermanentErrors."""
+class PlainDecoder:
+    """An uncompressed tar: the bytes as they are."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._gz = gzip.GzipFile(fileobj=raw, mode="rb")
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        yield data
 
-    def readable(self) -> bool:
-        return True
+    def finish(self) -> Iterator[bytes]:
+        return iter(())
 
-    def read(self, size: int = -1) -> bytes:
-        try:
-            return self._gz.read(CHUNK_SIZE if size is None or size < 0 else size)
-        except EOFError as exc:
-            raise PermanentError(f"truncated or corrupt gzip: {exc}") from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-            raise PermanentError(f"truncated or corrupt gzip: {exc}") from None
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+Decoder = GzipDecoder | ZstdDecoder | PlainDecoder
+
+
+def decoder_for(fmt: str, limits: Limits) -> Decoder:
+    """The decompressor of a layer format ("tar", "tar+gzip", "tar+zstd")."""
+    if fmt == "tar+gzip":
+        return GzipDecoder()
+    if fmt == "tar+zstd":
+        return ZstdDecoder(limits.zstd_max_window_bytes)
+    return PlainDecoder()
 
 
 class DecompressionBound:
@@ -397,11 +304,16 @@ class DecompressionBound:
 
 
 class BoundedStream(io.RawIOBase):
-    """A decompressed stream read through a DecompressionBound."""
+    """A blob's decompressed bytes, pulled through the same decoders the download-time
+    check pushes them through, and counted by a DecompressionBound."""
 
-    def __init__(self, inner: BinaryIO, compressed_size: int | None, limits: Limits) -> None:
-        self._inner = inner
+    def __init__(self, raw: BinaryIO, decoder: Decoder, compressed_size: int | None, limits: Limits) -> None:
+        self._raw = raw
+        self._decoder = decoder
         self._bound = DecompressionBound(compressed_size, limits)
+        self._pieces: Iterator[bytes] = iter(())
+        self._output = b""
+        self._eof = False
 
     @property
     def bytes_read(self) -> int:
@@ -410,9 +322,29 @@ class BoundedStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _next_piece(self) -> bytes | None:
+        while True:
+            piece = next(self._pieces, None)
+            if piece is not None:
+                self._bound.add(len(piece))
+                return piece
+            if self._eof:
+                return None
+            data = self._raw.read(CHUNK_SIZE)
+            if data:
+                self._pieces = self._decoder.feed(data)
+            else:
+                self._eof = True
+                self._pieces = self._decoder.finish()
+
     def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(CHUNK_SIZE if size is None or size < 0 else size)
-        self._bound.add(len(data))
+        want = CHUNK_SIZE if size is None or size < 0 else size
+        if not self._output:
+            piece = self._next_piece()
+            if piece is None:
+                return b""
+            self._output = piece
+        data, self._output = self._output[:want], self._output[want:]
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -430,14 +362,32 @@ def open_layer_stream(path: Path, fmt: str, limits: Limits = DEFAULT_LIMITS) -> 
     path = Path(path)
     compressed_size = path.stat().st_size
     with open(path, "rb") as raw:
-        inner: BinaryIO
-        if fmt == "tar":
-            inner = raw
-        elif fmt == "tar+gzip":
-            inner = cast(BinaryIO, _GzipReader(raw))
-        else:
-            inner = cast(BinaryIO, _ZstdReader(raw, limits.zstd_max_window_bytes))
-        yield cast(BinaryIO, BoundedStream(inner, None if fmt == "tar" else compressed_size, limits))
+        if fmt == "tar":  # no decoder in between: the unpacker reads the file directly
+            yield cast(BinaryIO, _PlainBounded(raw, limits))
+            return
+        yield cast(BinaryIO, BoundedStream(raw, decoder_for(fmt, limits), compressed_size, limits))
+
+
+class _PlainBounded(io.RawIOBase):
+    """An uncompressed tar file, read straight through (1 MiB reads, no copy) within
+    max_uncompressed_bytes."""
+
+    def __init__(self, raw: BinaryIO, limits: Limits) -> None:
+        self._raw = raw
+        self._bound = DecompressionBound(None, limits)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(CHUNK_SIZE if size is None or size < 0 else size)
+        self._bound.add(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 # --- OCI image layout and docker save archives ----------------------------------------
@@ -463,7 +413,7 @@ class _Archive:
         self.limits = limits
         self.members: dict[str, TarMember] = {}
         duplicates: set[str] = set()
-        for member in iter_members(fh, size, limits):
+        for member in iter_members(fh, limits):
             if member.name in self.members:
                 duplicates.add(member.name)
             self.members[member.name] = member

@@ -2,9 +2,9 @@
 
     stats = unpack_layer(tar_stream, Path("/mnt/layer"), limits=UnpackLimits())
 
-images/tarstream.py only parses the stream (one pass, nothing held in memory; it parses
-headers as tarfile does, and Python 3.11.7's tarfile predates the 2025 filter bypasses, so
-no extract function of it is ever used). Every filesystem operation is done here, relative to directory file descriptors
+images/tardecoder.py parses the stream (one pass, nothing held in memory; the same decoder
+the download-time check ran over these bytes, so both read every header the same way; no
+tarfile extract function is ever used). Every filesystem operation is done here, relative to directory file descriptors
 that images/resolve.py resolved *inside the root* (openat2 RESOLVE_IN_ROOT, or the same
 walk by hand), so no path can resolve outside it. Policy, in short (docs/unpacker.md has
 it all):
@@ -18,7 +18,9 @@ it all):
   itself, never what it points to), the target's parents resolved inside the root;
 * OCI whiteouts `.wh.<name>` remove lower-layer entries; `.wh..wh..opq` hides the lower
   contents of its directory wherever it appears in the tar; a later duplicate wins;
-* char/block device nodes are skipped and counted (unless allow_devices); fifos are made;
+* char/block device nodes and fifos are made with mknod, as containerd does (the unpack
+  mount is nodev on the host); FLYIO_UNPACK_DEVICES=skip skips and counts device nodes;
+* sparse members are written segment by segment, their holes kept;
 * owners, modes (setuid included, applied after chown), xattrs (user.*, trusted.* but
   not trusted.overlay.*, security.capability), mtimes kept; directory modes and mtimes
   are set last.
@@ -27,7 +29,6 @@ it all):
 from __future__ import annotations
 
 import errno
-import math
 import os
 import stat
 import threading
@@ -39,7 +40,7 @@ from typing import BinaryIO
 
 from images.formats import Limits
 from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver, resolver_name
-from images.tarstream import Member, TarFormatError, TarReader, TarRefused
+from images.tardecoder import Member, TarCorrupt, TarLimits, TarReader, TarRefused
 from images.writers import WriteFailed, WriterPool, pwrite_all
 from support.errors import PermanentError
 from support.log import get_logger
@@ -49,13 +50,17 @@ log = get_logger("images.unpack", component="unpacker")
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-XATTR_PREFIX = "SCHILY.xattr."
 ALLOWED_XATTRS = ("user.", "trusted.", "security.capability")
 REFUSED_XATTRS = ("trusted.overlay.",)  # overlayfs internals would change how the tree reads
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real owner
 # ext4 (256-byte inodes) stores seconds from 1901-12-13 to 2446-05-10; clamp to that.
 MIN_TIME = -(2**31)
 MAX_TIME = 15_032_385_535
+MIN_TIME_NS, MAX_TIME_NS = MIN_TIME * 10**9, MAX_TIME * 10**9
+# Char/block device nodes: "create" (mknod, as containerd does; the unpack mount is nodev on
+# the host, so only the VM uses them) or "skip" (counted in stats.skipped["device node"]).
+DEVICES_ENV = "FLYIO_UNPACK_DEVICES"
+DEVICE_POLICIES = ("create", "skip")
 WARNINGS_PER_REASON = 10
 PARENT_CACHE = 64  # resolved parent directories kept open (tar members come grouped by directory)
 # File data and its metadata calls on writer threads beside the reading one; 0 writes
@@ -88,7 +93,7 @@ class UnpackLimits:
     max_depth: int = 256  # path components; bounds the fds and stack of tree walks
     max_symlink_target_bytes: int = 4096
     max_metadata_bytes: int = 1 << 20  # one pax header or GNU long-name record
-    allow_devices: bool = False  # char/block nodes: skipped and counted unless True
+    allow_devices: bool | None = None  # char/block nodes: None follows $FLYIO_UNPACK_DEVICES (default create)
 
     @classmethod
     def from_format_limits(cls, limits: Limits) -> UnpackLimits:
@@ -108,6 +113,7 @@ class UnpackStats:
     symlinks: int = 0
     hardlinks: int = 0
     whiteouts: int = 0
+    devices: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
     seconds: float = 0.0
@@ -163,16 +169,12 @@ def normalize(name: str, limits: UnpackLimits, *, entry: str | None = None, what
     return tuple(parts)
 
 
-def _clamped_time(value: float, stats: UnpackStats, entry: str) -> float:
-    if MIN_TIME <= value <= MAX_TIME:  # the common case (a NaN compares false)
+def _clamped_time(value: int, stats: UnpackStats, entry: str) -> int:
+    """A mtime in nanoseconds, clamped to what ext4 stores (counted when it had to be)."""
+    if MIN_TIME_NS <= value <= MAX_TIME_NS:  # the common case
         return value
-    if not math.isfinite(value):
-        stats.skip("mtime not a number (set to 0)", entry)
-        return 0.0
-    if value < MIN_TIME or value > MAX_TIME:
-        stats.skip("mtime out of range (clamped)", entry)
-        return float(min(max(value, MIN_TIME), MAX_TIME))
-    return float(value)
+    stats.skip("mtime out of range (clamped)", entry)
+    return min(max(value, MIN_TIME_NS), MAX_TIME_NS)
 
 
 @dataclass
@@ -180,7 +182,7 @@ class _DirMeta:
     """A directory's mode and mtime, applied after every entry (writes inside change mtime)."""
 
     mode: int
-    mtime: float
+    mtime: int  # nanoseconds
 
 
 class _Layer:
@@ -203,6 +205,7 @@ class _Layer:
         self.dirs: dict[str, _DirMeta] = {}
         self.dir_tree: dict[str, set[str]] = {}  # path -> children leading to entries of self.dirs
         self.is_root = os.geteuid() == 0
+        self.devices = limits.allow_devices if limits.allow_devices is not None else _devices_policy() == "create"
         self.umask = _umask_if_plain(self.root_fd)
         # Resolved parents by the name the entry gave them. Removing a directory or a
         # symlink may change what a name resolves to, so it marks the cache stale; it is
@@ -392,13 +395,15 @@ class _Layer:
             os.mkfifo(leaf, 0o600, dir_fd=parent_fd)
             self.set_metadata_at(parent_fd, leaf, member, symlink=False)
         elif member.ischr() or member.isblk():
-            if not self.limits.allow_devices:
+            if not self.devices:
                 self.stats.skip("device node", name)
                 return
             self.replace(parent_fd, leaf, rel)
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            # Made 0600, never opened; owner then mode (with setuid/setgid bits) by name.
             os.mknod(leaf, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent_fd)
             self.set_metadata_at(parent_fd, leaf, member, symlink=False)
+            self.stats.devices += 1
         else:
             self.stats.skip(f"unsupported tar type {member.type!r}", name)
             return
@@ -413,7 +418,7 @@ class _Layer:
             return
         self.set_owner_xattrs(self.root_fd, member)
         self._cache_stale = True  # the root's group may have changed (see _new_owner)
-        self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, member.name))
+        self.dirs[""] = _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime_ns, self.stats, member.name))
 
     def replace(self, parent_fd: int, leaf: str, rel: str) -> None:
         """Make room for a non-directory: a later duplicate wins, a directory tree goes."""
@@ -466,7 +471,7 @@ class _Layer:
             self.set_owner_xattrs(fd, member)
         finally:
             os.close(fd)
-        self.remember_dir(rel, _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime, self.stats, member.name)))
+        self.remember_dir(rel, _DirMeta(member.mode & 0o7777, _clamped_time(member.mtime_ns, self.stats, member.name)))
         self.mark_written(rel)
         self.stats.dirs += 1
 
@@ -532,10 +537,13 @@ class _Layer:
         fd = self.create_file(parent_fd, leaf, rel, mode if exact else 0o600)
         mode_to_set = None if exact else mode
         chown = self.is_root and (member.uid, member.gid) != self.new_owner(parent_fd, fd)
-        mtime = _clamped_time(member.mtime, self.stats, member.name)
+        mtime = _clamped_time(member.mtime_ns, self.stats, member.name)
         if self.writers is None:
             try:
-                if member.size <= PIECE_BYTES:
+                if member.sparse is not None:
+                    for offset, views in tar.pieces(member, PIECE_BYTES):
+                        pwrite_all(fd, views, offset)
+                elif member.size <= PIECE_BYTES:
                     views = tar.small(member)
                     if len(views) == 1 and os.pwrite(fd, views[0], 0) == member.size:
                         pass  # the common case: one read held it all, one pwrite wrote it all
@@ -553,20 +561,22 @@ class _Layer:
             for offset, views in tar.pieces(member, PIECE_BYTES):
                 self.writers.write(handle, views, offset)
             self.writers.seal(handle)
-        self.stats.bytes_written += member.size
+        self.stats.bytes_written += member.data_size
         self.stats.files += 1
 
-    def finish_file(self, fd: int, member: Member, chown: bool, mode: int | None, mtime: float) -> None:
+    def finish_file(self, fd: int, member: Member, chown: bool, mode: int | None, mtime: int) -> None:
         """After the data (a write clears security.capability and sets the mtime): owner
         (unless it is already right), mode (None: created with it), xattrs, mtime. May run
         on a writer thread."""
+        if member.sparse is not None:
+            os.ftruncate(fd, member.size)  # the holes after the last segment (kept as holes)
         if chown:
             os.fchown(fd, member.uid, member.gid)
         if mode is not None:
             os.fchmod(fd, mode)
-        if member.pax_headers:
+        if member.xattrs:
             self.set_xattrs(fd, member)
-        os.utime(fd, (mtime, mtime))
+        os.utime(fd, ns=(mtime, mtime))
 
     def new_owner(self, parent_fd: int, fd: int) -> tuple[int, int]:
         """The owner files get when made in `parent_fd` (a cached parent), from the first."""
@@ -627,14 +637,13 @@ class _Layer:
             os.fchown(fd, member.uid, member.gid)
         if mode is not None:
             os.fchmod(fd, mode)
-        if member.pax_headers:
+        if member.xattrs:
             self.set_xattrs(fd, member)
 
     def set_xattrs(self, fd: int, member: Member) -> None:
         """The xattrs a member's pax records carry (SCHILY.xattr.*), on an open fd."""
-        for key, value in member.pax_headers.items():
-            if key.startswith(XATTR_PREFIX):
-                self.set_xattr(fd, key[len(XATTR_PREFIX):], value, member.name)
+        for key, value in member.xattrs.items():
+            self.set_xattr(fd, key, value, member.name)
 
     def set_metadata_at(self, parent_fd: int, leaf: str, member: Member, *, symlink: bool) -> None:
         """Owner, mode, xattrs and mtime of a symlink, fifo or device node, by name, never
@@ -643,19 +652,16 @@ class _Layer:
             os.chown(leaf, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False)
         if not symlink:
             os.chmod(leaf, member.mode & 0o7777, dir_fd=parent_fd, follow_symlinks=False)
-        for key, value in member.pax_headers.items():
-            if key.startswith(XATTR_PREFIX):
-                # /proc/self/fd/N is the parent directory itself; lsetxattr does not follow `leaf`.
-                self.set_xattr(f"/proc/self/fd/{parent_fd}/{leaf}", key[len(XATTR_PREFIX):], value, member.name)
-        mtime = _clamped_time(member.mtime, self.stats, member.name)
-        os.utime(leaf, (mtime, mtime), dir_fd=parent_fd, follow_symlinks=False)
+        for key, value in member.xattrs.items():
+            # /proc/self/fd/N is the parent directory itself; lsetxattr does not follow `leaf`.
+            self.set_xattr(f"/proc/self/fd/{parent_fd}/{leaf}", key, value, member.name)
+        mtime = _clamped_time(member.mtime_ns, self.stats, member.name)
+        os.utime(leaf, ns=(mtime, mtime), dir_fd=parent_fd, follow_symlinks=False)
 
-    def set_xattr(self, where: int | str, name: str, value: str, entry: str) -> None:
+    def set_xattr(self, where: int | str, name: str, data: bytes, entry: str) -> None:
         if not name.startswith(ALLOWED_XATTRS) or name.startswith(REFUSED_XATTRS):
             self.stats.skip(f"xattr {name.split('.')[0]}.* not kept", entry)
             return
-        # tarfile decoded the value as UTF-8 with surrogateescape: this gives the bytes back.
-        data = value.encode("utf-8", "surrogateescape")
         try:
             if isinstance(where, int):
                 os.setxattr(where, name, data)  # an fd: nothing to follow (and the flag is refused)
@@ -683,7 +689,7 @@ class _Layer:
                 continue  # replaced by something else later in the layer
             try:
                 os.fchmod(fd, meta.mode)
-                os.utime(fd, (meta.mtime, meta.mtime))
+                os.utime(fd, ns=(meta.mtime, meta.mtime))
             finally:
                 os.close(fd)
 
@@ -705,6 +711,13 @@ def _umask_if_plain(root_fd: int) -> int | None:
             return umask
         return None
     return None
+
+
+def _devices_policy() -> str:
+    value = os.environ.get(DEVICES_ENV, "") or "create"
+    if value not in DEVICE_POLICIES:
+        raise ValueError(f"{DEVICES_ENV}={value!r}: expected one of {', '.join(DEVICE_POLICIES)}")
+    return value
 
 
 def _writer_threads() -> int:
@@ -739,11 +752,10 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
     it) picks how paths are resolved inside the root: both give the same result."""
     started = time.monotonic()
     bounds = _as_unpack_limits(limits)
-    # One pass, one parser: the reader also refuses what images/verify.py's TarStreamGuard
-    # refuses (oversized records, sparse, bad checksums, trailing data); entry counts and
-    # sizes are checked here, per member, so the messages name the limit.
-    tar = TarReader(tar_stream, READ_BYTES, max_metadata_bytes=bounds.max_metadata_bytes,
-                    max_path_bytes=bounds.max_path_bytes)
+    # One pass, one parser: the decoder the download-time check ran over these bytes;
+    # entry counts and sizes are checked here, per member, so the messages name the limit.
+    tar = TarReader(tar_stream, READ_BYTES, TarLimits(max_metadata_bytes=bounds.max_metadata_bytes,
+                                                      max_path_bytes=bounds.max_path_bytes))
     layer = _Layer(Path(root), bounds, resolver)
     current = ""
     try:
@@ -764,10 +776,10 @@ def unpack_layer(tar_stream: BinaryIO, root: Path, *, limits: UnpackLimits | Lim
         raise
     except WriteFailed as exc:
         raise UnpackFailed(f"unpacking entry {_show(exc.entry)}: {exc.error.strerror or exc.error}") from exc.error
-    except TarRefused as exc:
+    except (TarRefused, TarCorrupt) as exc:
         raise UnsafeArchive(str(exc)) from None
-    except (TarFormatError, ValueError) as exc:
-        raise UnsafeArchive(f"truncated or corrupt tar: {exc}") from None
+    except ValueError as exc:  # a name or value the kernel interface refuses (an embedded NUL)
+        raise UnsafeArchive(f"entry {_show(current)}: {exc}") from None
     except OSError as exc:
         where = f"entry {_show(current)}" if current else "finishing the layer"
         raise UnpackFailed(f"unpacking {where}: {exc.strerror or exc}") from exc

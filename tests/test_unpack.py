@@ -312,12 +312,29 @@ def test_the_default_resolver_is_openat2_here_and_the_variable_forces_the_walk(
         resolver_name()
 
 
-def test_device_nodes_are_counted_not_made(tmp_path: Path) -> None:
-    data = tar_of(device("dev/null", tarfile.CHRTYPE), device("dev/sda", tarfile.BLKTYPE, 8, 0),
+def _devices() -> bytes:
+    return tar_of(device("dev/null", tarfile.CHRTYPE), device("dev/sda", tarfile.BLKTYPE, 8, 0),
                   file("dev/after", b"after\n").pair())
-    stats = unpack(data, tmp_path / "root")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mknod of a device node needs CAP_MKNOD")
+def test_device_nodes_are_made_with_their_numbers_and_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLYIO_UNPACK_DEVICES", raising=False)
+    stats = unpack(_devices(), tmp_path / "root")
+    null, sda = os.lstat(tmp_path / "root/dev/null"), os.lstat(tmp_path / "root/dev/sda")
+    assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+    assert stat.S_ISBLK(sda.st_mode) and (os.major(sda.st_rdev), os.minor(sda.st_rdev)) == (8, 0)
+    assert stat.S_IMODE(null.st_mode) == 0o666 and stats.devices == 2 and not stats.skipped
+
+
+def test_the_device_policy_can_skip_device_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYIO_UNPACK_DEVICES", "skip")
+    stats = unpack(_devices(), tmp_path / "root")
     assert stats.skipped == {"device node": 2}
     assert sorted(os.listdir(tmp_path / "root/dev")) == ["after"]
+    monkeypatch.setenv("FLYIO_UNPACK_DEVICES", "sometimes")
+    with pytest.raises(ValueError, match="FLYIO_UNPACK_DEVICES"):
+        unpack(_devices(), tmp_path / "other")
 
 
 def test_replacing_many_directories_is_linear(tmp_path: Path) -> None:
