@@ -543,7 +543,7 @@ def _sparse_gnu_old(name: str, segments: list[tuple[int, bytes]], size: int = SP
 
 
 def _pax_record(key: str, value: str) -> bytes:
-    payload = f" {key}={value}\n".encode()
+    payload = f" {key}={value}\n".encode("utf-8", "surrogateescape")
     length = len(payload) + 1
     while len(str(length)) + len(payload) != length:
         length += 1
