@@ -176,7 +176,8 @@ def _mutate_pax(rng: random.Random, data: bytearray) -> None:
                                     if data[start:space].isdigit() else rng.randrange(100)).encode()
     elif pick == 1:  # the value
         data[at + 1: end] = rng.choice((b"", b"nan", b"-1", b"1e9", b"99999999999999999999999", b"12x",
-                                        b"1600000000.5abc", b"../../../x", b"0,1,2", b"\xff\x00", b"1,2,3,4"))
+                                        b"1600000000.5abc", b"../../../x", b"0,1,2", b"\xff\x00", b"1,2,3,4",
+                                        b"9" * 5000, b"1," * 3000 + b"1", b"0.000000000001"))
     elif pick == 2:  # the key
         data[start: at] = data[start: at].split(b" ")[0] + b" " + rng.choice(
             (b"path", b"linkpath", b"size", b"uid", b"mtime", b"GNU.sparse.map", b"GNU.sparse.major",

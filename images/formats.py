@@ -7,8 +7,10 @@
 
 Everything here treats the blob as hostile: decompression is bounded in output size and
 ratio (zip/gzip/zstd bombs), JSON is read with a size limit, references in manifests
-must stay inside the archive, and the tar headers of archives are walked by a small
-parser of our own that never reads a metadata record larger than the limit.
+must stay inside the archive, and the tar headers of archives are read by the one tar
+decoder (images/tardecoder.py, the one the download check and the unpacker use), which
+never holds a metadata record larger than the limit. The gzip and zstd decoders here are
+the only ones: the download check pushes bytes through them, open_layer_stream pulls.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+from zlib import adler32
 
 from support.errors import PermanentError
 
@@ -84,6 +85,13 @@ class TarCorrupt(PermanentError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"truncated or corrupt tar: {detail}")
+
+
+class BadChecksum(TarCorrupt):
+    """A header's checksum does not match (the drivers add where it is in the stream)."""
+
+    def __init__(self, at: int | None = None) -> None:
+        super().__init__("bad header checksum" + ("" if at is None else f" at byte {at}"))
 
 
 class TarRefused(PermanentError):
@@ -197,20 +205,33 @@ def parse_number(field: bytes, what: str, bounds: tuple[int, int] = OFF_T) -> in
     return value
 
 
+HIGH_BYTES = bytes(range(128, 256))
+
+
 def checksum_ok(block: bytes | memoryview, start: int = 0) -> bool:
-    """The header's checksum field matches the unsigned or the signed sum of its bytes."""
-    header = bytes(block[start: start + BLOCK])
-    field = header[148:156]
-    try:
-        stored = parse_number(field, "checksum")
-    except TarCorrupt:
-        return False
-    unsigned = sum(header) - sum(field) + 8 * 0x20
+    """The header's checksum field matches the unsigned or the signed sum of its bytes
+    (the checksum field counted as blanks)."""
+    field = bytes(block[start + 148: start + 156])
+    digits = field.partition(NUL)[0]
+    if digits.isdigit():  # the common case, without a call
+        try:
+            stored = int(digits, 8)
+        except ValueError:
+            return False
+    else:
+        try:
+            stored = parse_number(field, "checksum")
+        except TarCorrupt:
+            return False
+    view = memoryview(block)
+    # The byte sum, in C: adler32's low half is 1 + the sum mod 65521, exact for up to 256 bytes.
+    unsigned = ((adler32(view[start: start + 148]) & 0xFFFF) + (adler32(view[start + 156: start + 412]) & 0xFFFF)
+                + (adler32(view[start + 412: start + BLOCK]) & 0xFFFF) - 3 + 8 * 0x20)
     if stored == unsigned:
         return True
-    # Signed: every byte over 127 counts 256 less (counted in C: this runs per header).
-    rest = header[:148] + header[156:]
-    high = len(rest) - len(rest.translate(None, bytes(range(128, 256))))
+    # Signed: every byte over 127 counts 256 less.
+    rest = bytes(view[start: start + 148]) + bytes(view[start + 156: start + BLOCK])
+    high = len(rest) - len(rest.translate(None, HIGH_BYTES))
     return stored == unsigned - 256 * high
 
 
@@ -237,10 +258,19 @@ def pax_records(data: bytes) -> list[tuple[str, bytes]]:
     return records
 
 
+def _decimal(digits: bytes, what: str) -> int:
+    """Decimal digits as a number; more than 20 digits (past any 64-bit field) is out of
+    range, before int() is asked (long digit strings cost it quadratic time, and Python
+    refuses over 4300)."""
+    if len(digits) > 20:
+        raise TarCorrupt(f"{what} out of range")
+    return int(digits)
+
+
 def _pax_decimal(key: str, value: bytes, bounds: tuple[int, int]) -> int:
     if not DECIMAL.fullmatch(value):
         raise TarCorrupt(f"malformed pax record: {key}={value[:40]!r}")
-    number = int(value)
+    number = _decimal(value, f"pax {key}")
     if not bounds[0] <= number <= bounds[1]:
         raise TarCorrupt(f"pax {key}={number} out of range")
     return number
@@ -252,7 +282,7 @@ def pax_time_ns(key: str, value: bytes) -> int:
     if found is None:
         raise TarCorrupt(f"malformed pax record: {key}={value[:40]!r}")
     sign, whole, fraction = found.groups()
-    ns = int(whole) * 10**9 + int(((fraction or b"") + b"000000000")[:9])
+    ns = _decimal(whole, f"pax {key}") * 10**9 + int(((fraction or b"") + b"000000000")[:9])
     ns = -ns if sign else ns
     if not TIME_T[0] <= ns // 10**9 <= TIME_T[1]:
         raise TarCorrupt(f"pax {key} out of range")
@@ -291,12 +321,18 @@ class TarDecoder:
         self.ended = False
         self._global: list[tuple[str, bytes]] = []
         self._pending = _Pending()
+        self.between_headers = True  # the next piece is a header (no record, extension, map)
         self._meta_kind = b""  # the record being read, when want is its padded size
         self._meta_size = 0
         self._sparse_member: Member | None = None  # waiting for old GNU extension blocks
         self._map_member: Member | None = None  # waiting for a pax 1.0 map
-        self._map_text = bytearray()
-        self._at = -1
+        self._path_chars = limits.max_path_bytes // 4  # UTF-8: at most 4 bytes a character
+        unbounded = 2**64
+        self._max_entries = unbounded if limits.max_entries is None else limits.max_entries
+        self._max_entry_bytes = unbounded if limits.max_entry_bytes is None else limits.max_entry_bytes
+        self._map_read = 0  # bytes of the map read so far
+        self._map_numbers: list[int] = []
+        self._map_partial = b""  # the line the last block ended inside
 
     @property
     def between_members(self) -> bool:
@@ -304,73 +340,87 @@ class TarDecoder:
         return not self._meta_kind and self._sparse_member is None and self._map_member is None \
             and not self._pending.pax and self._pending.long_name is None and self._pending.long_link is None
 
-    def feed(self, data: bytes | memoryview, start: int = 0, at: int = -1) -> Member | _End | None:
-        """`data[start:start + want]` is the next piece (a view of a larger read is fine);
-        `at`, its position in the stream, for messages."""
-        self._at = at
+    def feed(self, data: bytes | memoryview, start: int = 0) -> Member | _End | None:
+        """`data[start:start + want]` is the next piece (a view of a larger read is fine).
+        When `between_headers`, drivers may call `header` directly (the hot path)."""
+        if self.between_headers:
+            return self.header(data, start)
         if self._meta_kind:
             return self._metadata(bytes(data[start: start + self._meta_size]))
         if self._sparse_member is not None:
             return self._sparse_extension(bytes(data[start: start + BLOCK]))
-        if self._map_member is not None:
-            return self._sparse_map_block(bytes(data[start: start + BLOCK]))
-        return self._header(data, start)
+        assert self._map_member is not None
+        return self._sparse_map_block(bytes(data[start: start + BLOCK]))
 
     # -- headers ------------------------------------------------------------------------
 
-    def _header(self, data: bytes | memoryview, start: int) -> Member | _End | None:
+    def header(self, data: bytes | memoryview, start: int) -> Member | _End | None:
+        """The 512 bytes at `start` are a header (only when `between_headers`)."""
         fields = HEADER.unpack_from(data, start)
         if fields[6] == b"\0" * 8 and bytes(data[start: start + BLOCK]) == ZERO_BLOCK:
             self.ended = True
             return END
         if not checksum_ok(data, start):
-            raise TarCorrupt(f"bad header checksum at byte {self._at}" if self._at >= 0 else "bad header checksum")
+            raise BadChecksum()
         kind = fields[7]
-        size = parse_number(fields[4], "size")
+        digits = fields[4].partition(NUL)[0]
+        size = int(digits, 8) if digits.isdigit() and b"8" not in digits and b"9" not in digits \
+            else parse_number(fields[4], "size")
         if kind in PAX_TYPES or kind in GNU_LONG_TYPES:
             if size > self.limits.max_metadata_bytes:  # refused before a byte of it is held
                 raise TarRefused(f"truncated or corrupt tar: metadata record of {size} bytes "
                                  f"(over max_metadata_bytes={self.limits.max_metadata_bytes})")
             self._meta_kind, self._meta_size = kind, size
+            self.between_headers = False
             self.want = padded(size)
             if not size:
                 return self._metadata(b"")
             return None
         member = self._member(fields, kind, size)
-        self._pending.clear()
+        pending = self._pending
+        if pending.pax or pending.long_name is not None or pending.long_link is not None:
+            pending.clear()
         self.entries += 1
-        if self.limits.max_entries is not None and self.entries > self.limits.max_entries:
-            raise TarRefused(f"too many entries: more than max_entries={self.limits.max_entries}")
-        if self.limits.max_entry_bytes is not None and member.size > self.limits.max_entry_bytes:
-            raise TarRefused(f"entry too large: {member.name[:120]!r} is {member.size} bytes "
-                             f"(over max_entry_bytes={self.limits.max_entry_bytes})")
+        if self.entries > self._max_entries or member.size > self._max_entry_bytes:
+            self._check_counts(member)
         if kind == GNU_SPARSE:
             return self._old_gnu_sparse(member, bytes(data[start: start + BLOCK]))
-        if member.sparse == []:  # pax 1.0: the map comes first in the data
+        if member.sparse is not None and not member.sparse:  # pax 1.0: the map comes first in the data
             self._map_member = member
-            self._map_text.clear()
+            self.between_headers = False
+            self._map_read = 0
+            self._map_numbers, self._map_partial = [], b""
             return self._next_map_block()
         return member
 
+    def _check_counts(self, member: Member) -> None:
+        if self.entries > self._max_entries:
+            raise TarRefused(f"too many entries: more than max_entries={self.limits.max_entries}")
+        raise TarRefused(f"entry too large: {member.name[:120]!r} is {member.size} bytes "
+                         f"(over max_entry_bytes={self.limits.max_entry_bytes})")
+
     def _member(self, fields: tuple[bytes, ...], kind: bytes, size: int) -> Member:
         pending = self._pending
-        name = _text(fields[0])
+        name = fields[0].partition(NUL)[0].decode(ENCODING, ERRORS)
         if fields[14][0] and fields[9][:6] == USTAR_MAGIC:  # POSIX ustar: the prefix field
             name = _text(fields[14]) + "/" + name
-        texts = (fields[1].partition(NUL)[0], fields[2].partition(NUL)[0], fields[3].partition(NUL)[0],
-                 fields[5].partition(NUL)[0])
+        t_mode, t_uid, t_gid, t_mtime = (fields[1].partition(NUL)[0], fields[2].partition(NUL)[0],
+                                         fields[3].partition(NUL)[0], fields[5].partition(NUL)[0])
         try:  # plain octal digits, the common case, without a call per field (int() alone
             # would also take blanks, a sign or "_": those go the careful way)
-            if not (texts[0] + texts[1] + texts[2] + texts[3]).isdigit():
+            if not (t_mode + t_uid + t_gid + t_mtime).isdigit():
                 raise ValueError
-            mode, uid, gid, mtime = int(texts[0], 8), int(texts[1], 8), int(texts[2], 8), int(texts[3], 8)
+            mode, uid, gid, mtime = int(t_mode, 8), int(t_uid, 8), int(t_gid, 8), int(t_mtime, 8)
         except ValueError:
             mode, uid, gid = (parse_number(fields[1], "mode", U32), parse_number(fields[2], "uid", U32),
                               parse_number(fields[3], "gid", U32))
             mtime = parse_number(fields[5], "mtime", TIME_T)
-        linkname = _text(fields[8]) if fields[8][0] else ""
+        if pending.long_link is not None:
+            linkname = pending.long_link
+        else:
+            linkname = fields[8].partition(NUL)[0].decode(ENCODING, ERRORS) if fields[8][0] else ""
         member = Member(name if pending.long_name is None else pending.long_name, kind, mode, uid, gid, size,
-                        mtime * 10**9, linkname if pending.long_link is None else pending.long_link, size)
+                        mtime * 1_000_000_000, linkname, size)
         if kind in (b"3", b"4"):
             member.devmajor = parse_number(fields[12], "devmajor", U32)
             member.devminor = parse_number(fields[13], "devminor", U32)
@@ -380,12 +430,16 @@ class TarDecoder:
             member.type = b"5"  # V7: a directory is a file named with a trailing "/"
         if member.type in HEADER_ONLY:
             member.data_size = 0
+        quick = self._path_chars  # no string of this many characters can be too long
+        if len(member.name) > quick or len(member.linkname) > quick:
+            self._check_paths(member)
+        return member
+
+    def _check_paths(self, member: Member) -> None:
         for label, value in (("path", member.name), ("link target", member.linkname)):
-            if len(value) > self.limits.max_path_bytes // 4 and \
-                    len(value.encode(ENCODING, ERRORS)) > self.limits.max_path_bytes:
+            if len(value.encode(ENCODING, ERRORS)) > self.limits.max_path_bytes:
                 raise TarRefused(f"path too long: {label} of {value[:64]!r}... is over "
                                  f"max_path_bytes={self.limits.max_path_bytes}")
-        return member
 
     def _apply_pax(self, member: Member, records: list[tuple[str, bytes]]) -> None:
         """pax records (global, then local) override the header's fields; GNU.sparse.*
@@ -446,7 +500,7 @@ class TarDecoder:
                 numbers = sparse_map.split(b",") if sparse_map else []
                 if len(numbers) % 2 or not all(DECIMAL.fullmatch(n) for n in numbers):
                     raise TarCorrupt("malformed pax record: GNU.sparse.map")
-                values = [int(n) for n in numbers]
+                values = [_decimal(n, "GNU.sparse.map") for n in numbers]
                 offsets, numbytes = values[0::2], values[1::2]
             if len(offsets) != len(numbytes):
                 raise TarCorrupt("sparse map: offsets and sizes do not pair up")
@@ -495,6 +549,7 @@ class TarDecoder:
         member.sparse = self._segments(block[386:482], 4)
         if block[482]:
             self._sparse_member = member
+            self.between_headers = False
             return None
         return self._sparse_done(member)
 
@@ -516,6 +571,7 @@ class TarDecoder:
         if block[504]:
             return None
         self._sparse_member = None
+        self.between_headers = True
         return self._sparse_done(member)
 
     def _sparse_done(self, member: Member) -> Member:
@@ -535,41 +591,39 @@ class TarDecoder:
 
     def _sparse_map_block(self, block: bytes) -> Member | None:
         """pax 1.0: decimal numbers, one a line (count, then offset and length pairs), at the
-        start of the data, padded to a block."""
+        start of the data, padded to a block. Read a block at a time, each line once."""
         member = self._map_member
         assert member is not None
         member.data_size -= BLOCK
-        self._map_text += block
-        if len(self._map_text) > self.limits.max_metadata_bytes:
+        self._map_read += BLOCK
+        if self._map_read > self.limits.max_metadata_bytes:
             raise TarRefused(f"sparse map over max_metadata_bytes={self.limits.max_metadata_bytes}")
-        lines = bytes(self._map_text).split(b"\n")
-        complete, partial = lines[:-1], lines[-1]
-        if not complete:
-            if not partial.isdigit():
+        lines = (self._map_partial + block).split(b"\n")
+        self._map_partial = lines.pop()
+        for line in lines:
+            if not DECIMAL.fullmatch(line):
                 raise TarCorrupt("malformed pax 1.0 sparse map")
-            return self._next_map_block()
-        if not DECIMAL.fullmatch(complete[0]):
+            self._map_numbers.append(_decimal(line, "sparse map entry"))
+            count = self._map_numbers[0]
+            if count > self.limits.max_sparse_segments:
+                raise TarRefused(f"sparse map of more than max_sparse_segments="
+                                 f"{self.limits.max_sparse_segments} segments")
+            if len(self._map_numbers) == 2 * count + 1:  # complete: the rest is padding
+                values = self._map_numbers[1:]
+                self._map_member = None
+                self.between_headers = True
+                member.sparse = list(zip(values[0::2], values[1::2]))
+                return self._sparse_done(member)
+        if self._map_partial and not (self._map_partial.isdigit() and len(self._map_partial) <= 20):
             raise TarCorrupt("malformed pax 1.0 sparse map")
-        count = int(complete[0])
-        if count > self.limits.max_sparse_segments:
-            raise TarRefused(f"sparse map of more than max_sparse_segments={self.limits.max_sparse_segments} segments")
-        numbers = complete[1: 2 * count + 1]
-        if not all(DECIMAL.fullmatch(n) for n in numbers):
-            raise TarCorrupt("malformed pax 1.0 sparse map")
-        if len(numbers) < 2 * count:
-            if partial and not partial.isdigit():
-                raise TarCorrupt("malformed pax 1.0 sparse map")
-            return self._next_map_block()
-        values = [int(n) for n in numbers]
-        self._map_member = None
-        member.sparse = list(zip(values[0::2], values[1::2]))
-        return self._sparse_done(member)
+        return self._next_map_block()
 
     # -- metadata records -----------------------------------------------------------------
 
     def _metadata(self, data: bytes) -> None:
         kind, size = self._meta_kind, self._meta_size
         self._meta_kind = b""
+        self.between_headers = True
         self.want = BLOCK
         data = data[:size]
         if kind in GNU_LONG_TYPES:
@@ -732,19 +786,22 @@ class TarReader:
                     raise TarCorrupt("archive ends without an end-of-archive marker")
                 raise TarCorrupt(f"archive ends inside a header or record at byte {self._at()}")
             start = self._offset
-            if start + want <= len(self._chunk):  # the common case: within this read
-                self._offset = start + want
-                step = decoder.feed(self._chunk, start, self.position - len(self._chunk) + start)
-            else:
-                at = self._at()
-                step = decoder.feed(self._take(want), 0, at)
+            try:
+                if start + want <= len(self._chunk):  # the common case: within this read
+                    self._offset = start + want
+                    step = decoder.header(self._chunk, start) if decoder.between_headers \
+                        else decoder.feed(self._chunk, start)
+                else:
+                    step = decoder.feed(self._take(want))
+            except BadChecksum:
+                raise BadChecksum(self._at() - BLOCK) from None
             if step is None:
                 continue
             if step is END:
                 return
             assert isinstance(step, Member)
-            self._pending, self._data_left = padded(step.data_size), step.data_size
-            self.offset = self._at()
+            self._pending, self._data_left = -(-step.data_size // BLOCK) * BLOCK, step.data_size
+            self.offset = self.position - len(self._chunk) + self._offset
             yield step
 
 
@@ -797,16 +854,22 @@ class TarStreamGuard:
                 continue
             want = decoder.want
             if not self._buffer and i + want <= size:
-                step = decoder.feed(view, i, self.position + i)
+                at = self.position + i
                 i += want
+                piece: bytes | memoryview = view
+                start = at - self.position
             else:
                 take = min(want - len(self._buffer), size - i)
                 self._buffer += view[i: i + take]
                 i += take
                 if len(self._buffer) < want:
                     continue
-                step = decoder.feed(bytes(self._buffer), 0, self.position + i - want)
+                at, piece, start = self.position + i - want, bytes(self._buffer), 0
                 self._buffer.clear()
+            try:
+                step = decoder.feed(piece, start)
+            except BadChecksum:
+                raise BadChecksum(at) from None
             if isinstance(step, Member):
                 self._skip = padded(step.data_size)
                 name = step.name
