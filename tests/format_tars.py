@@ -140,3 +140,21 @@ FORMAT_CASES: list[FormatCase] = [
     FormatCase("cut_inside_a_member", lambda: header("a", size=2000) + _padded(b"x\n")),
     FormatCase("unknown_type", lambda: header("u", b"Z", 2) + _padded(b"u\n") + file("after") + END),
 ]
+
+
+def _test_layers() -> list[FormatCase]:
+    """The layers and archives other tests build: test_unpack's normal layer, test_formats'
+    layer and its OCI layout and docker save archives (tars too: GNU tar extracts them)."""
+    from tests.test_formats import _docker_archive, _oci_archive, layer_tar
+    from tests.test_unpack import normal_layer, tar_bytes
+
+    return [
+        FormatCase("test_unpack_normal_layer", lambda: tar_bytes(*normal_layer()[0])),
+        FormatCase("test_formats_layer", lambda: layer_tar(3)),
+        FormatCase("test_formats_oci_layout", lambda: _oci_archive([layer_tar(1), layer_tar(2)])),
+        FormatCase("test_formats_docker_save", lambda: _docker_archive([layer_tar(1)], new_style=True)),
+        FormatCase("test_formats_docker_save_old", lambda: _docker_archive([layer_tar(2)], new_style=False)),
+    ]
+
+
+FORMAT_CASES += _test_layers()
