@@ -70,8 +70,10 @@ VM_JOURNAL_MIB = 8
 VM_JOURNAL_MIN_DEVICE_BYTES = 256 * 1024**2
 LAYER_MKFS_OPTIONS = ("-O", "inline_data", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1")
 LAYER_MOUNT_OPTS = "noinit_itable"
-# noload: ext4 runs without its journal (the kernel logs "r/w without journal").
-LAYER_UNPACK_MOUNT_OPTIONS = (*DEFAULT_OPTIONS, "noload")
+# noload: ext4 runs without its journal (the kernel logs "r/w without journal"). noexec with
+# nodev and nosuid: the layer's device nodes (made with mknod, as containerd makes them) and
+# its programs are the VM's, never usable on the host while it is being written.
+LAYER_UNPACK_MOUNT_OPTIONS = (*DEFAULT_OPTIONS, "noexec", "noload")
 TUNE2FS_TIMEOUT = 120.0
 
 

@@ -42,7 +42,7 @@ from images.formats import Limits
 from images.resolve import DIR_FLAGS, MAX_HOPS, Resolved, open_resolver, resolver_name
 from images.tardecoder import Member, TarCorrupt, TarLimits, TarReader, TarRefused
 from images.writers import WriteFailed, WriterPool, pwrite_all
-from support.errors import PermanentError
+from support.errors import ManagerError, PermanentError
 from support.log import get_logger
 
 log = get_logger("images.unpack", component="unpacker")
@@ -193,8 +193,9 @@ class _Layer:
     so a whiteout or an opaque marker reached through another name still finds them."""
 
     def __init__(self, root: Path, limits: UnpackLimits, resolver: str | None = None) -> None:
-        resolver = resolver_name(resolver)  # a bad setting fails here, before anything is open
+        resolver = resolver_name(resolver)  # bad settings fail here, before anything is open
         threads = _writer_threads()
+        devices = limits.allow_devices if limits.allow_devices is not None else _devices_policy() == "create"
         self.root_fd = os.open(root, DIR_FLAGS)
         self.resolver = open_resolver(self.root_fd, resolver)
         self.limits = limits
@@ -205,7 +206,7 @@ class _Layer:
         self.dirs: dict[str, _DirMeta] = {}
         self.dir_tree: dict[str, set[str]] = {}  # path -> children leading to entries of self.dirs
         self.is_root = os.geteuid() == 0
-        self.devices = limits.allow_devices if limits.allow_devices is not None else _devices_policy() == "create"
+        self.devices = devices
         self.umask = _umask_if_plain(self.root_fd)
         # Resolved parents by the name the entry gave them. Removing a directory or a
         # symlink may change what a name resolves to, so it marks the cache stale; it is
@@ -711,6 +712,18 @@ def _umask_if_plain(root_fd: int) -> int | None:
             return umask
         return None
     return None
+
+
+def check_settings() -> None:
+    """The operator's unpack settings (FLYIO_UNPACK_RESOLVER, FLYIO_UNPACK_WRITERS,
+    FLYIO_UNPACK_DEVICES), checked where the services are built: a bad value is one
+    `error:` line before any job runs, not a layer aborted half-way."""
+    try:
+        resolver_name(None)
+        _writer_threads()
+        _devices_policy()
+    except (ValueError, RuntimeError) as exc:
+        raise ManagerError(str(exc)) from None
 
 
 def _devices_policy() -> str:

@@ -28,11 +28,13 @@ def build_services(
     from devices.policy import policy_from
     from devices.select import open_pool
     from images.blobstore import BlobStore
+    from images.unpack import check_settings as check_unpack_settings
     from images.source import process_s3_client
     from safeguards.setup import build_safeguards
     from support.progress import no_progress, terminal_progress
 
     block_size = layer_block_size()  # a bad FLYIO_LAYER_BLOCK_SIZE fails here, before any pool or device
+    check_unpack_settings()  # and so do bad FLYIO_UNPACK_* values
     pool = open_pool(state_dir, backend)
     health_guard, operation = build_safeguards(state_dir, pool)
     return ImageServices(

@@ -209,6 +209,9 @@ def test_a_layers_journal_is_left_unwritten_by_mkfs_and_the_unpack_mount(scratch
         target = scratch / "mnt"
         target.mkdir()
         with mounted(dev, target, options=LAYER_UNPACK_MOUNT_OPTIONS):
+            # The layer's device nodes and programs are never usable on the host.
+            flags = os.statvfs(target).f_flag
+            assert flags & os.ST_NODEV and flags & os.ST_NOSUID and flags & os.ST_NOEXEC
             for n in range(300):
                 (target / f"d{n % 10}").mkdir(exist_ok=True)
                 (target / f"d{n % 10}" / f"f{n}").write_bytes(b"x" * 100)

@@ -154,7 +154,7 @@ STATE_FILES = {"images.db", "images.db-wal", "images.db-shm", "images.db.migrate
                "pool_data", "pool_meta",  # the pool's device files (the XFS image and its size record)
                "fsm/kmsg.cursor"}
 STATE_DIRS = {"mnt", "pool", "fsm"}  # the directories themselves (their contents are checked)
-STATE_TREES = {"blobs", "records"}  # the blob store and the device records (catalog/device_records.py), whole
+STATE_TREES = {"blobs", "records", "loops"}  # the blob store, the device records (catalog/device_records.py), the loop index (devices/loop.py), whole
 
 
 def _legitimate(rel: str, full: Path) -> bool:
