@@ -129,3 +129,26 @@ def test_daemon_refuses_bad_vm_ids_and_sizes_before_any_job(state_dir: Path, ima
         assert daemon.wait() == 0
     finally:
         daemon.kill()
+
+
+def test_a_bad_unpack_setting_is_one_line_before_any_job_or_pool(tmp_path: Path) -> None:
+    """FLYIO_UNPACK_DEVICES (and the other FLYIO_UNPACK_* values) are checked where the
+    services are built: not a layer aborted half-way with its device left for gc."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    layer = tmp_path / "one.tar"
+    with tarfile.open(layer, "w") as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"vm\n"))
+    state = tmp_path / "state"
+    done = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state), "process-image", "--url",
+                           f"file://{layer}", "--backend", "blockfile", "--device-size", "64M"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FLYIO_UNPACK_DEVICES": "bogus"})
+    assert one_error(done) == "error: FLYIO_UNPACK_DEVICES='bogus': expected one of create, skip"
+    assert not (state / "pool_data").exists() and not (state / "pool").exists()
+    assert not (state / "images.db").exists() or db_rows(state, "SELECT count(*) FROM jobs") == [(0,)]
