@@ -495,7 +495,9 @@ class BlockfilePool:
         """Delete the device's file; absent is fine; an active device is refused (the caller deactivates)."""
         path = self._file(device_id)
         self._require_pool()
-        active = self._backing(device_id)
+        # The one call that destroys data asks the kernel itself (every loop, not the index):
+        # a loop bound by hand, which the index never saw, must not have its file cut to zero.
+        active = loop.find_backing(path)
         if active:
             raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
         try:
