@@ -15,8 +15,10 @@ archive from file://), then `flyio-image-manager daemon` on its socket.
    --dry-run` and `monitor --once`, each timed as a whole command; then a simulated reboot
    (every loop device detached, the pool unmounted) and `setup-pool`, which re-attaches the
    pool and reconciles the catalog with it (every VM's disk activated again), timed.
+   The same disks bound by hand (`losetup --find --show`, one per disk), for comparison.
 4. `--commands` whole `snapshot IMAGE --vm` commands and as many `delete-snapshot --vm`,
-   alternating, each timed from process start to exit: medians.
+   alternating, each timed from process start to exit: medians; once with the daemon
+   running (the commands hand their requests to it), once with none (they run the job).
 """
 
 from __future__ import annotations
@@ -155,6 +157,35 @@ def start_daemon(state_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
     raise SystemExit("the daemon's socket never answered")
 
 
+def commands(state_dir: Path, image: str, count: int, tag: str, where: str) -> None:
+    """`count` whole `snapshot IMAGE --vm` commands and as many `delete-snapshot --vm`,
+    alternating, each timed from process start to exit: medians."""
+    made_s, deleted_s = [], []
+    for n in range(count):
+        made_s.append(cli(state_dir, "snapshot", image, "--vm", f"cmd-{tag}-{n}")[0])
+        deleted_s.append(cli(state_dir, "delete-snapshot", "--vm", f"cmd-{tag}-{n}")[0])
+    print(f"whole commands {where}: snapshot IMAGE --vm median {ms_of(made_s):.0f} ms, "
+          f"delete-snapshot --vm median {ms_of(deleted_s):.0f} ms ({count} each)")
+
+
+def bind_by_hand(pool: Any, names: set[str]) -> float:
+    """What an operator's shell would do after a reboot: `losetup --find --show FILE` per VM
+    disk, one after another (then unbound again). Seconds."""
+    devices = [device for device in pool.list_devices() if device.active and device.name in names]
+    for device in devices:
+        pool.deactivate(device.device_id)
+    started = time.perf_counter()
+    bound = [subprocess.run(["losetup", "--find", "--show", str(pool.mount_point / f"{device.name}.img")],
+                            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+             for device in devices]
+    seconds = time.perf_counter() - started
+    for path in bound:
+        subprocess.run(["losetup", "--detach", path], capture_output=True, timeout=60, check=True)
+    pool.activate_all([(device.device_id, (pool.mount_point / f"{device.name}.img").stat().st_size)
+                       for device in devices])  # bound again, as the reconciliation left them
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=1000)
@@ -211,11 +242,13 @@ def main() -> None:
                 every = [s for r in results for s in r]
                 print(f"{args.clients} clients: {len(every)} VMs in {wall:.1f} s = {len(every) / wall:.1f} VMs/s  "
                       f"(median {ms_of(every):.1f} ms per request)")
+                total = args.vms + sum(counts)
+                commands(state_dir, image, args.commands, "handed", f"at {total} VMs, the daemon running "
+                         "(each command hands its request to it)")
             finally:
                 daemon.terminate()
                 daemon.wait(timeout=300)
 
-            total = args.vms + sum(counts)
             print(f"with {total} VM snapshots of one image (the daemon stopped), whole commands:")
             for command in (["snapshots"], ["fsm", "list"], ["gc", "--dry-run"], ["monitor", "--once"]):
                 seconds, done = cli(state_dir, *command)
@@ -229,16 +262,16 @@ def main() -> None:
             pool.teardown_pool()
             seconds, done = cli(state_dir, "setup-pool")
             active = {d.name for d in pool.list_devices() if d.active}
-            print(f"  {'reboot: setup-pool (re-attach, reconcile)':<16} {seconds * 1000:8.0f} ms  "
+            reconciled = next(line for line in done.stderr.splitlines() if "catalog reconciled" in line)
+            print(f"  {'reboot: setup-pool (re-attach, reconcile)':<16} {seconds * 1000:8.0f} ms, of which the "
+                  f"reconciliation {reconciled.split('duration_ms=')[1].split()[0]} ms  "
                   f"({len(active & catalog)} of {len(catalog)} VM disks active again; pool and catalog agree: "
                   f"{active == catalog})")
+            bound = bind_by_hand(pool, catalog)
+            print(f"  {'the same disks bound by hand (losetup --find --show, one per disk)':<16} {bound * 1000:8.0f} ms")
 
-            made_s, deleted_s = [], []
-            for n in range(args.commands):
-                made_s.append(cli(state_dir, "snapshot", image, "--vm", f"cmd-{n}")[0])
-                deleted_s.append(cli(state_dir, "delete-snapshot", "--vm", f"cmd-{n}")[0])
-            print(f"whole commands at {total} VMs: snapshot IMAGE --vm median {ms_of(made_s):.0f} ms, "
-                  f"delete-snapshot --vm median {ms_of(deleted_s):.0f} ms ({args.commands} each)")
+            commands(state_dir, image, args.commands, "alone", f"at {total} VMs, no daemon (each command runs "
+                     "its job itself)")
         finally:
             if pool.get_pool_status().exists:
                 for device in pool.list_devices():

@@ -199,6 +199,11 @@ class DeviceLedger:
         known = device if isinstance(device, Device) else self._get(device)
         return self.pool.activate(known.device_id, known.size_bytes)
 
+    def activate_all(self, devices: list[Device]) -> dict[int, str | ManagerError]:
+        """`activate` of each device (as this ledger or its caller read it), as the pool
+        runs them side by side: each one's path, or the error that refused it."""
+        return self.pool.activate_all([(device.device_id, device.size_bytes) for device in devices])
+
     def deactivate(self, device_id: int) -> None:
         """Unmap the device (its data stays). A failure is left to the caller: the device
         stays where it is, named by its row (or by none, for gc's orphans)."""

@@ -15,6 +15,7 @@ holds, and changes nothing it cannot undo:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
@@ -54,6 +55,7 @@ def ensure_pool(pool: ThinPool, engine: Engine) -> PoolStatus:
 
 def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
     """Compare rows with the pool's devices; re-activate ready snapshots; report the rest."""
+    started = time.monotonic()
     result = Reconciliation()
     devices = {device.device_id: device for device in pool.list_devices()}
     with Session(engine) as session:
@@ -67,18 +69,17 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
             result.missing.append(row.device_name)
             log.warning("device recorded in the database is missing from the pool", device_name=row.device_name)
     ledger = DeviceLedger(pool, engine_transactions(engine))
-    for row in snapshots:
-        device = devices.get(row.device_id)
-        if row.state != DeviceState.READY or device is None or device.active:
+    inactive = [device_of_row(row) for row in snapshots  # the rows read above: not read again per device
+                if row.state == DeviceState.READY and row.device_id in devices and not devices[row.device_id].active]
+    paths = ledger.activate_all(inactive)
+    for snapshot in inactive:
+        path = paths[snapshot.device_id]
+        if isinstance(path, ManagerError):
+            result.failed[snapshot.name] = str(path)
+            log.error("could not re-activate snapshot", device_name=snapshot.name, error=str(path))
             continue
-        try:
-            path = ledger.activate(device_of_row(row))  # the row read above: not read again per device
-        except ManagerError as exc:
-            result.failed[row.device_name] = str(exc)
-            log.error("could not re-activate snapshot", device_name=row.device_name, error=str(exc))
-            continue
-        result.reactivated.append(row.device_name)
-        log.info("snapshot re-activated", device_name=row.device_name, device=path)
+        result.reactivated.append(snapshot.name)
+        log.info("snapshot re-activated", device_name=snapshot.name, device=path)
     for device_id, device in sorted(devices.items()):
         if device_id in named:
             continue
@@ -90,5 +91,6 @@ def reconcile(pool: ThinPool, engine: Engine) -> Reconciliation:
         result.unnamed.append(device.name)
         log.warning(ORPHAN_HINT, device_id=device_id, device_name=device.name, reason="no row names it")
     log.info("catalog reconciled with the pool", devices=len(devices), reactivated=len(result.reactivated),
-             missing=len(result.missing), unnamed=len(result.unnamed), failed=len(result.failed))
+             missing=len(result.missing), unnamed=len(result.unnamed), failed=len(result.failed),
+             duration_ms=int((time.monotonic() - started) * 1000))
     return result

@@ -21,6 +21,10 @@ from support.sizes import parse_size
 
 log = get_logger("cli")
 
+# A command handed to the running daemon waits this long for its answer (a snapshot may wait
+# for room in the pool, as the daemon's jobs do).
+HANDOFF_TIMEOUT_SECONDS = 3600.0
+
 
 class JobLeftWaiting(ManagerError):
     """The command's job waits for something only another command can give it."""
@@ -115,16 +119,29 @@ def _top_device(data: dict) -> str | None:
 @common_options
 @click.pass_context
 def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, backend: str) -> None:
+    from daemon.protocol import request_if_serving
+    from states.names import check_vm_id
+
+    options = options_of(ctx)
+    check_vm_id(vm_id)  # with the size, before the lock or the database is touched
+    if size:
+        parse_size(size)
+    handed = request_if_serving(options.state_dir, {"op": "snapshot", "image": image, "vm": vm_id, "size": size,
+                                                    "wait": True}, timeout=HANDOFF_TIMEOUT_SECONDS)
+    if handed is not None:  # the daemon holds the lock and runs the job: the same job, the same line
+        log.info("handed to the running daemon", op="snapshot", job_id=handed.get("job_id"))
+        click.echo(snapshot_result_line(handed.get("job_id"), handed.get("state"), handed.get("context"),
+                                        handed.get("error")))
+        if handed.get("state") != "complete":
+            ctx.exit(1)
+        return
     from catalog.behind import refuse_if_behind
     from catalog.device_records import RecordStore
     from devices.limits import check_device_size
     from devices.select import open_pool
     from states.registry import open_environment
-    from states.names import check_vm_id
     from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
 
-    options = options_of(ctx)
-    check_vm_id(vm_id)  # with the size, before the lock or the database is touched
     size_bytes = None
     if size:  # checked against the backend's limits; the pool is opened for real under the lock
         size_bytes = check_device_size("--size", parse_size(size), open_pool(options.state_dir, backend, say=False))
@@ -267,15 +284,23 @@ def _size(size_bytes: int | None) -> str:
 @common_options
 @click.pass_context
 def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int | None, vm_id: str | None, backend: str) -> None:
-    from catalog.queries import delete_snapshot
-    from devices.select import open_pool
+    from daemon.protocol import request_if_serving
 
     if (snapshot_id is None) == (vm_id is None):
         raise ManagerError("give a snapshot id or --vm VM_ID, not both")
     options = options_of(ctx)
-    with exclusive(options.state_dir, "delete-snapshot"):
-        store = open_store(options.state_dir)
-        names = delete_snapshot(store.engine, open_pool(options.state_dir, backend), snapshot_id, vm_id=vm_id)
+    handed = request_if_serving(options.state_dir, {"op": "delete-snapshot", "snapshot_id": snapshot_id,
+                                                    "vm": vm_id}, timeout=HANDOFF_TIMEOUT_SECONDS)
+    if handed is not None:  # the daemon holds the lock: it deletes, through the same catalog call
+        log.info("handed to the running daemon", op="delete-snapshot")
+        names = list(handed["deleted"])
+    else:
+        from catalog.queries import delete_snapshot
+        from devices.select import open_pool
+
+        with exclusive(options.state_dir, "delete-snapshot"):
+            store = open_store(options.state_dir)
+            names = delete_snapshot(store.engine, open_pool(options.state_dir, backend), snapshot_id, vm_id=vm_id)
     what = f"snapshot {snapshot_id}" if snapshot_id is not None else f"VM {vm_id}'s snapshot"
     click.echo(f"deleted {what} ({', '.join(names)})")
 

@@ -3,7 +3,9 @@
 
 Requests: {"op": "process-image", "s3_key"|"image"|"s3_prefix"|"url"|"ref": ..., "bucket", "endpoint_url",
 "device_size"} (with "ref": also "platform", "plain_http", "ca_cert", "registry_config"),
-{"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"}, {"op": "status"},
+{"op": "snapshot", "image": NAME_OR_ID, "vm": VM_ID, "size"},
+{"op": "delete-snapshot", "snapshot_id": N | "vm": VM_ID} (answered once deleted, with "deleted": the
+device names), {"op": "status"},
 {"op": "job", "id": N} (a request) or {"op": "job", "job_id": N}, {"op": "shutdown"}. Every reply
 has "ok"; a failed one has "error" (one line). A process-image or snapshot request with
 "wait": true is answered once its job is final (or left unfinished), on the same connection:
@@ -23,7 +25,7 @@ SOCKET_NAME = "manager.sock"
 MAX_LINE_BYTES = 64 * 1024
 SOURCE_FIELDS = ("s3_key", "image", "s3_prefix", "url", "ref")
 REGISTRY_FIELDS = ("platform", "plain_http", "ca_cert", "registry_config")  # how a "ref" is reached
-OPS = ("process-image", "snapshot", "status", "job", "shutdown")
+OPS = ("process-image", "snapshot", "delete-snapshot", "status", "job", "shutdown")
 JOB_OPS = ("process-image", "snapshot")  # ops that queue a job
 
 
@@ -56,6 +58,16 @@ def decode(line: bytes) -> dict[str, Any]:
     if message.get("op") not in OPS:
         raise ValueError(f"unknown op {message.get('op')!r}; one of {', '.join(OPS)}")
     return message
+
+
+def request_if_serving(state_dir: Path, message: dict[str, Any], *, timeout: float) -> dict[str, Any] | None:
+    """The reply of the daemon serving `state_dir`, or None when none is (the caller then
+    does the work itself). The daemon holds the manager lock: with one running, a command
+    that needs the lock hands its request over instead of being refused."""
+    try:
+        return request(state_dir, message, timeout=timeout)
+    except DaemonNotRunning:
+        return None
 
 
 def request(state_dir: Path, message: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:

@@ -187,6 +187,8 @@ class Daemon:
             op = message["op"]
             if op in ("process-image", "snapshot"):
                 return self._submit(message)
+            if op == "delete-snapshot":
+                return self.delete_snapshot(message)
             if op == "status":
                 return self.status()
             if op == "job":
@@ -239,6 +241,21 @@ class Daemon:
         except Exception as exc:  # one request's failure is its own; the daemon goes on
             log.error("request failed", job_id=job_id, error=str(exc) or type(exc).__name__)
             return self.store.get(job_id)
+
+    def delete_snapshot(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`delete-snapshot` on the daemon's behalf (it holds the manager lock the command
+        would need): by "snapshot_id" or "vm", through the same catalog call, answered once done."""
+        from catalog.queries import delete_snapshot
+
+        snapshot_id, vm_id = message.get("snapshot_id"), message.get("vm")
+        if (snapshot_id is None) == (vm_id is None):
+            raise ValueError('a delete-snapshot request needs "snapshot_id" or "vm", not both')
+        if snapshot_id is not None and (isinstance(snapshot_id, bool) or not isinstance(snapshot_id, int)):
+            raise ValueError(f"snapshot_id must be an integer, got {snapshot_id!r}")
+        assert self.services is not None
+        names = delete_snapshot(self.store.engine, self.services.pool, snapshot_id,
+                                vm_id=str(vm_id) if vm_id is not None else None)
+        return {"ok": True, "deleted": names}
 
     def status(self) -> dict[str, Any]:
         jobs = job_counts(database_path(self.config.state_dir))

@@ -8,6 +8,7 @@ Modelled on containerd's devmapper snapshotter: the pool device, the metadata st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -103,6 +104,17 @@ class PoolConfig:
     data_block_bytes: int | None = None
 
 
+def activate_each(pool: "ThinPool", devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
+    """`activate_all` one device after another (a backend whose activations do not overlap)."""
+    paths: dict[int, str | ManagerError] = {}
+    for device_id, size_bytes in devices:
+        try:
+            paths[device_id] = pool.activate(device_id, size_bytes)
+        except ManagerError as exc:
+            paths[device_id] = exc
+    return paths
+
+
 class ThinPool(Protocol):
     """A pool of thin devices with cheap snapshots. Every call has a timeout inside."""
 
@@ -131,6 +143,11 @@ class ThinPool(Protocol):
 
     def activate(self, device_id: int, size_bytes: int) -> str:
         """Make the device usable; return its block device path. Idempotent."""
+        ...
+
+    def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
+        """Activate each (device_id, size_bytes): its path, or the error that refused it
+        (a reboot's re-activation of every VM's disk: one refusal does not stop the rest)."""
         ...
 
     def deactivate(self, device_id: int) -> None:

@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from devices import loop
-from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
-                          device_id_from_name, device_name)
+from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, activate_each,
+                          check_growth, device_id_from_name, device_name)
 from devices.limits import SizeLimit
 from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.durable import fsync_dir
@@ -49,6 +49,7 @@ XFS_MAGIC = b"XFSB"
 MODE_XFS = "xfs"
 MODE_DIRECTORY = "directory"
 MIN_FREE_FRACTION = 0.10  # refuse new devices below this share of free pool space
+REACTIVATE_THREADS = 4  # loops bound at once by activate_all (two already triple the rate here)
 MAX_THIN_ID = 2**24 - 1  # dm-thin device ids are 24 bits; the same rule here keeps ids portable
 COPY_CHUNK = 8 << 20
 MKFS_XFS_TIMEOUT = 120.0
@@ -478,6 +479,26 @@ class BlockfilePool:
         self._loops.attached(device_name(device_id), device)
         log.debug("device activated", device_name=device_name(device_id), device=device)
         return device
+
+    def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
+        """`activate` of each, REACTIVATE_THREADS at a time: binding a loop mostly waits in
+        the kernel (1.1 ms one at a time here, 0.4 ms each with two at once), and after a
+        reboot every VM's disk is bound again before anything is answered. Each device is
+        its own file, index entry and loop; two binds racing for one free loop retry."""
+        if len(devices) < 2:
+            return activate_each(self, devices)
+        self._require_pool()
+        self._loops.check_boot()  # a rebuild of the index happens once, before the threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(device: tuple[int, int]) -> str | ManagerError:
+            try:
+                return self.activate(*device)
+            except ManagerError as exc:
+                return exc
+
+        with ThreadPoolExecutor(REACTIVATE_THREADS, thread_name_prefix="activate") as workers:
+            return dict(zip((device_id for device_id, _ in devices), workers.map(one, devices)))
 
     def deactivate(self, device_id: int) -> None:
         """Detach the device's loop; inactive is fine; a mounted device is refused."""

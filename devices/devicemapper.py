@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from devices import loop
-from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, check_growth,
-                          device_id_from_name, device_name)
+from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, activate_each,
+                          check_growth, device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
 from devices.limits import SizeLimit
 from devices.mount import mounts
@@ -368,6 +369,10 @@ class DevicemapperPool:
         finally:
             if suspended:
                 self._dmsetup("resume", origin)
+
+    def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
+        """One `dmsetup create` after another: table loads of one pool are not overlapped."""
+        return activate_each(self, devices)
 
     def activate(self, device_id: int, size_bytes: int) -> str:
         """`dmsetup create thin-<id>`; an already active device just gets its path back."""

@@ -224,10 +224,11 @@ class LoopIndex:
         self.directory = directory
         self.files = files
         self._boot_checked = False
+        self._boot_lock = threading.Lock()  # one rebuild, however many threads ask first
 
     def lookup(self, key: str, path: Path) -> list[str]:
         """The loop devices backing `path` (normally zero or one)."""
-        self._current_boot()
+        self.check_boot()
         entry = self._read(key)
         if entry is None:
             return []
@@ -242,7 +243,7 @@ class LoopIndex:
         return found
 
     def attaching(self, key: str) -> None:
-        self._current_boot()
+        self.check_boot()
         self._write(key, self.ATTACHING)
 
     def attached(self, key: str, device: str) -> None:
@@ -251,9 +252,15 @@ class LoopIndex:
     def forget(self, key: str) -> None:
         (self.directory / key).unlink(missing_ok=True)
 
-    def _current_boot(self) -> None:
+    def check_boot(self) -> None:
+        """Rebuild the index if it was written before this boot (once per process)."""
         if self._boot_checked:
             return
+        with self._boot_lock:
+            if not self._boot_checked:
+                self._check_boot_once()
+
+    def _check_boot_once(self) -> None:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         marker = self.directory / "boot_id"
         try:

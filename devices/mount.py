@@ -8,6 +8,8 @@ second stuck process."""
 from __future__ import annotations
 
 import os
+import select
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,9 +66,47 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+class _MountTable:
+    """This namespace's mount table, parsed again only when the kernel says it changed.
+
+    An open /proc/self/mountinfo polls POLLPRI|POLLERR once after every mount or unmount in
+    the namespace (proc(5)): a pool status per snapshot, or one per disk re-activated after a
+    reboot, parses the table once between changes instead of every time. A change between
+    the poll and the read is read now and polled again next time: never missed."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._poll: select.poll | None = None
+        self._entries: list[MountEntry] | None = None
+
+    def entries(self) -> list[MountEntry]:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                self._poll = select.poll()
+                self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+            assert self._poll is not None
+            if self._entries is None or self._poll.poll(0):
+                self._entries = parse_mountinfo(self._read().decode("utf-8", "surrogateescape"))
+            return self._entries
+
+    def _read(self) -> bytes:
+        assert self._fd is not None
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+_TABLE = _MountTable(MOUNTINFO)
+
+
 def mounts() -> list[MountEntry]:
-    """Everything mounted in this process's mount namespace."""
-    return parse_mountinfo(MOUNTINFO.read_text())
+    """Everything mounted in this process's mount namespace (a list the caller must not change)."""
+    return list(_TABLE.entries())
 
 
 def mount_entry(target: str | Path) -> MountEntry | None:

@@ -2,12 +2,20 @@
 
 pysqlite's implicit BEGIN is unreliable, so autocommit is switched off at the driver and
 every transaction starts with BEGIN IMMEDIATE: a deferred transaction that later upgrades
-to a write gets SQLITE_BUSY at once in WAL mode, whatever the busy timeout.
+to a write gets SQLITE_BUSY at once in WAL mode, whatever the busy timeout. A connection
+used only to read (`READ_ONLY`, JobStore's reads) begins a plain deferred transaction: in WAL
+mode it neither waits for nor blocks the writer.
+
+The writers of one process take turns on a lock before BEGIN IMMEDIATE (WRITER_LOCK_OF):
+a thread waiting for another thread's commit is woken the moment it ends, where SQLite's
+busy handler would sleep 1, 2, 5, 10... ms between tries (the daemon's workers, four
+clients' snapshots at once). Other processes still meet the busy timeout.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -17,7 +25,51 @@ from sqlalchemy import Engine, create_engine, event
 from support.errors import ManagerError
 
 BUSY_TIMEOUT_MS = 5000
+READ_ONLY = "flyio_read_only"  # an execution option: this connection's transactions only read
 _open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_writer_locks: dict[str, threading.Lock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def writer_lock_of(database: str) -> threading.Lock:
+    """The one lock this process's writers of `database` take turns on."""
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(database, threading.Lock())
+
+
+class _TurnTakingConnection(sqlite3.Connection):
+    """A connection whose write transactions hold this process's writer lock from BEGIN
+    IMMEDIATE to COMMIT or ROLLBACK."""
+
+    def __init__(self, database: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        self._writer_lock = writer_lock_of(str(database))
+        self._wait_s = float(kwargs.get("timeout", BUSY_TIMEOUT_MS / 1000))
+        self._holds_writer_lock = False
+
+    def take_writer_turn(self) -> bool:
+        """Wait for this process's other writers (False past the busy timeout)."""
+        if not self._writer_lock.acquire(timeout=self._wait_s):
+            return False
+        self._holds_writer_lock = True
+        return True
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._release_writer_lock()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release_writer_lock()
+
+    def _release_writer_lock(self) -> None:
+        if self._holds_writer_lock:
+            self._holds_writer_lock = False
+            self._writer_lock.release()
 
 
 class DatabaseError(ManagerError):
@@ -28,7 +80,8 @@ def open_engine(db_path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Eng
     """An engine on `db_path` with WAL, a busy timeout, foreign keys and durable commits."""
     engine = create_engine(
         f"sqlite:///{db_path}",
-        connect_args={"timeout": busy_timeout_ms / 1000, "isolation_level": None, "check_same_thread": False},
+        connect_args={"timeout": busy_timeout_ms / 1000, "isolation_level": None, "check_same_thread": False,
+                      "factory": _TurnTakingConnection},
     )
 
     @event.listens_for(engine, "connect")
@@ -42,10 +95,29 @@ def open_engine(db_path: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Eng
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            _begin_write(conn)
 
     _open_engines.add(engine)
     return engine
+
+
+def _begin_write(conn: Any) -> None:
+    """BEGIN IMMEDIATE on its writer's turn; past the busy timeout, the error SQLite itself
+    gives ("database is locked"), as SQLAlchemy wraps it."""
+    from sqlalchemy.exc import OperationalError
+
+    dbapi_conn = conn.connection.dbapi_connection
+    if not dbapi_conn.take_writer_turn():
+        raise OperationalError("BEGIN IMMEDIATE", None,
+                               sqlite3.OperationalError("database is locked (by another thread of this process)"))
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        dbapi_conn.rollback()  # nothing begun: this only ends the turn
+        raise
 
 
 def close_all_engines() -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fsm.database import READ_ONLY
 from fsm.models import Job, JobEvent, JobNote, NoteKind
 from fsm.ownership import Owner, owner_alive
 from support.errors import ManagerError
@@ -46,6 +47,8 @@ class JobStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Reads begin deferred: they neither wait for a writer nor hold one up (fsm/database.py).
+        self._reads = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -56,14 +59,14 @@ class JobStore:
     # -- reading ---------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job:
-        with self._sessions() as session:
+        with self._reads() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise JobNotFound(job_id)
             return job
 
     def list_jobs(self, state: str | None = None) -> list[Job]:
-        with self._sessions() as session:
+        with self._reads() as session:
             query = select(Job).order_by(Job.id)
             if state:
                 query = query.where(Job.state == state)
@@ -71,17 +74,17 @@ class JobStore:
 
     def history(self, job_id: int) -> list[JobEvent]:
         self.get(job_id)
-        with self._sessions() as session:
+        with self._reads() as session:
             return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
 
     def notes(self, job_id: int) -> list[JobNote]:
         """The job's wait episodes and abort requests, oldest first."""
         self.get(job_id)
-        with self._sessions() as session:
+        with self._reads() as session:
             return list(session.scalars(select(JobNote).where(JobNote.job_id == job_id).order_by(JobNote.id)))
 
     def find(self, workflow: str, key: str) -> Job | None:
-        with self._sessions() as session:
+        with self._reads() as session:
             return session.scalars(select(Job).where(Job.workflow == workflow, Job.idempotency_key == key)).first()
 
     # -- writing ---------------------------------------------------------------------
@@ -236,7 +239,7 @@ class JobStore:
         session.add(note)
 
     def abort_requested(self, job_id: int) -> str | None:
-        with self._sessions() as session:
+        with self._reads() as session:
             return session.scalar(select(Job.abort_requested).where(Job.id == job_id))
 
 

@@ -94,3 +94,20 @@ def test_rebuild_reports_its_time_and_the_record_cost() -> None:
     assert "rebuilt: images=1 layers=1 snapshots=11 jobs=11" in out, out
     for row in ("with records", "without records", "difference"):
         assert re.search(rf"^  {row}\s+-?[\d.]+ ms", out, re.MULTILINE), (row, out)
+
+
+@needs_root
+def test_vm_start_prints_the_request_figures_and_the_whole_commands() -> None:
+    out = bench("bench.vm_start", "--vms", "12", "--clients", "2", "--commands", "1", "--pool-size", "2G")
+    one = re.search(r"^one client: 12 VMs  median ([\d.]+) ms  p90 ([\d.]+) ms  p99 ([\d.]+) ms  first-50 median "
+                    r"[\d.]+ ms  last-50 median [\d.]+ ms  \(last/first [\d.]+\)  ([\d.]+) VMs/s$", out, re.MULTILINE)
+    assert one is not None, out
+    median, p90, p99, rate = (float(v) for v in one.groups())
+    assert 0 < median <= p90 <= p99 and rate > 0, out
+    assert re.search(r"^2 clients: 12 VMs in [\d.]+ s = [\d.]+ VMs/s", out, re.MULTILINE), out
+    for command in ("snapshots", "fsm list", "gc --dry-run", "monitor --once"):
+        assert re.search(rf"^  {command}\s+\d+ ms$", out, re.MULTILINE), (command, out)
+    assert "(25 of 25 VM disks active again; pool and catalog agree: True)" in out, out  # 24 VMs + process-image's
+    for where in ("the daemon running", "no daemon"):
+        assert re.search(rf"^whole commands at 24 VMs, {where} .*: snapshot IMAGE --vm median \d+ ms, "
+                         r"delete-snapshot --vm median \d+ ms \(1 each\)$", out, re.MULTILINE), (where, out)

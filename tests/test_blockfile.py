@@ -263,6 +263,29 @@ def test_activate_grows_a_device_but_never_shrinks_it(pool: BlockfilePool) -> No
                           timeout=10).stdout.strip() == str(2 * SIZE)
 
 
+def test_activate_all_binds_each_device_once_and_reports_each_refusal(pool: BlockfilePool) -> None:
+    """A reboot's re-activation: several loops bound side by side, each device its own loop,
+    the refusals (a missing device, a size below the file's) named per device, not raised."""
+    from devices import loop
+
+    pool.ensure_pool_exists()
+    for device_id in range(1, 13):
+        pool.create_thin(device_id, SIZE)
+    already = pool.activate(3, SIZE)
+    wanted = [(device_id, SIZE) for device_id in range(1, 13)] + [(40, SIZE)]
+    wanted[5] = (6, SIZE // 2)
+    paths = pool.activate_all(wanted)
+    assert list(paths) == [device_id for device_id, _ in wanted]
+    assert isinstance(paths[40], ManagerError) and "thin-40 does not exist" in str(paths[40])
+    assert isinstance(paths[6], ManagerError) and "cannot activate thin-6 at" in str(paths[6])
+    bound = {device_id: path for device_id, path in paths.items() if isinstance(path, str)}
+    assert len(bound) == 11 and len(set(bound.values())) == 11 and bound[3] == already
+    for device_id, path in bound.items():  # the kernel agrees with every answer
+        assert loop.find_backing(pool.mount_point / f"thin-{device_id}.img") == [path]
+    assert {d.device_id for d in pool.list_devices() if d.active} == set(bound)
+    assert pool.activate_all([(device_id, SIZE) for device_id in bound]) == bound  # again: the same loops
+
+
 def test_a_file_with_data_is_never_formatted(state: Path) -> None:
     state.mkdir()
     precious = b"precious data" * 100

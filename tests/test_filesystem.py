@@ -76,6 +76,23 @@ def test_mountinfo_leaves_a_backslash_without_octal_digits_alone() -> None:
     assert entry.target == r"/a\9b\04"
 
 
+@needs_root
+def test_the_mount_table_follows_every_mount_and_unmount_at_once(scratch: Path) -> None:
+    """mounts() parses /proc/self/mountinfo again only after the kernel says it changed; a
+    mount and an unmount by another process are each seen by the very next call."""
+    target = scratch / "tmpfs here"
+    target.mkdir()
+    before = mounts()
+    assert mounts() == before and not is_mounted(target)
+    for _ in range(3):
+        run_command(["mount", "-t", "tmpfs", "-o", "size=1M", "none", str(target)], timeout=30)
+        entry = mount_entry(target)
+        assert entry is not None and entry.fstype == "tmpfs" and entry.source == "none"
+        run_command(["umount", str(target)], timeout=30)
+        assert not is_mounted(target)
+    assert mounts() == before
+
+
 # -- loop devices ---------------------------------------------------------------------------
 
 

@@ -142,7 +142,8 @@ def test_a_corrupt_database_is_a_one_line_error_and_is_left_alone(state_dir: Pat
 
 
 def test_a_locked_database_is_a_one_line_error(state_dir: Path) -> None:
-    open_store(state_dir)
+    # A job to abort: the abort must write (reads do not wait for a writer in WAL mode).
+    open_store(state_dir).create_or_get(WORKFLOW_NAME, "locked-db", "pending", {})
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(30)"), str(state_dir / "images.db")],

@@ -91,7 +91,12 @@ def calls_of_one_snapshot(snapshots: Snapshots, vm: str, monkeypatch: pytest.Mon
         counts["ioctl LOOP_GET_STATUS64"] += 1
         return original_identity(device)
 
+    from safeguards.health import SystemHealthChecker
+
     with monkeypatch.context() as patch:
+        # Every health check runs afresh: a pass reused from the last second (safeguards/setup.py)
+        # would make the count depend on how fast the previous snapshot was.
+        patch.setattr(SystemHealthChecker, "check_recent", lambda self, _age: self.check_all())
         patch.setattr(real, "run", run)
         patch.setattr(loop, "in_kernel", in_kernel)
         patch.setattr(loop, "backing_identity", identity)
@@ -169,6 +174,42 @@ def test_a_waiting_snapshot_request_is_answered_with_the_ready_device(image_stat
         daemon.terminate()
         daemon.wait(timeout=120)
         log.close()
+
+
+def test_with_the_daemon_running_snapshot_and_delete_snapshot_are_handed_to_it(image_state: Path,
+                                                                              tmp_path: Path) -> None:
+    """The daemon holds the manager lock: the commands hand it their request (on its socket)
+    instead of being refused, and print what they print when they run the job themselves."""
+    alone = cli(image_state, "snapshot", IMAGE, "--vm", "vm-alone")  # no daemon: the command runs the job
+    log_path = tmp_path / "daemon.log"
+    log = log_path.open("wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(image_state), "daemon", "--backend",
+                               "blockfile", "--metrics-port", "0"], cwd=REPO, stdout=log, stderr=log)
+    try:
+        _connect(image_state, daemon).close()
+        handed = cli(image_state, "snapshot", IMAGE, "--vm", "vm-handed")
+        assert "handed to the running daemon" in handed.stderr and "op=snapshot" in handed.stderr
+        fields = dict(item.split("=", 1) for item in handed.stdout.split())
+        assert list(fields) == [item.split("=", 1)[0] for item in alone.stdout.split()]  # the same line
+        assert fields["state"] == "complete" and fields["vm"] == "vm-handed"
+        assert _rows(image_state, "SELECT device_name, state FROM snapshots WHERE vm_id = 'vm-handed'") == [
+            (fields["snapshot"], "ready")]
+        job_line = f"job_id={fields['job_id']}"
+        assert job_line in log_path.read_text()  # the daemon ran it
+        refused = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(image_state), "snapshot", "nope",
+                                  "--vm", "vm-x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+            "error: image 'nope' not found; `images` lists them")
+        deleted = cli(image_state, "delete-snapshot", "--vm", "vm-handed")
+        assert deleted.stdout.strip() == f"deleted VM vm-handed's snapshot ({fields['snapshot']})"
+        assert "op=delete-snapshot" in deleted.stderr
+        assert _rows(image_state, "SELECT id FROM snapshots WHERE vm_id = 'vm-handed'") == []
+        assert not (image_state / "pool" / f"{fields['snapshot']}.img").exists()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=120)
+        log.close()
+    assert "handed" not in cli(image_state, "delete-snapshot", "--vm", "vm-alone").stderr  # stopped: run here
 
 
 def _connect(state_dir: Path, daemon: subprocess.Popen[bytes]) -> socket.socket:
