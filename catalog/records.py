@@ -140,8 +140,9 @@ def get_image(session: Session, image_id: int) -> Image | None:
 def mark_image_active(session: Session, image_id: int) -> None:
     """The image has a ready snapshot now (a VM can boot from it)."""
     image = session.get(Image, image_id)
-    image.activation_status = "active"
-    image.updated_at = utcnow()
+    if image.activation_status != "active":  # a commit per VM on the critical path writes nothing new
+        image.activation_status = "active"
+        image.updated_at = utcnow()
 
 
 def image_job_state(session: Session, image: Image) -> str | None:

@@ -226,12 +226,14 @@ class Daemon:
                                                 self.runner.workflow(SNAPSHOT_WORKFLOW).initial, resolved.job_context())
         if created:
             log.info("job created", job_id=job.id, workflow=SNAPSHOT_WORKFLOW, key=resolved.idempotency_key)
-        future = self.executor.submit(self._run_snapshot, job.id, resolved)
+        # A job just made here needs no second lookup (process_snapshot_request's: is it
+        # complete, its snapshot since deleted?): it is run as it stands.
+        future = self.executor.submit(self._run_snapshot, job.id, None if created else resolved)
         if not message.get("wait"):
             return {"ok": True, "id": None, "job_id": job.id, "state": QUEUED}
         return snapshot_reply(future.result())
 
-    def _run_snapshot(self, job_id: int, resolved: SnapshotRequest) -> Any:
+    def _run_snapshot(self, job_id: int, resolved: SnapshotRequest | None) -> Any:
         """Run a VM's snapshot job in a worker; the job as it ended (a failure is its own)."""
         try:
             job = self._run_job(self.runner, job_id, resolved)
@@ -306,7 +308,7 @@ class Daemon:
         if not image or not vm_id:
             raise ValueError('a snapshot request needs "image" (name or id) and "vm"')
         size_bytes = self._device_size(size, "size")
-        with self.store.transaction() as session:
+        with self.store.reading() as session:
             return resolve_snapshot_request(session, str(image), str(vm_id), size_bytes)
 
     def _device_size(self, value: Any, name: str) -> int | None:

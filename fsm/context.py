@@ -63,6 +63,16 @@ class StepContext:
             finally:
                 self._session = None
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for lookups that change nothing, `data` included (nothing is saved);
+        joins the abort's transaction when inside one."""
+        if self._session is not None:
+            yield self._session
+            return
+        with self.store.reading() as session:
+            yield session
+
     def save(self) -> None:
         """Persist `data` now (intent first, before creating a kernel object)."""
         with self.transaction():

@@ -56,6 +56,13 @@ class JobStore:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session that only reads: a deferred transaction, which in WAL mode neither waits
+        for a writer nor holds one up (the catalog's checks before a job, a step's lookups)."""
+        with self._reads() as session:
+            yield session
+
     # -- reading ---------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job:

@@ -32,7 +32,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
 def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     ledger = services.ledger(ctx)
     image_id = int(ctx.data["image_id"])
-    with ctx.transaction() as session:
+    with ctx.reading() as session:
         origin = origin_device(session, image_id)
         previous = snapshot_of_job(session, ctx.job_id)
         previous_device = device_of_row(previous) if previous is not None else None

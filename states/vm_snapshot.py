@@ -105,7 +105,7 @@ def process_snapshot_request(runner: Runner, request: SnapshotRequest) -> Job:
 def check_request(ctx: StepContext, services: ImageServices) -> str:
     """pending: the image is still complete and the size still fits (checked again: the
     job may run long after it was asked for)."""
-    with ctx.transaction() as session:
+    with ctx.reading() as session:
         image = get_image(session, int(ctx.data["image_id"]))
         if image is None:
             raise ImageNotReady(f"image {ctx.data['image_id']} no longer exists")
@@ -132,7 +132,7 @@ def admitted_snapshot(ctx: StepContext, services: ImageServices) -> str:
     """snapshotting, once the snapshot fits below the high watermark (states/admission.py:
     evicting first; then the daemon waits, the CLI leaves the job waiting). A snapshot an
     interrupted run already made ready needs no room."""
-    with ctx.transaction() as session:
+    with ctx.reading() as session:
         made = snapshot_of_job(session, ctx.job_id)
         ready = made is not None and made.state == DeviceState.READY
     if not ready:
