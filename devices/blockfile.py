@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from devices import loop
+from devices import filesystem, loop
 from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, activate_each,
                           check_growth, device_id_from_name, device_name)
 from devices.limits import SizeLimit
@@ -36,7 +36,7 @@ from devices.mount import MountEntry, mount, mount_entry, mounts, unmount
 from support.durable import fsync_dir
 from support.errors import ManagerError
 from support.log import get_logger
-from support.proc import CommandFailed, run_command
+from support.proc import CommandFailed
 
 log = get_logger("devices.blockfile", component="pool-manager")
 
@@ -132,7 +132,7 @@ class BlockfilePool:
         fresh = self.data_file.with_name("pool_data.new")
         with open(fresh, "wb") as fh:
             fh.truncate(self.config.data_size_bytes)
-        run_command(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(fresh)], timeout=MKFS_XFS_TIMEOUT)
+        filesystem.make_xfs(fresh, timeout=MKFS_XFS_TIMEOUT)
         os.replace(fresh, self.data_file)
         self._write_meta(MODE_XFS)
         self._attach_and_mount()
@@ -143,7 +143,7 @@ class BlockfilePool:
             # No signature and not one written byte (the guide's `fallocate -l 2G pool_data`):
             # nothing to lose, so it is formatted in place.
             log.info("pool_data holds no data; formatting it", path=str(self.data_file))
-            run_command(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.data_file)], timeout=MKFS_XFS_TIMEOUT)
+            filesystem.make_xfs(self.data_file, timeout=MKFS_XFS_TIMEOUT)
             self._write_meta(MODE_XFS)
         elif content != MODE_XFS:
             raise ManagerError(f"{self.data_file} holds {content}, not an XFS pool; refusing to format it")
@@ -157,15 +157,15 @@ class BlockfilePool:
 
     def _pool_file_content(self) -> str:
         """`xfs`, `empty`, or a description of what else pool_data holds (blkid -p and the magic)."""
-        probe = run_command(["blkid", "-p", "-o", "export", str(self.data_file)], timeout=PROBE_TIMEOUT, check=False)
-        found = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+        probe = filesystem.probe(self.data_file, timeout=PROBE_TIMEOUT)
+        found = probe.fields
         with open(self.data_file, "rb") as fh:
             magic = fh.read(len(XFS_MAGIC))
         if found.get("TYPE") == "xfs" and magic == XFS_MAGIC:
             return MODE_XFS
         if found.get("TYPE"):
             return f"a {found['TYPE']} signature"
-        if probe.returncode == 2 and not _holds_data(self.data_file):
+        if probe.nothing_found and not _holds_data(self.data_file):
             return "empty"
         return "data with no known filesystem signature"
 
@@ -346,8 +346,8 @@ class BlockfilePool:
             log.info("pool file extended", path=str(self.data_file), old_size=current, new_size=data_size_bytes)
         # Run even when the file already has the size: a grow cut short after the extend
         # is finished by running it again.
-        run_command(["losetup", "-c", device], timeout=GROW_TIMEOUT)
-        run_command(["xfs_growfs", str(self.mount_point)], timeout=GROW_TIMEOUT)
+        loop.refresh_capacity(device, timeout=GROW_TIMEOUT)
+        filesystem.grow_xfs(self.mount_point, timeout=GROW_TIMEOUT)
         self.config = replace(self.config, data_size_bytes=max(data_size_bytes, current))
         self._write_meta(MODE_XFS)
         status = self.get_pool_status()
@@ -436,7 +436,7 @@ class BlockfilePool:
                 if entry.source == dev and not entry.read_only:
                     raise ManagerError(f"snapshot origin {device_name(origin_id)} ({dev}) is mounted read-write "
                                        f"at {entry.target}; unmount it first")
-            run_command(["blockdev", "--flushbufs", dev], timeout=FLUSH_TIMEOUT)
+            filesystem.flush_buffers(dev, timeout=FLUSH_TIMEOUT)
         src = os.open(origin, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             os.fsync(src)  # the origin's own data durable before a snapshot of it exists

@@ -12,20 +12,22 @@ created (the kernel refuses a table whose size differs from the metadata's), so
 re-attaching reads it back from the metadata superblock. Only a brand-new pool gets
 zeroed metadata (the kernel formats metadata whose superblock is all zeros).
 
-Every dmsetup/losetup call goes through support.proc.run_command with a timeout; one
-that outlives it raises CommandTimeout, a hazard (a D-state dm call is how kernels hang).
-Errors are matched on the errno text dmsetup prints (EEXIST, ENODATA, ENXIO, EBUSY).
+dmsetup and thin_ls are run by devices/dmsetup.py, `losetup -c` by devices/loop.py: each
+with a timeout (outliving it raises CommandTimeout, a hazard: a D-state dm call is how
+kernels hang), each failure a ToolFailed whose errno (EEXIST, ENODATA, ENXIO, EBUSY) is
+read once there from the tool's output and tested here.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from devices import loop
+from devices import dmsetup, loop
 from devices.base import (DeviceExists, DeviceInfo, OriginMissing, PoolConfig, PoolStatus, PoolUnhealthy, activate_each,
                           check_growth, device_id_from_name, device_name)
 from devices.dmstatus import DmStatusError, parse_pool_status
@@ -33,12 +35,10 @@ from devices.limits import SizeLimit
 from devices.mount import mounts
 from support.errors import ManagerError, PermanentError
 from support.log import get_logger
-from support.proc import CommandFailed, CommandResult, run_command
+from support.proc import ToolFailed
 
 log = get_logger("devices.devicemapper", component="pool-manager")
 
-DMSETUP_TIMEOUT = 30.0
-THIN_LS_TIMEOUT = 60.0
 SECTOR = 512
 MIB = 1024**2
 DEFAULT_DATA_BLOCK_BYTES = MIB  # 2048 sectors, the guide's table
@@ -53,11 +53,6 @@ THIN_SUPERBLOCK_MAGIC = 27022010
 SUPERBLOCK_MAGIC_OFFSET = 32
 SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET = 336  # struct thin_disk_superblock: __le32 data_block_size, in sectors
 BUSY_RETRIES = 3
-
-EEXIST = "File exists"
-ENODATA = "No data available"
-ENXIO = ("No such device or address", "No such device")
-EBUSY = "Device or resource busy"
 
 
 def data_block_sectors(size_bytes: int) -> int:
@@ -103,40 +98,19 @@ class DevicemapperPool:
 
     # -- dmsetup ----------------------------------------------------------------------
 
-    def _dmsetup(self, *args: str, check: bool = True, timeout: float = DMSETUP_TIMEOUT) -> CommandResult:
-        return run_command(["dmsetup", *args], timeout=timeout, check=check)
-
     def _message(self, text: str) -> None:
-        self._dmsetup("message", self.pool_name, "0", text)
-
-    @staticmethod
-    def _udev_running() -> bool:
-        return Path("/run/udev/control").exists()
-
-    def _create_mapping(self, name: str, table: str) -> None:
-        """`dmsetup create`; without udev the /dev/mapper node is made by `dmsetup mknodes`."""
-        if self._udev_running():
-            self._dmsetup("create", "--verifyudev", name, "--table", table)
-        else:
-            self._dmsetup("create", name, "--table", table)
-            self._dmsetup("mknodes", name)
-
-    def _is_active(self, name: str) -> bool:
-        result = self._dmsetup("info", "-c", "--noheadings", "-o", "name", name, check=False)
-        return result.returncode == 0 and result.stdout.strip() == name
+        dmsetup.message(self.pool_name, text)
 
     def _remove(self, name: str) -> None:
         """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times."""
         for attempt in range(BUSY_RETRIES):
             try:
-                self._dmsetup("remove", name)
-                if not self._udev_running():
-                    self._dmsetup("mknodes", name)  # drops the stale /dev/mapper node
+                dmsetup.remove(name)
                 return
-            except CommandFailed as exc:
-                if any(text in str(exc) for text in ENXIO) or not self._is_active(name):
+            except ToolFailed as exc:
+                if exc.errno in dmsetup.GONE or not dmsetup.is_active(name):
                     return
-                if EBUSY not in str(exc) or attempt == BUSY_RETRIES - 1:
+                if exc.errno != errno.EBUSY or attempt == BUSY_RETRIES - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
@@ -168,7 +142,7 @@ class DevicemapperPool:
             data_dev = self._loop_for(self.data_file, attached)
             data_sectors = self.data_file.stat().st_size // SECTOR
             table = f"0 {data_sectors} thin-pool {meta_dev} {data_dev} {block_sectors} {LOW_WATER_MARK}"
-            self._create_mapping(self.pool_name, table)
+            dmsetup.create(self.pool_name, table)
             self._live_block_sectors = block_sectors
         except BaseException:
             for device in attached:
@@ -228,13 +202,9 @@ class DevicemapperPool:
 
     def get_pool_status(self) -> PoolStatus:
         """`dmsetup status pool`, parsed; exists=False when there is no such mapping."""
-        result = self._dmsetup("status", self.pool_name, check=False)
-        if result.returncode != 0:
-            text = (result.stderr or result.stdout)
-            if "No such device" in text or "not exist" in text or "No such file" in text:
-                return PoolStatus(backend=self.backend_name, exists=False)
-            raise CommandFailed(result)
-        line = result.stdout.strip()
+        line = dmsetup.status(self.pool_name)
+        if line is None:
+            return PoolStatus(backend=self.backend_name, exists=False)
         try:
             parsed = parse_pool_status(line)
         except DmStatusError as exc:
@@ -250,7 +220,7 @@ class DevicemapperPool:
 
     def _pool_table(self) -> list[str]:
         """`<start> <length> thin-pool <meta> <data> <block size> <low water mark> [features]`."""
-        fields = self._dmsetup("table", self.pool_name).stdout.split()
+        fields = dmsetup.table(self.pool_name).split()
         if len(fields) < 7 or fields[2] != "thin-pool" or not fields[5].isdigit():
             raise ManagerError(f"{self.pool_name} has no thin-pool table: {' '.join(fields)}")
         return fields
@@ -310,7 +280,7 @@ class DevicemapperPool:
                     os.fsync(fh.fileno())
                 log.info("pool file extended", path=str(path), old_size=current, new_size=wanted)
             for device in loop.find_backing(path):
-                run_command(["losetup", "-c", device], timeout=DMSETUP_TIMEOUT)
+                loop.refresh_capacity(device)
         if data_size_bytes is None and metadata_size_bytes is None:
             return status
         self._reload_pool_table()
@@ -325,11 +295,11 @@ class DevicemapperPool:
         (resumed in finally: a pool left suspended would hang every thin device)."""
         fields = self._pool_table()
         fields[1] = str(self.data_file.stat().st_size // SECTOR)
-        self._dmsetup("suspend", self.pool_name)
+        dmsetup.suspend(self.pool_name)
         try:
-            self._dmsetup("reload", self.pool_name, "--table", " ".join(fields))
+            dmsetup.reload(self.pool_name, " ".join(fields))
         finally:
-            self._dmsetup("resume", self.pool_name)
+            dmsetup.resume(self.pool_name)
 
     # -- devices ----------------------------------------------------------------------
 
@@ -344,8 +314,8 @@ class DevicemapperPool:
         self._require_space()
         try:
             self._message(f"create_thin {device_id}")
-        except CommandFailed as exc:
-            if EEXIST in str(exc):
+        except ToolFailed as exc:
+            if exc.errno == errno.EEXIST:
                 raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
             raise
 
@@ -356,19 +326,19 @@ class DevicemapperPool:
         origin = device_name(origin_id)
         suspended = False
         try:
-            if self._is_active(origin):
-                self._dmsetup("suspend", origin)
+            if dmsetup.is_active(origin):
+                dmsetup.suspend(origin)
                 suspended = True
             self._message(f"create_snap {device_id} {origin_id}")
-        except CommandFailed as exc:
-            if EEXIST in str(exc):
+        except ToolFailed as exc:
+            if exc.errno == errno.EEXIST:
                 raise DeviceExists(f"device {device_name(device_id)} already exists in the pool") from None
-            if ENODATA in str(exc):
+            if exc.errno == errno.ENODATA:
                 raise OriginMissing(f"snapshot origin {origin} does not exist in the pool") from None
             raise
         finally:
             if suspended:
-                self._dmsetup("resume", origin)
+                dmsetup.resume(origin)
 
     def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
         """One `dmsetup create` after another: table loads of one pool are not overlapped."""
@@ -378,15 +348,15 @@ class DevicemapperPool:
         """`dmsetup create thin-<id>`; an already active device just gets its path back."""
         name = device_name(device_id)
         path = f"/dev/mapper/{name}"
-        if self._is_active(name):
+        if dmsetup.is_active(name):
             if not Path(path).exists():
-                self._dmsetup("mknodes", name)
+                dmsetup.mknodes(name)
             return path
         sectors = size_bytes // SECTOR
         try:
-            self._create_mapping(name, f"0 {sectors} thin {self.pool_path} {device_id}")
-        except CommandFailed as exc:
-            if ENODATA in str(exc):
+            dmsetup.create(name, f"0 {sectors} thin {self.pool_path} {device_id}")
+        except ToolFailed as exc:
+            if exc.errno == errno.ENODATA:
                 raise ManagerError(f"device {name} does not exist in the pool") from None
             raise
         return path
@@ -398,20 +368,18 @@ class DevicemapperPool:
     def delete(self, device_id: int) -> None:
         """`delete <id>`: free its blocks. Absent is fine (ENODATA); active is refused."""
         name = device_name(device_id)
-        if self._is_active(name):
+        if dmsetup.is_active(name):
             raise ManagerError(f"device {name} is active; deactivate it first")
         try:
             self._message(f"delete {device_id}")
-        except CommandFailed as exc:
-            if ENODATA not in str(exc):
+        except ToolFailed as exc:
+            if exc.errno != errno.ENODATA:
                 raise
 
     def _active_ids(self) -> list[int]:
-        result = self._dmsetup("ls", "--target", "thin", check=False)
         ids = []
-        for line in result.stdout.splitlines():
-            fields = line.split()
-            device_id = device_id_from_name(fields[0]) if fields else None
+        for name in dmsetup.names("thin"):
+            device_id = device_id_from_name(name)
             if device_id is not None:
                 ids.append(device_id)
         return sorted(ids)
@@ -424,18 +392,16 @@ class DevicemapperPool:
             return []
         try:
             self._message("reserve_metadata_snap")
-        except CommandFailed as exc:
-            if EEXIST not in str(exc) and "Invalid argument" not in str(exc):
+        except ToolFailed as exc:
+            if exc.errno not in (errno.EEXIST, errno.EINVAL):
                 raise
             # One left reserved by a process that died between reserve and release.
             self._message("release_metadata_snap")
             self._message("reserve_metadata_snap")
         try:
-            out = run_command(["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", meta[0]],
-                              timeout=THIN_LS_TIMEOUT).stdout
+            return dmsetup.thin_ids(meta[0])
         finally:
             self._message("release_metadata_snap")
-        return sorted(int(tok) for tok in out.split() if tok.isdigit())
 
     def list_devices(self) -> list[DeviceInfo]:
         """Every thin device: active mappings named thin-*, plus inactive ids from pool metadata."""

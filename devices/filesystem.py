@@ -1,17 +1,38 @@
 """mkfs.ext4 the way thin devices need it (no discard, nothing zeroed that reads as zeros
 anyway, the VM's journal made but not used by the layers), and the write-back check a
-layer passes before it is trusted."""
+layer passes before it is trusted.
+
+This module is the one that runs the filesystem and block-device tools: e2fsprogs
+(mkfs.ext4, tune2fs, e2fsck, resize2fs), xfsprogs (mkfs.xfs, xfs_growfs, for the
+blockfile pool), blkid, blockdev and sync. Their error output is mapped once, in
+FILESYSTEM_ERRORS, to the errno ToolFailed carries."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
+from dataclasses import dataclass
 
 from devices.mount import DEFAULT_OPTIONS
 from support.errors import HazardError, ManagerError
-from support.proc import CommandFailed, run_command
+from support.proc import CommandFailed, ErrorTable
 from support.sizes import parse_size
+
+# The tools print strerror texts ("tune2fs: No such file or directory while trying to open
+# /dev/x", "blockdev: cannot open /dev/x: ...") and a few refusals of their own.
+FILESYSTEM_ERRORS = ErrorTable((
+    ("No space left on device", errno.ENOSPC),
+    ("Device or resource busy", errno.EBUSY),
+    ("is mounted; will not make a filesystem here", errno.EBUSY),  # mkfs.ext4
+    ("contains a mounted filesystem", errno.EBUSY),                 # mkfs.xfs
+    ("No such file or directory", errno.ENOENT),
+    ("does not exist and no size was specified", errno.ENOENT),     # mkfs.ext4 of a missing file
+    ("Operation not permitted", errno.EPERM),                       # writing to a read-only device
+    ("Inappropriate ioctl for device", errno.ENOTTY),               # blockdev on what is not a block device
+    ("is not a mounted XFS filesystem", errno.EINVAL),              # xfs_growfs
+))
 
 MKFS_TIMEOUT = 120.0
 # Operators on slow disks raise it; tests lower it to make a real mkfs time out.
@@ -91,8 +112,8 @@ def make_filesystem(device: str, *, timeout: float | None = None, label: str | N
     if label:
         argv += ["-L", label]
     seconds = mkfs_timeout() if timeout is None else timeout
-    run_command([*argv, device], timeout=seconds)
-    run_command(["tune2fs", "-E", f"mount_opts={LAYER_MOUNT_OPTS}", device], timeout=seconds)
+    FILESYSTEM_ERRORS.run([*argv, device], timeout=seconds)
+    FILESYSTEM_ERRORS.run(["tune2fs", "-E", f"mount_opts={LAYER_MOUNT_OPTS}", device], timeout=seconds)
 
 
 def device_bytes(device: str, *, timeout: float = TUNE2FS_TIMEOUT) -> int:
@@ -103,7 +124,39 @@ def device_bytes(device: str, *, timeout: float = TUNE2FS_TIMEOUT) -> int:
         return status.st_size
     if not stat.S_ISBLK(status.st_mode):
         return 0
-    return int(run_command(["blockdev", "--getsize64", device], timeout=timeout).stdout.strip())
+    return int(FILESYSTEM_ERRORS.run(["blockdev", "--getsize64", device], timeout=timeout).stdout.strip())
+
+
+def flush_buffers(device: str, *, timeout: float) -> None:
+    """`blockdev --flushbufs`: the block device's dirty buffers written to what backs it."""
+    FILESYSTEM_ERRORS.run(["blockdev", "--flushbufs", device], timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `blkid -p` found on a device or file: its fields (TYPE=xfs, UUID=...), and
+    whether it reported no signature at all (exit 2)."""
+
+    fields: dict[str, str]
+    nothing_found: bool
+
+
+def probe(path: str | os.PathLike[str], *, timeout: float) -> Probe:
+    """`blkid -p -o export`: the signature on `path`, read from the device itself (no cache)."""
+    done = FILESYSTEM_ERRORS.run(["blkid", "-p", "-o", "export", os.fspath(path)], timeout=timeout, check=False)
+    fields = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    return Probe(fields=fields, nothing_found=done.returncode == 2)
+
+
+def make_xfs(path: str | os.PathLike[str], *, timeout: float) -> None:
+    """`mkfs.xfs -m reflink=1` on `path` (the blockfile pool's data file): reflink makes
+    a snapshot a copy-on-write clone of its origin's file."""
+    FILESYSTEM_ERRORS.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", os.fspath(path)], timeout=timeout)
+
+
+def grow_xfs(mount_point: str | os.PathLike[str], *, timeout: float) -> None:
+    """`xfs_growfs`: the XFS mounted at `mount_point` fills its (grown) device."""
+    FILESYSTEM_ERRORS.run(["xfs_growfs", os.fspath(mount_point)], timeout=timeout)
 
 
 SUPERBLOCK_OFFSET = 1024
@@ -133,7 +186,7 @@ def add_journal(device: str, *, size_mib: int = VM_JOURNAL_MIB, timeout: float =
     if has_journal(device):
         return False
     try:
-        run_command(["tune2fs", "-O", "has_journal", "-J", f"size={size_mib}", device], timeout=timeout)
+        FILESYSTEM_ERRORS.run(["tune2fs", "-O", "has_journal", "-J", f"size={size_mib}", device], timeout=timeout)
     except CommandFailed as exc:
         raise HazardError(f"adding a journal to {device} failed: {exc}") from exc
     return True
@@ -149,7 +202,7 @@ def flush_filesystem(mount_point: str | os.PathLike[str], *, timeout: float = SY
     disk) are reported here; umount would drop them silently and a broken layer would be
     marked ready. A failure or a timeout raises HazardError: the device misbehaved."""
     try:
-        run_command(["sync", "--file-system", os.fspath(mount_point)], timeout=timeout)
+        FILESYSTEM_ERRORS.run(["sync", "--file-system", os.fspath(mount_point)], timeout=timeout)
     except CommandFailed as exc:
         raise HazardError(f"writing back {os.fspath(mount_point)} failed: {exc}") from exc
 
@@ -162,10 +215,10 @@ def grow_filesystem(device: str, *, timeout: float = GROW_TIMEOUT) -> None:
     """Grow the (unmounted) ext4 on `device` to fill the device: `e2fsck -f` first, as
     resize2fs requires of an offline filesystem, then `resize2fs`. A failure or a timeout
     is a hazard: the snapshot is not handed out."""
-    check = run_command(["e2fsck", "-f", "-p", device], timeout=timeout, check=False)
+    check = FILESYSTEM_ERRORS.run(["e2fsck", "-f", "-p", device], timeout=timeout, check=False)
     if check.returncode not in E2FSCK_CLEAN:
-        raise HazardError(f"growing the filesystem on {device} failed: {CommandFailed(check)}")
+        raise HazardError(f"growing the filesystem on {device} failed: {FILESYSTEM_ERRORS.failure(check)}")
     try:
-        run_command(["resize2fs", device], timeout=timeout)
+        FILESYSTEM_ERRORS.run(["resize2fs", device], timeout=timeout)
     except CommandFailed as exc:
         raise HazardError(f"growing the filesystem on {device} failed: {exc}") from exc

@@ -7,6 +7,9 @@ disk costs no process start. `losetup --list` is still how every loop is listed.
 matched to its loops by inode and device number (LOOP_GET_STATUS64), never by path text,
 so renames, symlinks and odd characters in paths cannot confuse it.
 
+This module is the one that runs losetup (`--list`, and `-c` after a backing file grew);
+its error output is mapped once, in LOSETUP_ERRORS, to the errno ToolFailed carries.
+
 `LoopIndex` is what a backend keeps so that finding the loop of one device file is two
 small reads and one ioctl, not a listing of every loop device on the host.
 """
@@ -25,15 +28,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from support.errors import ManagerError
-from support.proc import CommandFailed, CommandTimeout, run_command
+from support.proc import CommandTimeout, ErrorTable
 
 T = TypeVar("T")
 
 LOSETUP_TIMEOUT = 30.0
 DELETED_SUFFIX = " (deleted)"
-# What losetup says when the loop device is already unbound (ENXIO) or its node is gone
-# (ENOENT); "No such device" alone (ENODEV) means the path is not a loop device at all.
-ALREADY_GONE = ("No such device or address", "No such file or directory")
+# losetup prints the errno of the call that failed as its strerror text:
+#   losetup: /dev/loop8: set capacity failed: No such device or address
+LOSETUP_ERRORS = ErrorTable((
+    ("No such device or address", errno.ENXIO),   # the loop device is not bound
+    ("No such device", errno.ENODEV),             # the path is not a loop device, or no such node
+))
 
 
 @dataclass(frozen=True)
@@ -172,10 +178,15 @@ def in_kernel(call: Callable[[], T], timeout: float, what: str) -> T:
 def loop_devices() -> list[LoopDevice]:
     """Every attached loop device, with its backing file's identity."""
     argv = ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,RO"]
-    out = run_command(argv, timeout=LOSETUP_TIMEOUT).stdout
+    out = LOSETUP_ERRORS.run(argv, timeout=LOSETUP_TIMEOUT).stdout
     if not out.strip():
         return []
     return [_loop_device(entry) for entry in json.loads(out).get("loopdevices", [])]
+
+
+def refresh_capacity(device: str, *, timeout: float = LOSETUP_TIMEOUT) -> None:
+    """`losetup -c`: loop `device` takes its backing file's new size."""
+    LOSETUP_ERRORS.run(["losetup", "-c", device], timeout=timeout)
 
 
 def _loop_device(entry: dict[str, object]) -> LoopDevice:

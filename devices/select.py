@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from devices.base import PoolConfig, ThinPool
+from devices.dmsetup import driver_answers
 from support.errors import ManagerError
 from support.log import get_logger
-from support.proc import run_command
 
 log = get_logger("devices.select", component="pool-manager")
 
@@ -33,14 +33,7 @@ def device_mapper_available() -> tuple[bool, str]:
     """Whether /dev/mapper/control answers (`dmsetup version` reaches the kernel driver)."""
     if not Path("/dev/mapper/control").exists():
         return False, "no /dev/mapper/control"
-    try:
-        result = run_command(["dmsetup", "version"], timeout=10, check=False)
-    except ManagerError as exc:
-        return False, str(exc)
-    if result.returncode != 0 or "Driver version" not in result.stdout:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        return False, lines[-1] if lines else "dmsetup version failed"
-    return True, "device-mapper driver answers"
+    return driver_answers()
 
 
 def open_pool(state_dir: Path, backend: str = "auto", config: PoolConfig | None = None, *,

@@ -1,7 +1,14 @@
-"""The one way this project runs a subprocess: argument list, timeout, stderr kept."""
+"""The one way this project runs a subprocess: argument list, timeout, stderr kept.
+
+A kernel tool (dmsetup, losetup, mkfs...) has one owner module, which runs it through
+its ErrorTable: the tool's error output is mapped once, there, to an errno that
+ToolFailed carries (as containerd's devmapper dmsetup.go does), and callers test
+`exc.errno`, never the text.
+"""
 
 from __future__ import annotations
 
+import errno as errnos
 import os
 import subprocess
 import time
@@ -83,6 +90,48 @@ def run_command(
     if check and result.returncode != 0:
         raise CommandFailed(result)
     return result
+
+
+class ToolFailed(CommandFailed):
+    """A kernel tool exited non-zero; `errno` is what its owner's ErrorTable read in its
+    output (None: nothing it knows). The message is CommandFailed's, unchanged."""
+
+    def __init__(self, result: CommandResult, errno: int | None) -> None:
+        super().__init__(result)
+        self.errno = errno
+
+    @property
+    def reason(self) -> str:
+        """The errno's name (`EBUSY`), or `unknown`."""
+        return errnos.errorcode.get(self.errno, "unknown") if self.errno is not None else "unknown"
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """One owner's map from its tools' error output to an errno: (text, errno) rows, the
+    first row whose text appears in the output wins (so a text goes before any shorter
+    text it contains: "No such device or address" before "No such device")."""
+
+    rows: tuple[tuple[str, int], ...]
+
+    def errno_of(self, output: str) -> int | None:
+        """The errno of the first row found in `output`, or None."""
+        for text, code in self.rows:
+            if text in output:
+                return code
+        return None
+
+    def run(self, argv: Sequence[str], *, timeout: float, check: bool = True) -> CommandResult:
+        """run_command(argv); a non-zero exit (when `check`) raises ToolFailed with the errno
+        read from its stderr (its stdout when stderr is empty, as CommandFailed shows)."""
+        result = run_command(argv, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise self.failure(result)
+        return result
+
+    def failure(self, result: CommandResult) -> ToolFailed:
+        """The ToolFailed for a finished command (one run with check=False)."""
+        return ToolFailed(result, self.errno_of(result.stderr or result.stdout))
 
 
 def pid_alive(pid: int) -> bool:
