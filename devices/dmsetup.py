@@ -34,7 +34,7 @@ DMSETUP_ERRORS = ErrorTable((
     ("not exist", errno.ENXIO),                     # status, info: "Device does not exist."
     ("No such file or directory", errno.ENOENT),    # /dev/mapper/control missing
     ("Device or resource busy", errno.EBUSY),       # remove, suspend: the mapping is open
-    ("Invalid argument", errno.EINVAL),             # reserve_metadata_snap: one is already reserved
+    ("Invalid argument", errno.EINVAL),             # a message the pool refuses
     ("No space left on device", errno.ENOSPC),      # the pool's metadata is full
 ))
 # A mapping that is not there, or no device-mapper to ask: `status` reads it as absent.

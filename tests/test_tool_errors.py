@@ -1,10 +1,11 @@
 """One owner per kernel tool: each tool is run by one module, whose one ErrorTable maps
 the tool's error output to an errno (ToolFailed.errno); callers test the errno.
 
-The texts in tests/tool_errors.json are the tools' own: captured on this host (util-linux 2.38, e2fsprogs
-1.47, xfsprogs, dmsetup 1.02.185 without a device-mapper driver) and, for dmsetup on a
-dm-thin kernel, in the QEMU guest (tests/guest/test_dm_errors.py makes each failure for
-real). Where a failure is cheap and safe to make on any host, it is made here too; not
+The texts in tests/tool_errors.json are the tools' own, each with its `source`: captured
+on this host (util-linux 2.38, e2fsprogs 1.47, xfsprogs, dmsetup without a device-mapper
+driver) and, for dmsetup on a dm-thin kernel, in the QEMU guest (tests/guest/
+test_dm_errors.py makes each failure for real); two dmsetup ones that no test machine
+can make (a missing control node, a full pool's metadata) are marked constructed. Where a failure is cheap and safe to make on any host, it is made here too; not
 dmsetup's: without a driver, libdevmapper creates /dev/mapper/control, and the host would
 then look like one with device-mapper to `--backend auto`.
 """
@@ -28,7 +29,7 @@ from support.proc import CommandFailed, CommandResult, ErrorTable, ToolFailed
 
 REPO = Path(__file__).resolve().parents[1]
 
-# {"dmsetup": [{"output": "<the tool's stderr>", "errno": "EEXIST" | null}, ...], ...}
+# {"dmsetup": [{"output": "<the tool's stderr>", "errno": "EEXIST" | null, "source": "..."}, ...], ...}
 TEXTS = json.loads((Path(__file__).with_name("tool_errors.json")).read_text())
 TABLES = [
     pytest.param(DMSETUP_ERRORS, "dmsetup", id="dmsetup"),
@@ -70,9 +71,9 @@ def test_a_text_that_contains_a_shorter_one_is_read_first() -> None:
 
 def test_tool_failed_says_what_command_failed_said() -> None:
     """The operator's message is unchanged; the errno rides along."""
-    [BUSY] = [output for output, code in texts("dmsetup") if code == errno.EBUSY]
+    busy = next(output for output, code in texts("dmsetup") if "remove ioctl" in output and code == errno.EBUSY)
     result = CommandResult(argv=("dmsetup", "remove", "thin-1"), returncode=1,
-                           stdout="", stderr=BUSY, seconds=0.01)
+                           stdout="", stderr=busy, seconds=0.01)
     failed = DMSETUP_ERRORS.failure(result)
     assert isinstance(failed, CommandFailed)
     assert str(failed) == str(CommandFailed(result)) == (

@@ -16,6 +16,7 @@ import pytest
 from devices import dmsetup
 from devices.base import PoolConfig
 from devices.devicemapper import DevicemapperPool
+from devices.dmsetup import DMSETUP_ERRORS
 from devices.loop import list_loops
 from support.proc import ToolFailed
 
@@ -26,9 +27,9 @@ MB = 1024**2
 
 
 @pytest.fixture
-def pool(tmp_path: Path) -> Iterator[DevicemapperPool]:
+def pool(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DevicemapperPool]:
     base = os.environ.get("GUEST_SHARE")
-    folder = Path(base) / "dm-errors" if base else tmp_path / "dm-errors"
+    folder = (Path(base) if base else tmp_path) / request.node.name
     folder.mkdir(parents=True, exist_ok=True)
     loops_before = set(list_loops())
     pool = DevicemapperPool(PoolConfig(directory=str(folder), data_size_bytes=64 * MB, metadata_size_bytes=4 * MB,
@@ -56,10 +57,15 @@ def test_dmsetup_failures_map_to_their_errno(pool: DevicemapperPool) -> None:
     assert failure(dmsetup.create, "thin-9", f"0 32768 thin {pool.pool_path} 9").errno == errno.ENODATA
     assert not Path("/dev/mapper/thin-9").exists()
     assert failure(dmsetup.remove, "no-such-mapping").errno in dmsetup.GONE
-    assert dmsetup.status("no-such-mapping") is None  # "Device does not exist."
+    missing = dmsetup.dmsetup("status", "no-such-mapping", check=False)
+    print(f"'dmsetup status no-such-mapping': {missing.stderr!r}")
+    assert DMSETUP_ERRORS.errno_of(missing.stderr) in dmsetup.ABSENT
+    assert dmsetup.status("no-such-mapping") is None
+    assert failure(dmsetup.message, "errpool", "no_such_message").errno == errno.EINVAL
     dmsetup.message("errpool", "reserve_metadata_snap")
     try:
-        assert failure(dmsetup.message, "errpool", "reserve_metadata_snap").errno in (errno.EEXIST, errno.EINVAL)
+        # Kernel 6.1: "Pool metadata snapshot already exists: release this before taking another."
+        assert failure(dmsetup.message, "errpool", "reserve_metadata_snap").errno == errno.EBUSY
     finally:
         dmsetup.message("errpool", "release_metadata_snap")
 
