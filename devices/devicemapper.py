@@ -393,7 +393,7 @@ class DevicemapperPool:
         try:
             self._message("reserve_metadata_snap")
         except ToolFailed as exc:
-            if exc.errno not in (errno.EEXIST, errno.EINVAL):
+            if exc.errno not in (errno.EEXIST, errno.EINVAL, errno.EBUSY):  # 6.1 says EBUSY
                 raise
             # One left reserved by a process that died between reserve and release.
             self._message("release_metadata_snap")

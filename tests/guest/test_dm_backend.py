@@ -215,3 +215,18 @@ def test_needs_check_pool_is_reported_and_refused(pool: DevicemapperPool) -> Non
     with pytest.raises(PoolUnhealthy, match="needs_check"):
         pool.create_thin(2, THIN_SIZE)
     assert [d.device_id for d in pool.list_devices()] in ([1], []), "listing must not fail on a read-only pool"
+
+
+def test_a_metadata_snapshot_left_reserved_does_not_hide_inactive_devices(pool: DevicemapperPool) -> None:
+    """A process that died between reserve_metadata_snap and its release leaves the pool's
+    metadata snapshot reserved; the next listing (a reserve answered EBUSY on 6.1) releases
+    it and still reads every thin id, inactive ones included."""
+    pool.ensure_pool_exists()
+    pool.create_thin(1, THIN_SIZE)
+    pool.create_thin(2, THIN_SIZE)
+    pool.activate(1, THIN_SIZE)
+    run_command(["dmsetup", "message", "testpool", "0", "reserve_metadata_snap"], timeout=60)
+    assert pool.pool_device_ids() == [1, 2]
+    listed = {device.device_id: device.active for device in pool.list_devices()}
+    assert listed == {1: True, 2: False}
+    pool.deactivate(1)
