@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from devices.mount import mounts
 from support.errors import ManagerError, PermanentError
 from support.log import get_logger
 from support.proc import CommandFailed, CommandResult, run_command
+from support.retry import Backoff, retrying
 
 log = get_logger("devices.devicemapper", component="pool-manager")
 
@@ -53,6 +53,7 @@ THIN_SUPERBLOCK_MAGIC = 27022010
 SUPERBLOCK_MAGIC_OFFSET = 32
 SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET = 336  # struct thin_disk_superblock: __le32 data_block_size, in sectors
 BUSY_RETRIES = 3
+BUSY_BACKOFF = Backoff(initial=0.5, max_wait=1.0, jitter=0.25)  # 0.5 s then 1 s: a racing opener closes
 
 EEXIST = "File exists"
 ENODATA = "No data available"
@@ -126,19 +127,22 @@ class DevicemapperPool:
         return result.returncode == 0 and result.stdout.strip() == name
 
     def _remove(self, name: str) -> None:
-        """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times."""
-        for attempt in range(BUSY_RETRIES):
-            try:
-                self._dmsetup("remove", name)
-                if not self._udev_running():
-                    self._dmsetup("mknodes", name)  # drops the stale /dev/mapper node
-                return
-            except CommandFailed as exc:
-                if any(text in str(exc) for text in ENXIO) or not self._is_active(name):
+        """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times,
+        with the product's back-off (support/retry.py)."""
+        from tenacity import retry_if_exception
+
+        busy = retry_if_exception(lambda exc: isinstance(exc, CommandFailed) and EBUSY in str(exc))
+        for attempt in retrying(BUSY_BACKOFF, attempts=BUSY_RETRIES, retry=busy):
+            with attempt:
+                try:
+                    self._dmsetup("remove", name)
+                    if not self._udev_running():
+                        self._dmsetup("mknodes", name)  # drops the stale /dev/mapper node
                     return
-                if EBUSY not in str(exc) or attempt == BUSY_RETRIES - 1:
+                except CommandFailed as exc:
+                    if any(text in str(exc) for text in ENXIO) or not self._is_active(name):
+                        return
                     raise
-                time.sleep(0.5 * (attempt + 1))
 
     # -- the pool ---------------------------------------------------------------------
 
