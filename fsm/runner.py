@@ -262,7 +262,8 @@ class Runner:
             except Exception as exc:  # anything not retried away ends the job, with its reason kept
                 self._abort(model, ctx, _abort_reason(exc, ctx.attempt, spec), started_at=started_at)
                 return
-            if event is None or not self._fire_with_guards(wf, model, ctx, event, started_at, before):
+            # str(): a step may return an enum member; history and logs hold its plain value
+            if event is None or not self._fire_with_guards(wf, model, ctx, str(event), started_at, before):
                 return
 
     def _move_to_resume_point(self, wf: Workflow, model: JobModel, ctx: StepContext) -> None:
