@@ -26,10 +26,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from support.errors import TransientError
-from support.retry import Backoff
 
 if TYPE_CHECKING:
     from fsm.context import StepContext
+    from support.retry import Backoff
 
 
 class FinalState(StrEnum):
@@ -87,6 +87,8 @@ class RetryPolicy:
 
     @property
     def backoff(self) -> Backoff:
+        from support.retry import Backoff  # loaded by the runner, not by a command's start-up
+
         return Backoff(initial=self.initial_wait, max_wait=self.max_wait, jitter=self.jitter)
 
 
@@ -106,6 +108,8 @@ class GuardPolicy:
 
     @property
     def backoff(self) -> Backoff:
+        from support.retry import Backoff  # loaded by the runner, not by a command's start-up
+
         return Backoff(initial=self.initial_wait, max_wait=self.max_wait)
 
 
