@@ -133,7 +133,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
         log.info("handed to the running daemon", op="snapshot", job_id=handed.get("job_id"))
         click.echo(snapshot_result_line(handed.get("job_id"), handed.get("state"), handed.get("context"),
                                         handed.get("error")))
-        if handed.get("state") != "complete":
+        if handed.get("state") != COMPLETE:
             ctx.exit(1)
         return
     from catalog.behind import refuse_if_behind
