@@ -19,7 +19,7 @@ DEFINITIONS = {"fsm/definition.py", "states/names.py"}
 NAMES = {str(member) for vocabulary in (FinalState, OperatorEvent, ImageState, ImageEvent, SnapshotState, SnapshotEvent)
          for member in vocabulary} | {REBUILT_EVENT}
 
-# Where a bare literal equal to a name is not that name: (path or folder/, scope, literal, why).
+# Where a bare literal equal to a name is not that name: (path or folder/, scope, literal), why beside it.
 # `scope` is the enclosing function, or the module-level name assigned; None: anywhere there.
 NOT_A_NAME = {
     ("devices/", None, "resume"),                      # `dmsetup resume`: the kernel tool's word
