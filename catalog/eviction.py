@@ -34,7 +34,7 @@ from catalog.models import DeviceState, Image, ImageLayer, Layer, Snapshot, Unpa
 from catalog.records import mark_evicted
 from devices.base import PoolStatus, ThinPool
 from devices.policy import UsagePolicy
-from fsm.definition import FINAL_STATES
+from fsm.definition import COMPLETE, FINAL_STATES
 from fsm.models import Job
 from support.errors import ManagerError
 from support.log import get_logger
@@ -115,7 +115,7 @@ def _why_not_candidate(session: Session, image: Image, job_images: set[int], job
         return (f"its snapshot {snapshot.device_name} ({snapshot.state}, process-image's) may be a VM's disk; "
                 f"delete-snapshot {snapshot.id} frees it")
     job = session.get(Job, image.job_id) if image.job_id is not None else None
-    if job is None or job.state != "complete":
+    if job is None or job.state != COMPLETE:
         return "not complete"
     return None
 

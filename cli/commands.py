@@ -15,6 +15,7 @@ from cli.app import (common_options, exclusive, image_source_options, open_datab
 from cli.main import register
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS
+from fsm.definition import COMPLETE, FINAL_STATES
 from support.errors import ManagerError
 from support.log import get_logger
 from support.sizes import parse_size
@@ -70,7 +71,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
               "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
               "snapshot_device": data.get("snapshot_device"), "error": job["error"]}
     click.echo(" ".join(f"{k}={v}" for k, v in result.items() if v is not None))
-    if job["state"] != "complete":
+    if job["state"] != COMPLETE:
         ctx.exit(1)
 
 
@@ -78,7 +79,7 @@ def refuse_if_left_waiting(job_id: int, state: str, error: str | None) -> None:
     """A job this command left waiting (no room in the pool even after eviction): one
     `error:` line naming the job and its reason, which says what to run; exit 1. The lock is
     released by then, so the remedies it names can run."""
-    if state not in ("complete", "aborted") and (error or "").startswith("waiting: "):
+    if state not in FINAL_STATES and (error or "").startswith("waiting: "):
         reason = str(error)[len("waiting: "):]
         then = "" if "fsm resume" in reason else "; fsm resume runs it on"  # a health check's reason says none
         raise JobLeftWaiting(f"job {job_id} left waiting: {reason}{then}")
@@ -132,7 +133,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
         log.info("handed to the running daemon", op="snapshot", job_id=handed.get("job_id"))
         click.echo(snapshot_result_line(handed.get("job_id"), handed.get("state"), handed.get("context"),
                                         handed.get("error")))
-        if handed.get("state") != "complete":
+        if handed.get("state") != COMPLETE:
             ctx.exit(1)
         return
     from catalog.behind import refuse_if_behind
@@ -155,7 +156,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
         job = process_snapshot_request(environment.runner, request)
     refuse_if_left_waiting(job.id, job.state, job.error)
     click.echo(snapshot_result_line(job.id, job.state, job.context, job.error))
-    if job.state != "complete":
+    if job.state != COMPLETE:
         ctx.exit(1)
 
 

@@ -12,6 +12,7 @@ from cli.commands import snapshot_result_line
 from cli.main import register
 from daemon.protocol import DaemonNotRunning, request
 from devices.select import BACKENDS
+from fsm.definition import COMPLETE
 from cli.policy_opts import policy_of, policy_options
 from support.errors import ManagerError
 from support.sizes import parse_size
@@ -114,7 +115,7 @@ def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_pre
                            "`fsm show` says where it stands")
     click.echo(result_line(status) if message["op"] == "process-image" else snapshot_result_line(
         status.get("job_id"), status.get("job_state") or status.get("state"), status.get("context"), status.get("error")))
-    if status.get("job_state") != "complete":
+    if status.get("job_state") != COMPLETE:
         ctx.exit(1)
 
 

@@ -32,14 +32,14 @@ from devices.base import PoolStatus
 from devices.policy import UsagePolicy
 from fsm.listing import job_counts, last_transition_id, transitions_after
 from safeguards.health import HealthReport
+from states.names import JOB_STATES
 from support.log import get_logger
 
 log = get_logger("daemon.metrics", component="metrics")
 
 # Step durations range from milliseconds (pending) to minutes (a large download or unpack).
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-KNOWN_JOB_STATES = ("pending", "downloading", "verifying", "creating_device", "making_fs", "unpacking",
-                    "activating", "snapshotting", "complete", "aborted")
+KNOWN_JOB_STATES = JOB_STATES  # every state gets a gauge, zero or not
 
 
 class StateCollector(Collector):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from devices.mount import mounts
 from support.errors import ManagerError, PermanentError
 from support.log import get_logger
 from support.proc import ToolFailed
+from support.retry import Backoff, retrying
 
 log = get_logger("devices.devicemapper", component="pool-manager")
 
@@ -53,6 +53,7 @@ THIN_SUPERBLOCK_MAGIC = 27022010
 SUPERBLOCK_MAGIC_OFFSET = 32
 SUPERBLOCK_DATA_BLOCK_SIZE_OFFSET = 336  # struct thin_disk_superblock: __le32 data_block_size, in sectors
 BUSY_RETRIES = 3
+BUSY_BACKOFF = Backoff(initial=0.5, max_wait=1.0, jitter=0.25)  # 0.5 s then 1 s: a racing opener closes
 
 
 def data_block_sectors(size_bytes: int) -> int:
@@ -102,17 +103,20 @@ class DevicemapperPool:
         dmsetup.message(self.pool_name, text)
 
     def _remove(self, name: str) -> None:
-        """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times."""
-        for attempt in range(BUSY_RETRIES):
-            try:
-                dmsetup.remove(name)
-                return
-            except ToolFailed as exc:
-                if exc.errno in dmsetup.GONE or not dmsetup.is_active(name):
+        """`dmsetup remove`, idempotent; EBUSY (a racing opener) is retried a few times,
+        with the product's back-off (support/retry.py)."""
+        from tenacity import retry_if_exception
+
+        busy = retry_if_exception(lambda exc: isinstance(exc, ToolFailed) and exc.errno == errno.EBUSY)
+        for attempt in retrying(BUSY_BACKOFF, attempts=BUSY_RETRIES, retry=busy):
+            with attempt:
+                try:
+                    dmsetup.remove(name)
                     return
-                if exc.errno != errno.EBUSY or attempt == BUSY_RETRIES - 1:
+                except ToolFailed as exc:
+                    if exc.errno in dmsetup.GONE or not dmsetup.is_active(name):
+                        return
                     raise
-                time.sleep(0.5 * (attempt + 1))
 
     # -- the pool ---------------------------------------------------------------------
 

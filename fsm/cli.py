@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fsm.definition import ABORTED, FINAL_STATES, Workflow
+from fsm.definition import ABORTED, COMPLETE, FINAL_STATES, Workflow
 from fsm.ownership import owner_alive
 from support.errors import ManagerError
 
@@ -243,7 +243,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
         with app.exclusive(state_dir, "fsm retry"):
             job = app.open_runner(state_dir, True).retry(job_id)
         click.echo(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
-        if job.state != "complete":
+        if job.state != COMPLETE:
             ctx.exit(1)
 
     @group.command("resume", help="Resume every unfinished job whose owner is gone.")
@@ -255,7 +255,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
         for job in jobs:
             click.echo(f"job {job.id} {job.state}" + (f": {job.error}" if job.error else ""))
         click.echo(f"resumed {len(jobs)} job(s)")
-        if any(j.state != "complete" for j in jobs):
+        if any(j.state != COMPLETE for j in jobs):
             ctx.exit(1)
 
     @group.command("graph", help="Draw a workflow's states and transitions.")

@@ -10,24 +10,50 @@ transitions between them with conditions. Nothing here runs anything.
     )
 
 `complete` and `aborted` are the final states of every workflow and are added for you,
-together with an `abort` transition from every other state.
+together with the operator events (`OperatorEvent`): `abort` from every other state, `resume`
+from a state to its resume point, `retry` from `aborted` and `reopen` from `complete`.
+fsm/machine.py turns them into edges of the same machine as the workflow's own.
+
+Names may be given as str-valued enums (the product's are in states/names.py); they are
+kept as plain strings, so what is stored and printed is the same either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from support.errors import TransientError
 
 if TYPE_CHECKING:
     from fsm.context import StepContext
+    from support.retry import Backoff
 
-COMPLETE = "complete"
-ABORTED = "aborted"
-FINAL_STATES = (COMPLETE, ABORTED)
-ABORT_EVENT = "abort"
+
+class FinalState(StrEnum):
+    """The two final states every workflow has."""
+
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+
+
+class OperatorEvent(StrEnum):
+    """The events the engine adds to every workflow; operators (`fsm abort|retry|resume`)
+    and the runner itself fire them. Each is an edge of the job's machine."""
+
+    ABORT = "abort"    # every unfinished state -> aborted
+    RESUME = "resume"  # a state -> its resume point, when a job interrupted in it runs again
+    RETRY = "retry"    # aborted -> the resume point of the state the job was aborted in
+    REOPEN = "reopen"  # complete -> the initial state, when the job's results are gone
+
+
+# The same names as plain strings: `transitions` treats enum members as enum states.
+COMPLETE: str = FinalState.COMPLETE.value
+ABORTED: str = FinalState.ABORTED.value
+FINAL_STATES: tuple[str, ...] = (COMPLETE, ABORTED)
+ABORT_EVENT: str = OperatorEvent.ABORT.value
 
 Step = Callable[["StepContext"], str]
 """Does the state's work and returns the event to fire next."""
@@ -59,10 +85,18 @@ class RetryPolicy:
     jitter: float = 0.5
     transient: tuple[type[BaseException], ...] = (TransientError,)
 
+    @property
+    def backoff(self) -> Backoff:
+        from support.retry import Backoff  # loaded by the runner, not by a command's start-up
+
+        return Backoff(initial=self.initial_wait, max_wait=self.max_wait, jitter=self.jitter)
+
 
 @dataclass(frozen=True)
 class GuardPolicy:
-    """How long a job waits on failing guards before it is left waiting for `fsm resume`."""
+    """How long a job waits on failing guards before it is left waiting for `fsm resume`:
+    waits doubling from `initial_wait`, capped at `max_wait`, no jitter (one job waits on
+    its own condition; there is no herd to spread), until they add up to `give_up_after`."""
 
     initial_wait: float = 1.0
     max_wait: float = 30.0
@@ -71,6 +105,12 @@ class GuardPolicy:
     def __post_init__(self) -> None:
         if self.initial_wait <= 0 or self.max_wait < self.initial_wait:
             raise ValueError("GuardPolicy needs 0 < initial_wait <= max_wait")
+
+    @property
+    def backoff(self) -> Backoff:
+        from support.retry import Backoff  # loaded by the runner, not by a command's start-up
+
+        return Backoff(initial=self.initial_wait, max_wait=self.max_wait)
 
 
 @dataclass(frozen=True)
@@ -83,6 +123,9 @@ class StateSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     description: str = ""
 
+    def __post_init__(self) -> None:
+        _plain(self, "name", "resume_point")
+
 
 @dataclass(frozen=True)
 class TransitionSpec:
@@ -93,6 +136,9 @@ class TransitionSpec:
     dest: str
     conditions: tuple[Condition, ...] = ()
     guards: tuple[Guard, ...] = ()
+
+    def __post_init__(self) -> None:
+        _plain(self, "trigger", "source", "dest")
 
 
 @dataclass(frozen=True)
@@ -108,6 +154,7 @@ class Workflow:
     describe: Describe | None = None
 
     def __post_init__(self) -> None:
+        _plain(self, "initial")
         names = [s.name for s in self.states]
         if len(set(names)) != len(names):
             raise ValueError(f"workflow {self.name}: duplicate state names")
@@ -131,6 +178,11 @@ class Workflow:
     def state_names(self) -> list[str]:
         return [s.name for s in self.states] + list(FINAL_STATES)
 
+    @property
+    def triggers(self) -> list[str]:
+        """The workflow's own events (the operator events come on top), in definition order."""
+        return list(dict.fromkeys(t.trigger for t in self.transitions))
+
     def state(self, name: str) -> StateSpec:
         for spec in self.states:
             if spec.name == name:
@@ -148,3 +200,12 @@ class Workflow:
         if name in FINAL_STATES:
             return name
         return self.state(name).resume_point or name
+
+
+def _plain(spec: object, *names: str) -> None:
+    """Store the named fields as plain `str` (an enum member becomes its value), so the
+    machine, the database and every printout see exactly the string, never the enum."""
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None:
+            object.__setattr__(spec, name, str(value))

@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fsm.definition import FINAL_STATES
+
 JOBS = ("SELECT id, workflow, idempotency_key, state, attempt, error, owner_pid, created_at, updated_at "
         "FROM jobs {where} ORDER BY id")
 
@@ -52,7 +54,7 @@ def job_counts(db_path: Path) -> dict[str, int]:
 def unfinished_jobs(db_path: Path) -> list[sqlite3.Row]:
     """Jobs not complete nor aborted: id, state, created_at, updated_at, owner_pid, error."""
     return read_only_rows(db_path, "SELECT id, state, created_at, updated_at, owner_pid, error FROM jobs "
-                                   "WHERE state NOT IN ('complete', 'aborted') ORDER BY id")
+                                   "WHERE state NOT IN (?, ?) ORDER BY id", FINAL_STATES)
 
 
 TRANSITIONS = ("SELECT id, job_id, from_state, to_state, event, "

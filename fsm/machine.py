@@ -1,5 +1,14 @@
 """Builds a `transitions` machine from a Workflow: conditions and guards become the
-machine's conditions, `abort` reaches `aborted` from every non-final state."""
+machine's conditions, and the operator events become edges like any other:
+
+    abort   every unfinished state -> aborted
+    resume  a state -> its resume point (only where the two differ)
+    retry   aborted -> each resume point, on condition that the job was aborted in a state
+            that resumes there (the runner passes `aborted_from`, read from history)
+    reopen  complete -> the initial state
+
+Every change of a job's state is a `fire` on this machine; the runner then persists the
+edge the machine took (fsm/store.py, one compare-and-set transaction)."""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ from typing import Any
 from transitions import EventData, Machine
 
 from fsm.context import StepContext
-from fsm.definition import ABORT_EVENT, ABORTED, FINAL_STATES, Guard, Condition, Workflow
+from fsm.definition import ABORTED, COMPLETE, Condition, Guard, OperatorEvent, Workflow
 
 
 class JobModel:
@@ -37,17 +46,39 @@ def _guard(check: Guard, model: JobModel) -> Any:
     return run
 
 
+def _aborted_in(states: list[str]) -> Any:
+    def run(event: EventData) -> bool:
+        return event.kwargs.get("aborted_from") in states
+
+    run.__name__ = "aborted_in_" + "_or_".join(states)  # what the drawn graph shows
+    return run
+
+
 def transition_table(workflow: Workflow, model: JobModel | None = None) -> list[dict[str, Any]]:
-    """The workflow's transitions in `transitions`' dict form, abort edges included."""
+    """The workflow's transitions in `transitions`' dict form, operator events included."""
     table: list[dict[str, Any]] = []
     for spec in workflow.transitions:
         conditions = [_condition(c) for c in spec.conditions]
         conditions += [_guard(g, model or JobModel()) for g in spec.guards]
         table.append({"trigger": spec.trigger, "source": spec.source, "dest": spec.dest, "conditions": conditions})
-    for name in workflow.state_names:
-        if name not in FINAL_STATES:
-            table.append({"trigger": ABORT_EVENT, "source": name, "dest": ABORTED})
-    return table
+    return table + operator_edges(workflow)
+
+
+def operator_edges(workflow: Workflow) -> list[dict[str, Any]]:
+    """abort, resume, retry and reopen as edges of the workflow's machine."""
+    unfinished = [spec.name for spec in workflow.states]
+    edges: list[dict[str, Any]] = [{"trigger": OperatorEvent.ABORT.value, "source": name, "dest": ABORTED}
+                                   for name in unfinished]
+    resumes_at: dict[str, list[str]] = {}
+    for name in unfinished:
+        point = workflow.resume_point(name)
+        resumes_at.setdefault(point, []).append(name)
+        if point != name:
+            edges.append({"trigger": OperatorEvent.RESUME.value, "source": name, "dest": point})
+    edges += [{"trigger": OperatorEvent.RETRY.value, "source": ABORTED, "dest": point, "conditions": [_aborted_in(states)]}
+              for point, states in resumes_at.items()]
+    edges.append({"trigger": OperatorEvent.REOPEN.value, "source": COMPLETE, "dest": workflow.initial})
+    return edges
 
 
 def build_machine(workflow: Workflow, state: str) -> tuple[JobModel, Machine]:
@@ -67,7 +98,13 @@ def build_machine(workflow: Workflow, state: str) -> tuple[JobModel, Machine]:
     return model, machine
 
 
-def fire(model: JobModel, event: str, ctx: StepContext) -> bool:
-    """Fire `event`; True if a transition happened, False if conditions or guards held it."""
+def can_fire(machine: Machine, state: str, event: str) -> bool:
+    """True when the machine has an edge for `event` out of `state` (conditions aside)."""
+    return event in machine.get_triggers(state)
+
+
+def fire(model: JobModel, event: str, ctx: StepContext, **facts: Any) -> bool:
+    """Fire `event`; True if a transition happened, False if conditions or guards held it.
+    `facts` are what the operator events' conditions read (retry: `aborted_from`)."""
     model.guard_reason = None
-    return bool(model.trigger(event, ctx=ctx))  # type: ignore[attr-defined]
+    return bool(model.trigger(str(event), ctx=ctx, **facts))  # type: ignore[attr-defined]

@@ -1,5 +1,9 @@
 """Runs jobs: to completion, from their resume point after a crash, and through abort
-and retry. Exactly one process runs a job at a time (owner + lease, compare-and-set)."""
+and retry. Exactly one process runs a job at a time (owner + lease, compare-and-set).
+
+Every change of a job's state, a step's event or an operator's (abort, resume, retry,
+reopen), is fired on the job's `transitions` machine (fsm/machine.py), which decides the
+edge; the store then persists it (owned_job + append_transition, one transaction)."""
 
 from __future__ import annotations
 
@@ -11,24 +15,26 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, retry_if_exception_type, retry_if_not_exception_type
 from transitions import MachineError
 
 from fsm.context import AbortRequested, StepContext, StopRequested
-from fsm.definition import ABORT_EVENT, ABORTED, COMPLETE, FINAL_STATES, GuardPolicy, StateSpec, Workflow
-from fsm.machine import build_machine, fire
+from fsm.definition import ABORTED, COMPLETE, FINAL_STATES, OperatorEvent, StateSpec, Workflow
+from fsm.machine import JobModel, build_machine, can_fire, fire
 from fsm.models import Job, JobEvent, NoteKind, WaitOutcome
 from fsm.ownership import Owner, owner_alive
 from fsm.store import JobBusy, JobStore, LostOwnership, load_context, utcnow
 from fsm.waiting import Clock, Episode, RealClock, pause
 from support.errors import ManagerError, NotReadyError
 from support.log import get_logger
+from support.retry import WaitBudget, retrying
 
 log = get_logger("fsm.runner")
 
-RESUME_EVENT = "resume"
-RETRY_EVENT = "retry"
-REOPEN_EVENT = "reopen"
+ABORT_EVENT = OperatorEvent.ABORT.value
+RESUME_EVENT = OperatorEvent.RESUME.value
+RETRY_EVENT = OperatorEvent.RETRY.value
+REOPEN_EVENT = OperatorEvent.REOPEN.value
 
 
 class JobAborted(ManagerError):
@@ -64,22 +70,6 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
-
-
-class _Backoff:
-    """The waits of one job on one failing precondition: doubling, capped, given up after a total."""
-
-    def __init__(self, policy: GuardPolicy) -> None:
-        self.policy, self.waited, self.wait = policy, 0.0, policy.initial_wait
-
-    def next_wait(self) -> float | None:
-        """Seconds to wait now, or None when `give_up_after` is spent."""
-        if self.waited >= self.policy.give_up_after:
-            return None
-        wait = self.wait
-        self.waited += wait
-        self.wait = min(wait * 2, self.policy.max_wait)
-        return wait
 
 
 @dataclass(frozen=True)
@@ -167,8 +157,7 @@ class Runner:
         owner aborts it at its next safe point: any wait within a fraction of a second, a
         running step when it returns."""
         job = self.store.get(job_id)
-        if job.state in FINAL_STATES:
-            raise InvalidOperation(f"job {job_id} is {job.state}; only unfinished jobs can be aborted")
+        model = self._operator_machine(job, ABORT_EVENT, f"job {job_id} is {job.state}; only unfinished jobs can be aborted")
         try:
             job = self.store.claim(job_id, self.owner, self.config.lease_seconds)
         except JobBusy:
@@ -177,7 +166,7 @@ class Runner:
             return job
         try:
             ctx = self._context(job)
-            self._abort(ctx, reason, started_at=utcnow())
+            self._abort(model, ctx, reason, started_at=utcnow())
         finally:
             self.store.release(job_id, self.owner)
         return self.store.get(job_id)
@@ -185,19 +174,19 @@ class Runner:
     def retry(self, job_id: int) -> Job:
         """Re-run an aborted job from the resume point of the state it was aborted in."""
         job = self.store.get(job_id)
-        if job.state != ABORTED:
-            raise InvalidOperation(f"job {job_id} is {job.state}; only aborted jobs can be retried (unfinished ones: `fsm resume`)")
-        wf = self.workflow(job.workflow)
+        model = self._operator_machine(job, RETRY_EVENT, f"job {job_id} is {job.state}; only aborted jobs can be "
+                                                          "retried (unfinished ones: `fsm resume`)")
         aborted_from = self._aborted_from(job_id)
-        target = wf.resume_point(aborted_from)
+        if not fire(model, RETRY_EVENT, self._context(job), aborted_from=aborted_from):
+            raise InvalidOperation(f"job {job_id} was aborted in {aborted_from}, a state its workflow cannot retry")
         job = self.store.claim(job_id, self.owner, self.config.lease_seconds)
         try:
             with self.store.transaction() as session:
                 row = self.store.owned_job(session, job_id, self.owner, ABORTED)
                 row.abort_requested = None
-                self.store.append_transition(session, row, to_state=target, event=RETRY_EVENT,
+                self.store.append_transition(session, row, to_state=model.state, event=RETRY_EVENT,
                                              started_at=utcnow(), attempt=0)
-            log.info("job retried", job_id=job_id, state=target)
+            log.info("job retried", job_id=job_id, state=model.state)
         finally:
             self.store.release(job_id, self.owner)
         return self.run(job_id)
@@ -206,14 +195,13 @@ class Runner:
         """Send a complete job whose results are gone back to its initial state (a `reopen`
         event with the reason), history kept; `run` then does the work again."""
         job = self.store.get(job_id)
-        if job.state != COMPLETE:
-            raise InvalidOperation(f"job {job_id} is {job.state}; only complete jobs can be reopened")
-        wf = self.workflow(job.workflow)
+        model = self._operator_machine(job, REOPEN_EVENT, f"job {job_id} is {job.state}; only complete jobs can be reopened")
+        fire(model, REOPEN_EVENT, self._context(job))
         self.store.claim(job_id, self.owner, self.config.lease_seconds)
         try:
             with self.store.transaction() as session:
                 row = self.store.owned_job(session, job_id, self.owner, COMPLETE)
-                self.store.append_transition(session, row, to_state=wf.initial, event=REOPEN_EVENT,
+                self.store.append_transition(session, row, to_state=model.state, event=REOPEN_EVENT,
                                              started_at=utcnow(), attempt=0, error=reason)
             log.warning("job reopened", job_id=job_id, reason=reason)
         finally:
@@ -221,6 +209,14 @@ class Runner:
         return self.store.get(job_id)
 
     # -- the loop ---------------------------------------------------------------------
+
+    def _operator_machine(self, job: Job, event: str, refusal: str) -> JobModel:
+        """The job's machine, in its state; InvalidOperation(`refusal`) when the machine has
+        no `event` edge out of that state (e.g. abort of a final job)."""
+        model, machine = build_machine(self.workflow(job.workflow), job.state)
+        if not can_fire(machine, job.state, event):
+            raise InvalidOperation(refusal)
+        return model
 
     def _aborted_from(self, job_id: int) -> str:
         for event in reversed(self.store.history(job_id)):
@@ -238,16 +234,16 @@ class Runner:
         ctx = self._context(job)
         if job.state in FINAL_STATES:
             return
+        model, machine = build_machine(wf, ctx.state)
         if job.stopped_before_step:
             self.store.set_stopped_before_step(ctx.job_id, self.owner, False)
             log.info("job resumed where it stopped", job_id=ctx.job_id, state=ctx.state)
-        else:
-            self._move_to_resume_point(wf, ctx)
-        model, _machine = build_machine(wf, ctx.state)
+        elif can_fire(machine, ctx.state, RESUME_EVENT):
+            self._move_to_resume_point(wf, model, ctx)
         while model.state not in FINAL_STATES:
             reason = self.store.abort_requested(ctx.job_id)
             if reason:
-                self._abort(ctx, reason, started_at=utcnow())
+                self._abort(model, ctx, reason, started_at=utcnow())
                 return
             if ctx.should_stop():  # between steps: the next one has not begun
                 self.store.set_stopped_before_step(ctx.job_id, self.owner, True)
@@ -259,32 +255,33 @@ class Runner:
             try:
                 event = self._run_step_when_ready(wf, spec, ctx)
             except AbortRequested as request:  # asked while the step waited; the hook records what it made
-                self._abort(ctx, request.reason, started_at=utcnow())
+                self._abort(model, ctx, request.reason, started_at=utcnow())
                 return
             except (StopRequested, LostOwnership):
                 raise
             except Exception as exc:  # anything not retried away ends the job, with its reason kept
-                self._abort(ctx, _abort_reason(exc, ctx.attempt, spec), started_at=started_at, error=exc)
+                self._abort(model, ctx, _abort_reason(exc, ctx.attempt, spec), started_at=started_at)
                 return
-            if event is None or not self._fire_with_guards(wf, model, ctx, event, started_at, before):
+            # str(): a step may return an enum member; history and logs hold its plain value
+            if event is None or not self._fire_with_guards(wf, model, ctx, str(event), started_at, before):
                 return
 
-    def _move_to_resume_point(self, wf: Workflow, ctx: StepContext) -> None:
-        target = wf.resume_point(ctx.state)
-        if target == ctx.state:
-            return
+    def _move_to_resume_point(self, wf: Workflow, model: JobModel, ctx: StepContext) -> None:
+        """The `resume` edge: a job interrupted inside a state goes back to its resume point."""
+        interrupted_in = model.state
+        fire(model, RESUME_EVENT, ctx)
         with self.store.transaction() as session:
-            row = self.store.owned_job(session, ctx.job_id, self.owner, ctx.state)
-            self.store.append_transition(session, row, to_state=target, event=RESUME_EVENT,
+            row = self.store.owned_job(session, ctx.job_id, self.owner, interrupted_in)
+            self.store.append_transition(session, row, to_state=model.state, event=RESUME_EVENT,
                                          started_at=utcnow(), attempt=0, context=ctx.data,
-                                         detail=self._detail(wf, ctx.state, ctx.data, RESUME_EVENT))
-        log.info("job resumed from its resume point", job_id=ctx.job_id, interrupted_in=ctx.state, state=target)
-        ctx.state = target
+                                         detail=self._detail(wf, interrupted_in, ctx.data, RESUME_EVENT))
+        log.info("job resumed from its resume point", job_id=ctx.job_id, interrupted_in=interrupted_in, state=model.state)
+        ctx.state = model.state
 
     def _run_step_when_ready(self, wf: Workflow, spec: StateSpec, ctx: StepContext) -> str | None:
         """The step's event. While the step says NotReadyError (the Operation Guard's health
         check) the job waits as on a failing guard and runs the step again; None: left waiting."""
-        backoff = _Backoff(wf.guard_policy)
+        backoff = _guard_waits(wf)
         with self._episode(ctx, Episode(NoteKind.GUARD_WAIT, spec.name)) as episode:
             while True:
                 try:
@@ -296,16 +293,14 @@ class Runner:
     def _run_step(self, spec: StateSpec, ctx: StepContext) -> str:
         policy = spec.retry
         with self._episode(ctx, Episode(NoteKind.RETRY_WAIT, spec.name)) as episode:
-            retrying = Retrying(
-                stop=stop_after_attempt(policy.max_attempts),
-                wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter),
+            attempts = retrying(
+                policy.backoff, attempts=policy.max_attempts,
                 retry=(retry_if_exception_type(policy.transient)
                        & retry_if_not_exception_type((NotReadyError, AbortRequested, StopRequested))),
                 sleep=lambda seconds: pause(ctx, seconds, self.clock),
-                reraise=True,
                 before_sleep=lambda rs: self._before_retry(ctx, episode, rs),
             )
-            for attempt in retrying:
+            for attempt in attempts:
                 with attempt:
                     ctx.attempt = attempt.retry_state.attempt_number
                     if ctx.attempt > 1:  # the first attempt is implied; a commit per step is enough
@@ -324,31 +319,31 @@ class Runner:
         log.warning("step failed, retrying", job_id=ctx.job_id, state=episode.state, attempt=state.attempt_number,
                     wait_s=round(wait, 2), error=error)
 
-    def _fire_with_guards(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime,
+    def _fire_with_guards(self, wf: Workflow, model: JobModel, ctx: StepContext, event: str, started_at: datetime,
                           before: dict[str, Any]) -> bool:
         """Fire the step's event; wait with backoff while a guard says no. False: stop driving.
         `before` is the job's data as the step found it: what the transition concerned."""
         from_state = model.state
-        backoff = _Backoff(wf.guard_policy)
+        backoff = _guard_waits(wf)
         try:
             with self._episode(ctx, Episode(NoteKind.GUARD_WAIT, from_state, event)) as episode:
                 while not self._try_fire(wf, model, ctx, event, started_at, before):
                     reason = model.guard_reason
                     if reason is None:
-                        self._abort(ctx, f"workflow error: no transition for {event} from {from_state}",
+                        self._abort(model, ctx, f"workflow error: no transition for {event} from {from_state}",
                                     started_at=started_at)
                         return False
                     if not self._wait(ctx, backoff, episode, reason):
                         return False
                 return True
         except MachineError as exc:
-            self._abort(ctx, f"workflow error: {exc.value}", started_at=started_at)
+            self._abort(model, ctx, f"workflow error: {exc.value}", started_at=started_at)
             return False
         except AbortRequested as request:  # asked while a guard held the job; the step's work is done
-            self._abort(ctx, request.reason, started_at=utcnow())
+            self._abort(model, ctx, request.reason, started_at=utcnow())
             return False
 
-    def _try_fire(self, wf: Workflow, model: Any, ctx: StepContext, event: str, started_at: datetime,
+    def _try_fire(self, wf: Workflow, model: JobModel, ctx: StepContext, event: str, started_at: datetime,
                   before: dict[str, Any]) -> bool:
         """Fire `event` and commit the transition; False when a guard or condition held it."""
         from_state = model.state
@@ -364,7 +359,7 @@ class Runner:
                  **({"detail": detail["text"]} if detail and "text" in detail else {}))
         return True
 
-    def _wait(self, ctx: StepContext, backoff: _Backoff, episode: Episode, reason: str, *,
+    def _wait(self, ctx: StepContext, backoff: WaitBudget, episode: Episode, reason: str, *,
               leave: bool = False) -> bool:
         """Record `waiting: <reason>` and sleep the next backoff (interrupted by an abort
         request or shutdown); False once it is spent, or at once with `leave` (the job is
@@ -415,11 +410,15 @@ class Runner:
             log.warning("describe hook failed", workflow=wf.name, state=state, event=event, error=str(exc))
             return None
 
-    def _abort(self, ctx: StepContext, reason: str, *, started_at: datetime, error: BaseException | None = None) -> None:
+    def _abort(self, model: JobModel, ctx: StepContext, reason: str, *, started_at: datetime) -> None:
+        """The `abort` edge, with the workflow's abort hook inside the same transaction (a
+        failing hook rolls the abort back: the job stays where it was)."""
         wf = self.workflow(ctx.workflow)
-        detail = self._detail(wf, ctx.state, ctx.data, ABORT_EVENT)
+        from_state = model.state
+        detail = self._detail(wf, from_state, ctx.data, ABORT_EVENT)
+        fire(model, ABORT_EVENT, ctx)
         with self.store.transaction() as session:
-            row = self.store.owned_job(session, ctx.job_id, self.owner, ctx.state)
+            row = self.store.owned_job(session, ctx.job_id, self.owner, from_state)
             if wf.on_abort is not None:
                 ctx._session = session
                 try:
@@ -427,10 +426,15 @@ class Runner:
                 finally:
                     ctx._session = None
             row.abort_requested = None
-            self.store.append_transition(session, row, to_state=ABORTED, event=ABORT_EVENT, started_at=started_at,
+            self.store.append_transition(session, row, to_state=model.state, event=ABORT_EVENT, started_at=started_at,
                                          attempt=ctx.attempt, error=reason, context=ctx.data, detail=detail)
-        ctx.state = ABORTED
+        ctx.state = model.state
         log.error("FSM aborted", job_id=ctx.job_id, workflow=ctx.workflow, reason=reason)
+
+
+def _guard_waits(wf: Workflow) -> WaitBudget:
+    """The waits of one job on one failing precondition: doubling, capped, given up after a total."""
+    return WaitBudget(wf.guard_policy.backoff, wf.guard_policy.give_up_after)
 
 
 def _event_field(episode: Episode) -> dict[str, str]:

@@ -9,6 +9,7 @@ from catalog.records import describe_image, upsert_image
 from fsm.context import StepContext
 from fsm.models import Job
 from states.layers import layers
+from states.names import ImageEvent
 from states.services import ImageServices
 
 
@@ -23,4 +24,4 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         job = session.get(Job, ctx.job_id)
         key = job.idempotency_key if job is not None else ""
         services.records.write_image(describe_image(session, row, idempotency_key=key, job_context=ctx.data))
-    return "activated"
+    return ImageEvent.ACTIVATED

@@ -13,6 +13,7 @@ from catalog.records import find_chain
 from fsm.context import StepContext
 from states.admission import admit
 from states.layers import current_index, current_layer, device_size, layers, resolve_layer
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import TransientError
 from support.log import get_logger
@@ -55,7 +56,7 @@ def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
             log.info("layer already unpacked; reusing its device", layer=index + 1, chain_id=layer["chain_id"],
                      device_name=row.device_name, size=row.size_bytes)
             _log_if_resized(row.device_name, row.size_bytes, device_size(ctx, services))
-            return "layer_reused"
+            return ImageEvent.LAYER_REUSED
         if row is not None and row.job_id != ctx.job_id:
             raise ChainBusy(f"layer chain {layer['chain_id']} is being unpacked by job {row.job_id}")
         stale = row.device_id if row is not None else None
@@ -71,7 +72,7 @@ def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
              size=device.size_bytes)
     if parent_chain is not None:
         _log_if_resized(device.name, device.size_bytes, device_size(ctx, services))
-    return "device_created"
+    return ImageEvent.DEVICE_CREATED
 
 
 def _log_if_resized(name: str, chain_size: int, asked: int) -> None:

@@ -25,6 +25,7 @@ from images.formats import ARCHIVE_FORMATS, layers_of_archive
 from images.prefetch import PrefetchCancelled
 from images.source import ObjectRef, fetch_blob
 from images.verify import BlobCheck, StreamFindings
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.log import get_logger
 from support.progress import no_progress
@@ -52,7 +53,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
             blobs.append({"pending": True, "source": ref.url, "size": ref.size, "etag": ref.etag})
         ctx.check_stop()
     ctx.data["blobs"] = blobs
-    return "downloaded"
+    return ImageEvent.DOWNLOADED
 
 
 def known_layer(ctx: StepContext, services: ImageServices, ref: ObjectRef) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from devices.base import device_name
 from devices.filesystem import make_filesystem
 from fsm.context import StepContext
 from states.layers import current_layer, device_of_chain
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import HazardError, ManagerError
 from support.log import get_logger
@@ -28,4 +29,4 @@ def run(ctx: StepContext, services: ImageServices) -> str:
             log.error(MKFS_FAILED, device_id=device_id, device=path, error=str(exc),
                       timed_out=isinstance(exc, HazardError))
             raise HazardError(f"{MKFS_FAILED}: {exc}", device_name=device_name(device_id)) from exc
-    return "fs_made"
+    return ImageEvent.FS_MADE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from catalog.records import ORPHAN_HINT, count_uncleaned_orphans
 from fsm.context import StepContext
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import PermanentError
 from support.log import get_logger
@@ -18,4 +19,4 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         orphans = count_uncleaned_orphans(session)
     if orphans:
         log.warning(ORPHAN_HINT, orphaned=orphans, job_id=ctx.job_id)
-    return "start"
+    return ImageEvent.START

@@ -37,14 +37,12 @@ from devices.base import DeviceInfo, ThinPool
 from fsm.definition import COMPLETE
 from fsm.models import Job
 from fsm.store import JobStore
-from states.names import IMAGE_WORKFLOW, SNAPSHOT_WORKFLOW
+from states.names import IMAGE_WORKFLOW, REBUILT_EVENT, SNAPSHOT_WORKFLOW
 from support.durable import fsync_dir
 from support.errors import ManagerError
 from support.log import get_logger
 
 log = get_logger("catalog.rebuild")
-
-REBUILT_EVENT = "rebuilt"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from catalog.records import get_image, mark_image_active, snapshot_of_job, top_l
 from devices.base import OriginMissing
 from devices.filesystem import add_journal, grow_filesystem
 from fsm.context import StepContext
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import ManagerError, PermanentError
 from support.log import get_logger
@@ -82,4 +83,4 @@ def _hand_out(ctx: StepContext, snapshot: Device, path: str, origin: Device) -> 
         ctx.data["snapshot_device"] = path
     log.info("snapshot ready", device_name=snapshot.name, device=path, origin_device_id=origin.device_id,
              vm_id=ctx.data.get("vm_id"), size=snapshot.size_bytes, origin_size=origin.size_bytes)
-    return "snapshotted"
+    return ImageEvent.SNAPSHOTTED

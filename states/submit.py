@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from images.bucket import DEFAULT_BUCKET
 from images.source import ObjectRef, family_prefix, file_ref, head_object, list_family, process_s3_client, s3_url
-from states.names import IMAGE_WORKFLOW
+from states.names import IMAGE_WORKFLOW, ImageState
 from support.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None
     if not db_path.exists():
         return None
     job = find_job(db_path, IMAGE_WORKFLOW, request.idempotency_key)
-    if job is None or job["state"] != "complete" or not image_has_ready_snapshot(db_path, request.source):
+    if job is None or job["state"] != ImageState.COMPLETE or not image_has_ready_snapshot(db_path, request.source):
         return None
     return job
 
@@ -144,12 +144,12 @@ def process_request(runner: Runner, request: ImageRequest) -> Job:
     from catalog.listing import image_has_ready_snapshot
 
     job = runner.store.find(IMAGE_WORKFLOW, request.idempotency_key)
-    if job is not None and job.state == "complete":
+    if job is not None and job.state == ImageState.COMPLETE:
         db_path = Path(str(runner.store.engine.url.database))
         if not image_has_ready_snapshot(db_path, request.source):
             runner.reopen(job.id, "the image's snapshot is gone (evicted, pool reset or database cleaned)")
     job = runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())
-    if job.state == "complete":
+    if job.state == ImageState.COMPLETE:
         from catalog.records import touch_image_by_source
 
         with runner.store.transaction() as session:

@@ -16,6 +16,7 @@ from fsm.context import StepContext
 from images.formats import open_layer_stream
 from images.unpack import UnpackFailed, unpack_layer
 from states.layers import current_index, current_layer, device_of_chain
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import HazardError
 from support.log import get_logger
@@ -59,7 +60,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     ctx.data["layer_index"] = index + 1
     log.info("layer unpacked", layer=index + 1, device_name=device_name(device_id), entries=stats.entries,
              bytes=stats.bytes_written, seconds=round(stats.seconds, 2))
-    return "layer_unpacked"
+    return ImageEvent.LAYER_UNPACKED
 
 
 def _is_device_fault(exc: UnpackFailed | HazardError) -> bool:

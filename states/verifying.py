@@ -15,6 +15,7 @@ from fsm.context import StepContext
 from images.chain import chain_ids
 from images.formats import ARCHIVE_FORMATS, layers_of_archive
 from images.verify import BlobCheck, verify_blob
+from states.names import ImageEvent
 from states.services import ImageServices
 from support.log import get_logger
 
@@ -42,7 +43,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
                           for layer, chain in zip(layers, chains)]
     ctx.data["layer_index"] = 0
     ctx.data["devices"] = {}
-    return "verified"
+    return ImageEvent.VERIFIED
 
 
 def _pending_layer(blob: dict[str, Any]) -> dict[str, Any]:

@@ -22,12 +22,12 @@ from catalog.models import DeviceState, Image, UnpackedImage
 from catalog.records import (find_image, get_image, image_job_state, snapshot_of_job, snapshot_of_vm, top_layer_device,
                              touch_image)
 from fsm.context import StepContext
-from fsm.definition import StateSpec, TransitionSpec, Workflow
+from fsm.definition import COMPLETE, StateSpec, TransitionSpec, Workflow
 from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
 from states.admission import admit_bytes, snapshot_bytes
-from states.names import SNAPSHOT_WORKFLOW, check_vm_id
+from states.names import SNAPSHOT_WORKFLOW, SnapshotEvent, SnapshotState, check_vm_id
 from states.services import ImageServices
 from states.steps import NO_RETRY, abort_hook, bound_step, health_guard
 from support.errors import PermanentError
@@ -82,7 +82,7 @@ def _ready_origin(session: Session, image: Image) -> UnpackedImage:
     origin = top_layer_device(session, image)
     if image.activation_status == "evicted":
         raise ImageNotReady(f"image {image.name!r} (id {image.id}) was evicted; process it again to re-create it")
-    if origin is None or origin.state != DeviceState.READY or image_job_state(session, image) != "complete":
+    if origin is None or origin.state != DeviceState.READY or image_job_state(session, image) != COMPLETE:
         raise ImageNotReady(f"image {image.name!r} (id {image.id}) is not complete; "
                             f"`fsm show {image.job_id}` says where its job stands")
     return origin
@@ -92,7 +92,7 @@ def process_snapshot_request(runner: Runner, request: SnapshotRequest) -> Job:
     """Run the VM's snapshot job; a complete one returns at once, unless its snapshot was
     deleted since: then it is reopened and a new snapshot made."""
     job = runner.store.find(SNAPSHOT_WORKFLOW, request.idempotency_key)
-    if job is not None and job.state == "complete":
+    if job is not None and job.state == COMPLETE:
         with runner.store.transaction() as session:
             existing = snapshot_of_vm(session, request.image_id, request.vm_id)
         if existing is None:
@@ -114,7 +114,7 @@ def check_request(ctx: StepContext, services: ImageServices) -> str:
         if existing is not None and existing.job_id != ctx.job_id:
             raise PermanentError(f"VM {ctx.data['vm_id']!r} already has snapshot {existing.id} of image "
                                  f"{image.name!r} (made by job {existing.job_id})")
-    return "start"
+    return SnapshotEvent.START
 
 
 def activate_origin(ctx: StepContext, services: ImageServices) -> str:
@@ -125,7 +125,7 @@ def activate_origin(ctx: StepContext, services: ImageServices) -> str:
         image = get_image(session, int(ctx.data["image_id"]))
         _ready_origin(session, image)
         touch_image(session, image.id)  # used now: last in eviction's order
-    return "activated"
+    return SnapshotEvent.ACTIVATED
 
 
 def admitted_snapshot(ctx: StepContext, services: ImageServices) -> str:
@@ -150,16 +150,17 @@ def build_snapshot_workflow(services: ImageServices | None) -> Workflow:
 
     return Workflow(
         name=SNAPSHOT_WORKFLOW,
-        initial="pending",
+        initial=SnapshotState.PENDING,
         states=(
-            StateSpec("pending", step=step(check_request)),
-            StateSpec("activating", step=step(activate_origin)),
-            StateSpec("snapshotting", step=step(admitted_snapshot), retry=NO_RETRY),
+            StateSpec(SnapshotState.PENDING, step=step(check_request)),
+            StateSpec(SnapshotState.ACTIVATING, step=step(activate_origin)),
+            StateSpec(SnapshotState.SNAPSHOTTING, step=step(admitted_snapshot), retry=NO_RETRY),
         ),
         transitions=(
-            TransitionSpec("start", "pending", "activating"),
-            TransitionSpec("activated", "activating", "snapshotting", guards=(healthy,)),
-            TransitionSpec("snapshotted", "snapshotting", "complete"),
+            TransitionSpec(SnapshotEvent.START, SnapshotState.PENDING, SnapshotState.ACTIVATING),
+            TransitionSpec(SnapshotEvent.ACTIVATED, SnapshotState.ACTIVATING, SnapshotState.SNAPSHOTTING,
+                           guards=(healthy,)),
+            TransitionSpec(SnapshotEvent.SNAPSHOTTED, SnapshotState.SNAPSHOTTING, SnapshotState.COMPLETE),
         ),
         on_abort=abort_hook(services),
     )

@@ -3,6 +3,8 @@
     pending -> downloading -> verifying -> creating_device -> making_fs -> unpacking
             -> activating -> snapshotting -> complete          (any non-final --abort--> aborted)
 
+(and the engine's operator edges: resume, retry, reopen; `fsm graph` draws them all.)
+
 creating_device -> [making_fs, base layer only] -> unpacking repeats once per layer, an
 explicit conditional transition, so the history shows every layer. Every transition into
 a state that touches devices is guarded by the health check: a failing check makes the
@@ -15,11 +17,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fsm.context import StepContext
-from fsm.definition import ABORT_EVENT, RetryPolicy, StateSpec, TransitionSpec, Workflow
+from fsm.definition import OperatorEvent, RetryPolicy, StateSpec, TransitionSpec, Workflow
 from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
                     unpacking, verifying)
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
-from states.names import IMAGE_WORKFLOW
+from states.names import IMAGE_WORKFLOW, ImageEvent as E, ImageState as S
 from states.services import ImageServices
 from states.steps import NO_RETRY, abort_hook, bound_step, health_guard
 from support.errors import TransientError
@@ -43,40 +45,42 @@ def build_image_workflow(services: ImageServices | None) -> Workflow:
     guarded = (healthy,)
     return Workflow(
         name=WORKFLOW_NAME,
-        initial="pending",
+        initial=S.PENDING,
         states=(
-            StateSpec("pending", step=step(pending.run)),
-            StateSpec("downloading", step=step(downloading.run), retry=NETWORK_RETRY),
-            StateSpec("verifying", step=step(verifying.run)),
-            StateSpec("creating_device", step=step(creating_device.run), retry=CHAIN_BUSY_RETRY),
+            StateSpec(S.PENDING, step=step(pending.run)),
+            StateSpec(S.DOWNLOADING, step=step(downloading.run), retry=NETWORK_RETRY),
+            StateSpec(S.VERIFYING, step=step(verifying.run)),
+            StateSpec(S.CREATING_DEVICE, step=step(creating_device.run), retry=CHAIN_BUSY_RETRY),
             # A half-made filesystem or half-unpacked layer is never trusted: start the layer again.
-            StateSpec("making_fs", step=step(making_fs.run), retry=NO_RETRY, resume_point="creating_device"),
-            StateSpec("unpacking", step=step(unpacking.run), retry=NO_RETRY, resume_point="creating_device"),
-            StateSpec("activating", step=step(activating.run)),
-            StateSpec("snapshotting", step=step(snapshotting.run), retry=NO_RETRY),
+            StateSpec(S.MAKING_FS, step=step(making_fs.run), retry=NO_RETRY, resume_point=S.CREATING_DEVICE),
+            StateSpec(S.UNPACKING, step=step(unpacking.run), retry=NO_RETRY, resume_point=S.CREATING_DEVICE),
+            StateSpec(S.ACTIVATING, step=step(activating.run)),
+            StateSpec(S.SNAPSHOTTING, step=step(snapshotting.run), retry=NO_RETRY),
         ),
         transitions=(
-            TransitionSpec("start", "pending", "downloading"),
-            TransitionSpec("downloaded", "downloading", "verifying"),
-            TransitionSpec("verified", "verifying", "creating_device", guards=guarded),
-            TransitionSpec("device_created", "creating_device", "making_fs", conditions=(is_base_layer,), guards=guarded),
-            TransitionSpec("device_created", "creating_device", "unpacking", conditions=(is_upper_layer,), guards=guarded),
-            TransitionSpec("layer_reused", "creating_device", "creating_device", conditions=(layers_remaining,), guards=guarded),
-            TransitionSpec("layer_reused", "creating_device", "activating", conditions=(all_layers_done,)),
-            TransitionSpec("fs_made", "making_fs", "unpacking", guards=guarded),
-            TransitionSpec("layer_unpacked", "unpacking", "creating_device", conditions=(layers_remaining,), guards=guarded),
-            TransitionSpec("layer_unpacked", "unpacking", "activating", conditions=(all_layers_done,)),
-            TransitionSpec("activated", "activating", "snapshotting", guards=guarded),
-            TransitionSpec("snapshotted", "snapshotting", "complete"),
+            TransitionSpec(E.START, S.PENDING, S.DOWNLOADING),
+            TransitionSpec(E.DOWNLOADED, S.DOWNLOADING, S.VERIFYING),
+            TransitionSpec(E.VERIFIED, S.VERIFYING, S.CREATING_DEVICE, guards=guarded),
+            TransitionSpec(E.DEVICE_CREATED, S.CREATING_DEVICE, S.MAKING_FS, conditions=(is_base_layer,), guards=guarded),
+            TransitionSpec(E.DEVICE_CREATED, S.CREATING_DEVICE, S.UNPACKING, conditions=(is_upper_layer,), guards=guarded),
+            TransitionSpec(E.LAYER_REUSED, S.CREATING_DEVICE, S.CREATING_DEVICE, conditions=(layers_remaining,),
+                           guards=guarded),
+            TransitionSpec(E.LAYER_REUSED, S.CREATING_DEVICE, S.ACTIVATING, conditions=(all_layers_done,)),
+            TransitionSpec(E.FS_MADE, S.MAKING_FS, S.UNPACKING, guards=guarded),
+            TransitionSpec(E.LAYER_UNPACKED, S.UNPACKING, S.CREATING_DEVICE, conditions=(layers_remaining,), guards=guarded),
+            TransitionSpec(E.LAYER_UNPACKED, S.UNPACKING, S.ACTIVATING, conditions=(all_layers_done,)),
+            TransitionSpec(E.ACTIVATED, S.ACTIVATING, S.SNAPSHOTTING, guards=guarded),
+            TransitionSpec(E.SNAPSHOTTED, S.SNAPSHOTTING, S.COMPLETE),
         ),
         on_abort=abort_hook(services),
         describe=describe,
     )
 
 
-LAYER_STATES = ("creating_device", "making_fs", "unpacking")
-LAYER_OUTCOMES = {"layer_reused": "reused", "layer_unpacked": "unpacked", "device_created": "device created",
-                  "fs_made": "filesystem made", ABORT_EVENT: "aborted"}
+LAYER_STATES = (S.CREATING_DEVICE, S.MAKING_FS, S.UNPACKING)
+# What `fsm history` says of a layer's transition (display text, not the names).
+LAYER_OUTCOMES = {E.LAYER_REUSED: "reused", E.LAYER_UNPACKED: "unpacked", E.DEVICE_CREATED: "device created",
+                  E.FS_MADE: "filesystem made", OperatorEvent.ABORT: "aborted"}
 
 
 def describe(state: str, data: Mapping[str, Any], event: str | None,

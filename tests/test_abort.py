@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from fsm.definition import ABORTED, COMPLETE, OperatorEvent
+from fsm.models import WaitOutcome
+from states.names import ImageEvent, ImageState, SnapshotState
 from tests.conftest import SampleBucket
 from tests.test_fsm_cli import fsm
 from tests.test_process_image import DEVICE_SIZE, REPO, teardown
@@ -86,7 +89,7 @@ def abort_latency(history: list[dict[str, Any]]) -> float:
     """Seconds from the (last) abort request to the abort, both as the database has them."""
     request = [row for row in history if row["kind"] == "abort-request"][-1]
     abort = history[-1]
-    assert (abort["kind"], abort["event"]) == ("transition", "abort"), history[-3:]
+    assert (abort["kind"], abort["event"]) == ("transition", OperatorEvent.ABORT), history[-3:]
     return (parse(abort["finished_at"]) - parse(request["requested_at"])).total_seconds()
 
 
@@ -95,7 +98,7 @@ def abort_through_the_cli(state_dir: Path, job_id: int, pid: int, reason: str) -
     asked = fsm(state_dir, "abort", str(job_id), "--reason", reason)
     assert asked.returncode == 0, asked.stderr
     assert f"abort requested: job {job_id} (pid {pid}) stops at its next safe point" in asked.stdout
-    poll(lambda: (job_state(state_dir) or (0, ""))[1] == "aborted", "the abort", timeout=30, every=0.01)
+    poll(lambda: (job_state(state_dir) or (0, ""))[1] == ABORTED, "the abort", timeout=30, every=0.01)
     return json.loads(fsm(state_dir, "history", str(job_id), "--json").stdout)
 
 
@@ -128,7 +131,8 @@ def test_a_job_kept_waiting_by_a_failing_threshold_is_aborted_at_once(state_dir:
     wait, request = [row for row in history if row["kind"] != "transition"]  # the wait began first
     assert (request["kind"], request["reason"], request["state"]) == ("abort-request", "operator test", state)
     assert request["requested_by_pid"] not in (None, proc.pid)  # the fsm process asked
-    assert (wait["kind"], wait["state"], wait["event"], wait["outcome"]) == ("guard-wait", state, "verified", "aborted")
+    assert (wait["kind"], wait["state"], wait["event"], wait["outcome"]) == ("guard-wait", state, ImageEvent.VERIFIED,
+                                                                               WaitOutcome.ABORTED)
     assert any("memory_pressure" in reason for reason in wait["reasons"])
     assert orphans_of(state_dir, job_id) == []  # held before any device was made
     assert "FSM aborted" in err
@@ -141,7 +145,7 @@ def test_a_job_waiting_for_the_operation_guards_lock_is_aborted_at_once(state_di
     lock = state_dir / "fsm" / "dm-operations.lock"
     fd: int | None = None
     try:
-        poll(lambda: (job_state(state_dir) or (0, ""))[1] == "making_fs", "the base layer's making_fs", proc,
+        poll(lambda: (job_state(state_dir) or (0, ""))[1] == ImageState.MAKING_FS, "the base layer's making_fs", proc,
              every=0.002)
         # Take the lock between the job's operations: it then waits with the base layer's
         # device made but not yet unpacked (an orphan once aborted).
@@ -157,7 +161,7 @@ def test_a_job_waiting_for_the_operation_guards_lock_is_aborted_at_once(state_di
     print(f"lock wait: abort landed {latency:.3f}s after the request")
     assert latency < ABORT_WITHIN_S
     # Held before make-filesystem or before unpack-image: either way the base device is unfinished.
-    assert history[-1]["from"] in ("making_fs", "unpacking") and history[-1]["error"] == "lock wait test"
+    assert history[-1]["from"] in (ImageState.MAKING_FS, ImageState.UNPACKING) and history[-1]["error"] == "lock wait test"
     assert history[-1]["detail"]["text"].startswith("layer 1/5 sha256:")
     assert [reason for _, reason in orphans_of(state_dir, job_id)] == ["lock wait test"]
     assert "wait for the guard given up" in err and "AbortRequested" in err
@@ -180,7 +184,7 @@ def test_a_job_in_a_retry_back_off_is_aborted_at_once_and_abort_wait_returns(sta
 
     digest = "sha256:" + _sha256(sample_bucket.layers["golang"][0])
     store = open_store(state_dir)
-    other, _ = store.create_or_get("image", "another image sharing the base layer", "creating_device", {})
+    other, _ = store.create_or_get("image", "another image sharing the base layer", ImageState.CREATING_DEVICE, {})
     # The other job's intent row, as the device ledger writes it before create_thin.
     with sqlite3.connect(state_dir / "images.db") as db:
         db.execute("INSERT INTO unpacked_images (chain_id, layer_digest, device_id, device_name, size_bytes, state, "
@@ -204,7 +208,7 @@ def test_a_job_in_a_retry_back_off_is_aborted_at_once_and_abort_wait_returns(sta
     print(f"retry back-off: abort landed {latency:.3f}s after the request; fsm abort --wait took {waited:.2f}s")
     assert latency < ABORT_WITHIN_S
     retry = [row for row in history if row["kind"] == "retry-wait"]
-    assert [(r["state"], r["outcome"]) for r in retry] == [("creating_device", "aborted")]
+    assert [(r["state"], r["outcome"]) for r in retry] == [(ImageState.CREATING_DEVICE, WaitOutcome.ABORTED)]
     assert f"being unpacked by job {other.id}" in retry[0]["reasons"][0]
     assert orphans_of(state_dir, job_id) == []
     assert "step failed, retrying" in err
@@ -237,9 +241,9 @@ def test_history_of_a_five_layer_run_names_every_layer_in_order_and_a_forced_wai
     request = resolve_request(bucket=sample_bucket.name, image="golang", endpoint_url=sample_bucket.endpoint_url)
     job = Runner(open_store(state_dir), all_workflows(flaky)).start(WORKFLOW_NAME, request.idempotency_key,
                                                                     request.job_context())
-    assert job.state == "complete", job.error
+    assert job.state == COMPLETE, job.error
     history = json.loads(fsm(state_dir, "history", str(job.id), "--json").stdout)
-    loop = [row for row in history if row["kind"] == "transition" and row["event"] in ("layer_unpacked", "layer_reused")]
+    loop = [row for row in history if row["kind"] == "transition" and row["event"] in (ImageEvent.LAYER_UNPACKED, ImageEvent.LAYER_REUSED)]
     digests = [row["detail"]["digest"] for row in loop]
     expected = ["sha256:" + _sha256(path) for path in sample_bucket.layers["golang"]]
     assert digests == expected and len(set(digests)) == 5
@@ -247,13 +251,13 @@ def test_history_of_a_five_layer_run_names_every_layer_in_order_and_a_forced_wai
     assert all(row["detail"]["outcome"] in ("unpacked", "reused") for row in loop)
     waits = [row for row in history if row["kind"] == "guard-wait"]
     assert [(w["state"], w["event"], w["waits"], w["reasons"], w["outcome"]) for w in waits] == [
-        ("verifying", "verified", 2, ["forced: test says wait"], "passed")]
+        (ImageState.VERIFYING, ImageEvent.VERIFIED, 2, ["forced: test says wait"], WaitOutcome.PASSED)]
     text = fsm(state_dir, "history", str(job.id)).stdout
     assert f"layer 3/5 {expected[2][:11]}… unpacked" in text, text
     assert "guard-wait" in text and "verified, passed: forced: test says wait" in text, text
     shown = fsm(state_dir, "show", str(job.id), "--json")
     now = json.loads(shown.stdout)
-    assert now["state"] == "complete" and now["waiting"] is None and now["abort_pending"] is None
+    assert now["state"] == COMPLETE and now["waiting"] is None and now["abort_pending"] is None
     assert len(now["now"]["devices"]) == 5 and now["now"]["snapshot_device_id"]
 
 
@@ -278,7 +282,7 @@ def test_a_snapshot_job_waiting_for_the_operation_guards_lock_is_aborted_within_
                       "the snapshot job to queue on the guard", proc, every=0.002)
         asked = fsm(state_dir, "abort", str(job_id), "--reason", "snapshot lock wait test")
         assert asked.returncode == 0, asked.stderr
-        poll(lambda: query(state_dir, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0] == "aborted",
+        poll(lambda: query(state_dir, "SELECT state FROM jobs WHERE id = ?", job_id)[0][0] == ABORTED,
              "the abort", timeout=30, every=0.01)
         history = json.loads(fsm(state_dir, "history", str(job_id), "--json").stdout)
     finally:
@@ -287,7 +291,7 @@ def test_a_snapshot_job_waiting_for_the_operation_guards_lock_is_aborted_within_
     latency = abort_latency(history)
     print(f"snapshot lock wait: abort landed {latency:.3f}s after the request")
     assert latency < 1.0
-    assert history[-1]["from"] == "snapshotting" and history[-1]["error"] == "snapshot lock wait test"
+    assert history[-1]["from"] == SnapshotState.SNAPSHOTTING and history[-1]["error"] == "snapshot lock wait test"
     assert "wait for the guard given up" in err and proc.returncode == 1
     # Nothing was made while it waited: no device, no orphan.
     assert orphans_of(state_dir, job_id) == [] and query(state_dir, "SELECT count(*) FROM snapshots") == [(1,)]

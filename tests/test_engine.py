@@ -453,3 +453,37 @@ def test_a_failing_describe_hook_costs_the_detail_not_the_job(tmp_path: Path) ->
     runner = make_runner(tmp_path, workflow)
     job = runner.start("two", "k", {})
     assert job.state == COMPLETE and [e.detail for e in runner.store.history(job.id)] == [None, None]
+
+
+def test_the_operator_events_are_edges_of_the_jobs_machine(tmp_path: Path) -> None:
+    from fsm.definition import OperatorEvent
+    from fsm.machine import build_machine, fire, transition_table
+
+    workflow = two_step(lambda ctx: "go", lambda ctx: "done")
+    edges = {(t["trigger"], t["source"], t["dest"]) for t in transition_table(workflow)}
+    assert {(OperatorEvent.ABORT, "a", ABORTED), (OperatorEvent.ABORT, "b", ABORTED),
+            (OperatorEvent.RESUME, "b", "a"),  # b resumes at a; a at itself: no edge
+            (OperatorEvent.RETRY, ABORTED, "a"), (OperatorEvent.REOPEN, COMPLETE, "a")} <= edges
+    assert not any(trigger == OperatorEvent.ABORT and source in (COMPLETE, ABORTED) for trigger, source, _ in edges)
+    runner = make_runner(tmp_path, workflow)
+    job, _ = runner.store.create_or_get("two", "k", "a", {})
+    ctx = runner._context(job)
+    model, _ = build_machine(workflow, ABORTED)
+    assert not fire(model, OperatorEvent.RETRY, ctx, aborted_from="nowhere")  # its condition holds it
+    assert fire(model, OperatorEvent.RETRY, ctx, aborted_from="b") and model.state == "a"
+
+
+def test_an_abort_request_made_while_a_step_ran_lands_between_steps(tmp_path: Path) -> None:
+    """A step that never waits: the request is seen before the next step, from the state the
+    job moved to (the machine's), and the job aborts there."""
+    runner = make_runner(tmp_path, two_step(lambda ctx: "go", lambda ctx: "done"))
+
+    def a(ctx: StepContext) -> str:
+        runner.store.request_abort(ctx.job_id, "asked mid-step", requested_by_pid=1)
+        return "go"
+
+    runner.workflows["two"] = two_step(a, lambda ctx: "done")
+    job = runner.start("two", "k", {})
+    assert (job.state, job.error) == (ABORTED, "asked mid-step")
+    assert [(e.from_state, e.to_state, e.event) for e in runner.store.history(job.id)] == [
+        ("a", "b", "go"), ("b", ABORTED, "abort")]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fsm.definition import COMPLETE, OperatorEvent
 from fsm.runner import history_is_contiguous
 from tests.engine_workflow import ENGINE_TEST, open_runner
 
@@ -76,13 +77,13 @@ def test_random_sigkills_then_resume_completes_every_job(tmp_path: Path) -> None
     assert len(jobs) >= TRIALS // 2  # most trials got to create a job before their kill
     lines = Counter(tuple(line.split()) for line in effects.read_text().splitlines())
     for job in jobs:
-        assert job.state == "complete", (job.id, job.state, job.error)
+        assert job.state == COMPLETE, (job.id, job.state, job.error)
         events = runner.store.history(job.id)
         assert history_is_contiguous(events, ENGINE_TEST.initial), [(e.seq, e.from_state, e.to_state) for e in events]
         assert events[-1].to_state == job.state  # no half-recorded transition
         # At least once: every state left by its own event had its side effect done at least
         # as often as the history says the step completed.
-        completed = Counter(e.from_state for e in events if e.event not in ("resume", "retry", "abort"))
+        completed = Counter(e.from_state for e in events if e.event not in (OperatorEvent.RESUME, OperatorEvent.RETRY, OperatorEvent.ABORT))
         for state, count in completed.items():
             assert lines[(str(job.id), state)] >= count, (job.id, state)
         assert completed["copying"] == 2  # the loop ran exactly its two rounds in the durable history
@@ -92,7 +93,7 @@ def test_random_sigkills_then_resume_completes_every_job(tmp_path: Path) -> None
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         orphans = conn.execute("SELECT count(*) FROM job_events WHERE job_id NOT IN (SELECT id FROM jobs)").fetchone()[0]
         assert orphans == 0
-    resumed = sum(1 for job in jobs for e in runner.store.history(job.id) if e.event == "resume")
+    resumed = sum(1 for job in jobs for e in runner.store.history(job.id) if e.event == OperatorEvent.RESUME)
     assert resumed > 0, "some kills must have landed inside a state with a resume point"
 
 
@@ -108,7 +109,7 @@ def test_two_processes_racing_to_resume_one_job_exactly_one_wins(tmp_path: Path)
     go.touch()
     outputs = sorted(p.communicate(timeout=60)[0].decode().strip() for p in procs)
     assert outputs == ["busy", "won complete"], outputs
-    assert runner.store.get(job.id).state == "complete"
+    assert runner.store.get(job.id).state == COMPLETE
     events = runner.store.history(job.id)
     assert history_is_contiguous(events, ENGINE_TEST.initial)
     assert Counter(l.split()[1] for l in effects.read_text().splitlines())["pending"] == 1

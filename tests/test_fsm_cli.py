@@ -17,6 +17,8 @@ import pytest
 
 from cli.app import open_store
 from states.submit import resolve_request
+from fsm.definition import ABORTED, COMPLETE, OperatorEvent
+from states.names import ImageEvent, ImageState
 from states.workflow import WORKFLOW_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +71,27 @@ def test_reads_on_an_empty_store_and_the_graph(state_dir: Path) -> None:
     assert listing.returncode == 0 and json.loads(listing.stdout) == []
     graph = fsm(state_dir, "graph")
     assert graph.returncode == 0
-    for state in ("pending", "downloading", "creating_device", "making_fs", "unpacking", "snapshotting", "complete", "aborted"):
+    for state in ImageState:
         assert state in graph.stdout
-    assert "layer_unpacked" in graph.stdout  # the per-layer loop is drawn from the definition
+    assert ImageEvent.LAYER_UNPACKED in graph.stdout  # the per-layer loop is drawn from the definition
+
+
+def test_the_graph_draws_the_operator_events(state_dir: Path) -> None:
+    """abort, resume, retry and reopen are edges of the machine, drawn from the same table."""
+    graph = fsm(state_dir, "graph").stdout
+    S = ImageState
+    for source in (S.PENDING, S.DOWNLOADING, S.VERIFYING, S.CREATING_DEVICE, S.MAKING_FS, S.UNPACKING, S.ACTIVATING,
+                   S.SNAPSHOTTING):
+        assert f"{source} --> {ABORTED}: {OperatorEvent.ABORT}" in graph, source
+    assert f"{S.MAKING_FS} --> {S.CREATING_DEVICE}: {OperatorEvent.RESUME}" in graph
+    assert f"{S.UNPACKING} --> {S.CREATING_DEVICE}: " in graph and f"| {OperatorEvent.RESUME}" in graph
+    assert (f"{ABORTED} --> {S.CREATING_DEVICE}: {OperatorEvent.RETRY} "
+            f"[aborted_in_{S.CREATING_DEVICE}_or_{S.MAKING_FS}_or_{S.UNPACKING}]") in graph
+    assert f"{ABORTED} --> {S.PENDING}: {OperatorEvent.RETRY} [aborted_in_{S.PENDING}]" in graph
+    assert f"{COMPLETE} --> {S.PENDING}: {OperatorEvent.REOPEN}" in graph
+    snapshot = fsm(state_dir, "graph", "--workflow", "snapshot").stdout
+    assert f"{COMPLETE} --> {S.PENDING}: {OperatorEvent.REOPEN}" in snapshot
+    assert OperatorEvent.RESUME not in snapshot  # every snapshot state resumes in itself
 
 
 def test_unknown_job_ids_are_one_line_errors(state_dir: Path) -> None:
@@ -81,9 +101,9 @@ def test_unknown_job_ids_are_one_line_errors(state_dir: Path) -> None:
 
 def test_aborting_a_completed_job_is_refused_and_changes_nothing(state_dir: Path) -> None:
     store = open_store(state_dir)
-    job, _ = store.create_or_get(WORKFLOW_NAME, "done-key", "pending", {})
+    job, _ = store.create_or_get(WORKFLOW_NAME, "done-key", ImageState.PENDING, {})
     with store.transaction() as session:
-        session.get(type(job), job.id).state = "complete"
+        session.get(type(job), job.id).state = COMPLETE
     before = job_rows(state_dir)
     one_line_error(fsm(state_dir, "abort", str(job.id)), f"job {job.id} is complete", "only unfinished jobs")
     assert job_rows(state_dir) == before
@@ -93,21 +113,21 @@ def test_aborting_a_completed_job_is_refused_and_changes_nothing(state_dir: Path
 
 def test_list_filters_by_state(state_dir: Path) -> None:
     store = open_store(state_dir)
-    pending, _ = store.create_or_get(WORKFLOW_NAME, "still-pending", "pending", {})
-    done, _ = store.create_or_get(WORKFLOW_NAME, "already-done", "pending", {})
+    pending, _ = store.create_or_get(WORKFLOW_NAME, "still-pending", ImageState.PENDING, {})
+    done, _ = store.create_or_get(WORKFLOW_NAME, "already-done", ImageState.PENDING, {})
     with store.transaction() as session:
-        session.get(type(done), done.id).state = "complete"
+        session.get(type(done), done.id).state = COMPLETE
 
     def listed(*args: str) -> list[tuple[int, str]]:
         result = fsm(state_dir, "list", *args, "--json")
         assert result.returncode == 0, result.stderr
         return [(job["id"], job["state"]) for job in json.loads(result.stdout)]
 
-    assert sorted(listed()) == [(pending.id, "pending"), (done.id, "complete")]
-    assert listed("--state", "complete") == [(done.id, "complete")]
-    assert listed("--state", "pending") == [(pending.id, "pending")]
-    assert listed("--state", "aborted") == []
-    text = fsm(state_dir, "list", "--state", "complete")
+    assert sorted(listed()) == [(pending.id, ImageState.PENDING), (done.id, COMPLETE)]
+    assert listed("--state", COMPLETE) == [(done.id, COMPLETE)]
+    assert listed("--state", ImageState.PENDING) == [(pending.id, ImageState.PENDING)]
+    assert listed("--state", ABORTED) == []
+    text = fsm(state_dir, "list", "--state", COMPLETE)
     assert "already-done" in text.stdout and "still-pending" not in text.stdout
 
 
@@ -115,7 +135,7 @@ def test_graph_as_svg(state_dir: Path, tmp_path: Path) -> None:
     result = fsm(state_dir, "graph", "--format", "svg")
     assert result.returncode == 0, result.stderr
     assert result.stdout.lstrip().startswith("<?xml") and "<svg" in result.stdout
-    for state in ("pending", "downloading", "unpacking", "snapshotting", "complete", "aborted"):
+    for state in ImageState:
         assert f">{state}</text>" in result.stdout, state
     out = tmp_path / "graph.svg"
     written = fsm(state_dir, "graph", "--format", "svg", "--output", str(out))
@@ -181,11 +201,11 @@ def test_abort_history_retry_on_a_real_image_job(state_dir: Path, tmp_path: Path
     layer = make_layer(tmp_path / "layer.tar")
     request = resolve_request(url=layer.as_uri())
     store = open_store(state_dir)
-    job, _ = store.create_or_get(WORKFLOW_NAME, request.idempotency_key, "pending", request.job_context())
+    job, _ = store.create_or_get(WORKFLOW_NAME, request.idempotency_key, ImageState.PENDING, request.job_context())
 
     aborted = fsm(state_dir, "abort", str(job.id), "--reason", "operator test")
     assert aborted.returncode == 0, aborted.stderr
-    assert json.loads(fsm(state_dir, "show", str(job.id), "--json").stdout)["state"] == "aborted"
+    assert json.loads(fsm(state_dir, "show", str(job.id), "--json").stdout)["state"] == ABORTED
 
     retried = subprocess.run([sys.executable, "-m", "cli", "--state-dir", str(state_dir), "fsm", "retry", str(job.id)],
                              cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -193,12 +213,12 @@ def test_abort_history_retry_on_a_real_image_job(state_dir: Path, tmp_path: Path
     assert retried.returncode == 0, retried.stderr[-2000:]
     history = [row for row in json.loads(fsm(state_dir, "history", str(job.id), "--json").stdout)
                if row["kind"] == "transition"]
-    assert [e["event"] for e in history][:2] == ["abort", "retry"]
-    assert history[-1]["to"] == "complete"
+    assert [e["event"] for e in history][:2] == [OperatorEvent.ABORT, OperatorEvent.RETRY]
+    assert history[-1]["to"] == COMPLETE
     assert all(e["duration_ms"] >= 0 for e in history)
     assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
     text = fsm(state_dir, "history", str(job.id))
-    assert "layer_unpacked" in text.stdout and "snapshotted" in text.stdout
+    assert ImageEvent.LAYER_UNPACKED in text.stdout and ImageEvent.SNAPSHOTTED in text.stdout
     with sqlite3.connect(state_dir / "images.db") as db:
         assert db.execute("SELECT activation_status FROM images").fetchall() == [("active",)]
     for row in store.list_jobs():
@@ -218,7 +238,7 @@ def test_abort_wait_on_a_job_that_does_not_stop_in_time_is_one_line_and_the_requ
     """A live owner that never reaches a safe point (as a step inside a kernel operation):
     the request is recorded, `--wait` gives up after its timeout, `fsm show` says it is pending."""
     store = open_store(state_dir)
-    job, _ = store.create_or_get(WORKFLOW_NAME, "busy-key", "unpacking", {})
+    job, _ = store.create_or_get(WORKFLOW_NAME, "busy-key", ImageState.UNPACKING, {})
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         with sqlite3.connect(state_dir / "images.db") as db:
@@ -228,7 +248,7 @@ def test_abort_wait_on_a_job_that_does_not_stop_in_time_is_one_line_and_the_requ
         assert f"abort requested: job {job.id} (pid {owner.pid}) stops at its next safe point" in result.stdout
         one_line_error(result, f"job {job.id} not aborted within 1s", "still unpacking", "stays pending")
         shown = json.loads(fsm(state_dir, "show", str(job.id), "--json").stdout)
-        assert shown["state"] == "unpacking" and shown["owner_alive"] is True
+        assert shown["state"] == ImageState.UNPACKING and shown["owner_alive"] is True
         assert shown["abort_pending"]["reason"] == "operator test" and shown["abort_pending"]["requested_by_pid"]
         text = fsm(state_dir, "show", str(job.id)).stdout
         assert "abort pending:    operator test (asked by pid" in text, text

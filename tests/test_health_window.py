@@ -17,6 +17,7 @@ from fsm.runner import Runner
 from safeguards.guard import HealthCheckFailed
 from safeguards.health import HealthThresholds, ProcReader, SystemHealthChecker
 from safeguards.setup import build_safeguards
+from states.names import ImageState
 from tests.conftest import SampleBucket
 from tests.test_health import FakeProc, healthy_pool
 from tests.test_safeguards import first_job_once_waiting, needs_root, pool_state_dir  # noqa: F401 (fixture)
@@ -226,6 +227,6 @@ def test_a_failing_iowait_reading_makes_a_real_job_wait_with_its_reason(
         worker.join(timeout=120)
     assert not worker.is_alive()
     waited = runner.store.get(job.id)
-    assert waited.state == "verifying"
+    assert waited.state == ImageState.VERIFYING
     assert waited.error is not None and waited.error.startswith("waiting: io_wait: iowait 70% > 50%"), waited.error
     assert services.pool.list_devices() == []

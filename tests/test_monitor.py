@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from states.names import ImageEvent, ImageState
 from tests.conftest import SampleBucket
 from tests.test_process_image import manager, teardown
 
@@ -82,9 +83,9 @@ def test_live_dashboard_in_a_terminal(completed_state: Path) -> None:
     assert re.search(r"data\s+\[█+░*\]\s+\d+\.\d% used", screen), screen
     lines = screen.splitlines()
     header = next(i for i, line in enumerate(lines) if "Jobs by state" in line)
-    assert "complete" in lines[header + 1] and lines[header + 2].strip("│ ") == "1", screen
+    assert ImageState.COMPLETE in lines[header + 1] and lines[header + 2].strip("│ ") == "1", screen
     assert max(len(line) for line in lines) == 160, screen  # drawn to the terminal's width
-    assert "Recent transitions" in screen and "snapshotted" in screen, screen
+    assert "Recent transitions" in screen and ImageEvent.SNAPSHOTTED in screen, screen
     assert "Orphaned devices (0)" in screen, screen
     for check in ("dstate", "pool", "kernel_log", "memory_pressure", "io_wait"):
         assert re.search(rf"{check}\s+(PASS|FAIL)", screen), (check, screen)
