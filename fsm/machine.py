@@ -25,6 +25,9 @@ class JobModel:
 
     state: str
     guard_reason: str | None = None
+    # An operator's abort request as the job's row last said it (its claim, each transition):
+    # read in the transactions the runner commits anyway, not once more per step.
+    abort_requested: str | None = None
 
 
 def _condition(check: Condition) -> Any:

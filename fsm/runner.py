@@ -235,13 +235,14 @@ class Runner:
         if job.state in FINAL_STATES:
             return
         model, machine = build_machine(wf, ctx.state)
+        model.abort_requested = job.abort_requested  # `job` is the row the claim just read
         if job.stopped_before_step:
             self.store.set_stopped_before_step(ctx.job_id, self.owner, False)
             log.info("job resumed where it stopped", job_id=ctx.job_id, state=ctx.state)
         elif can_fire(machine, ctx.state, RESUME_EVENT):
             self._move_to_resume_point(wf, model, ctx)
         while model.state not in FINAL_STATES:
-            reason = self.store.abort_requested(ctx.job_id)
+            reason = model.abort_requested
             if reason:
                 self._abort(model, ctx, reason, started_at=utcnow())
                 return
@@ -354,6 +355,7 @@ class Runner:
             row = self.store.owned_job(session, ctx.job_id, self.owner, from_state)
             self.store.append_transition(session, row, to_state=model.state, event=event, started_at=started_at,
                                          attempt=ctx.attempt, context=ctx.data, detail=detail)
+            model.abort_requested = row.abort_requested
         log.info("transition", job_id=ctx.job_id, event=event, from_state=from_state, to_state=model.state,
                  duration_ms=int((utcnow() - started_at).total_seconds() * 1000),
                  **({"detail": detail["text"]} if detail and "text" in detail else {}))
