@@ -144,6 +144,9 @@ class DeviceLedger:
         self.pool = pool
         self.transaction = transaction
         self.records = records if records is not None else RecordStore(Path(pool.config.directory))
+        # The table of each device this ledger made (a device id is in one or the other):
+        # a snapshot's next state changes look in one table, not first in the layers'.
+        self._tables: dict[int, type[UnpackedImage] | type[Snapshot]] = {}
 
     # -- creating ------------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class DeviceLedger:
                            size_bytes=size_bytes, job_id=job_id, created_at=now, updated_at=now)
             session.add(row)
             self._record(session, row)
+        self._tables[device_id] = Snapshot
         log.debug(ROW_COMMITTED, device_name=device_name(device_id), state=DeviceState.CREATING.value)
         self._kernel(device_id, job_id, "create_snap", lambda: self.pool.create_snapshot(device_id, origin.device_id))
         return self._set_state(device_id, DeviceState.CREATED)
@@ -334,8 +338,9 @@ class DeviceLedger:
 
     def _set_state(self, device_id: int, state: DeviceState) -> Device:
         with self.transaction() as session:
-            row: UnpackedImage | Snapshot | None = session.scalars(
-                select(UnpackedImage).where(UnpackedImage.device_id == device_id)).first()
+            row: UnpackedImage | Snapshot | None = None
+            if self._tables.get(device_id) is not Snapshot:
+                row = session.scalars(select(UnpackedImage).where(UnpackedImage.device_id == device_id)).first()
             if row is None:
                 row = session.scalars(select(Snapshot).where(Snapshot.device_id == device_id)).one()
             changes_record = record_state(DeviceState(row.state)) != record_state(state)
