@@ -17,7 +17,6 @@ is never deleted (its image is skipped, nothing of it deleted).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,11 +30,11 @@ from sqlalchemy.orm import Session
 from catalog.behind import refuse_if_behind
 from catalog.ledger import DeviceInUse, DeviceLedger, engine_transactions
 from catalog.models import DeviceState, Image, ImageLayer, Layer, Snapshot, UnpackedImage
-from catalog.records import mark_evicted
+from catalog.records import image_job_state, mark_evicted
 from devices.base import PoolStatus, ThinPool
 from devices.policy import UsagePolicy
-from fsm.definition import COMPLETE, FINAL_STATES
-from fsm.models import Job
+from fsm.definition import COMPLETE
+from fsm.store import unfinished_contexts
 from support.errors import ManagerError
 from support.log import get_logger
 
@@ -90,8 +89,7 @@ def _unfinished_job_uses(session: Session) -> tuple[set[int], set[str], set[str]
     image_ids: set[int] = set()
     sources: set[str] = set()
     chains: set[str] = set()
-    for context in session.scalars(select(Job.context).where(Job.state.not_in(FINAL_STATES))):
-        data = json.loads(context or "{}")
+    for data in unfinished_contexts(session):
         if data.get("image_id") is not None:
             image_ids.add(int(data["image_id"]))
         if (data.get("image") or {}).get("source"):
@@ -114,8 +112,7 @@ def _why_not_candidate(session: Session, image: Image, job_images: set[int], job
     if snapshot is not None:
         return (f"its snapshot {snapshot.device_name} ({snapshot.state}, process-image's) may be a VM's disk; "
                 f"delete-snapshot {snapshot.id} frees it")
-    job = session.get(Job, image.job_id) if image.job_id is not None else None
-    if job is None or job.state != COMPLETE:
+    if image_job_state(session, image) != COMPLETE:
         return "not complete"
     return None
 

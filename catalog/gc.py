@@ -29,17 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from catalog.device_records import DeviceRecord, RecordStore, UnreadableRecord
 from catalog.ledger import DeviceLedger, engine_transactions
-from catalog.records import live_device_names, uncleaned_orphans, utcnow
+from catalog.records import live_device_names, uncleaned_orphans
 from devices.base import DeviceInfo, ThinPool
 from devices.mount import MOUNT_TIMEOUT, mounts, unmount
-from fsm.definition import FINAL_STATES
-from fsm.models import Job
-from fsm.ownership import owner_alive
+from fsm.store import running_jobs
 from support.errors import ManagerError
 from support.log import get_logger
 from support.proc import CommandTimeout
@@ -88,17 +86,11 @@ class GcRefused(ManagerError):
     """gc --force must not run now (jobs running, D-state processes)."""
 
 
-def running_jobs(engine: Engine) -> list[Job]:
-    """Unfinished jobs a live process owns: gc --force must not pull devices from under them."""
-    now = utcnow()
-    with Session(engine) as session:
-        jobs = session.scalars(select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.id)).all()
-        return [job for job in jobs if owner_alive(job.owner_pid, job.owner_boot_id, job.lease_expires_at, now)]
-
-
 def refuse_if_jobs_running(engine: Engine) -> None:
-    """GcRefused naming the first running job, if any."""
-    jobs = running_jobs(engine)
+    """GcRefused naming the first running job (an unfinished job a live process owns: gc
+    --force must not pull devices from under it), if any. The engine says which they are."""
+    with Session(engine) as session:
+        jobs = running_jobs(session)
     if jobs:
         job = jobs[0]
         raise GcRefused(f"job {job.id} ({job.state}) is being run by pid {job.owner_pid}; "

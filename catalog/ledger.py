@@ -38,6 +38,7 @@ from catalog.device_records import DeviceKind, DeviceRecord, RecordState, Record
 from catalog.models import DeviceState, Image, OrphanedDevice, Snapshot, UnpackedImage
 from catalog.records import allocate_device_id, utcnow
 from devices.base import DeviceExists, OriginMissing, ThinPool, device_name
+from fsm.database import READ_ONLY
 from support.errors import HazardError, ManagerError, PermanentError
 from support.log import get_logger
 
@@ -132,6 +133,18 @@ def orphan_device(session: Session, records: RecordStore, *, device_id: int, rea
 def engine_transactions(engine: Engine) -> Transaction:
     """Write transactions on `engine`, for a ledger used outside a job (gc, delete-snapshot)."""
     return sessionmaker(engine, expire_on_commit=False).begin
+
+
+def catalog_transaction(engine: Engine) -> AbstractContextManager[Session]:
+    """One write transaction on the catalog outside a job (a command's or the daemon's
+    look-up before its job starts): commits on success, rolls back on any error."""
+    return engine_transactions(engine)()
+
+
+def catalog_reading(engine: Engine) -> AbstractContextManager[Session]:
+    """A session on the catalog that only reads, outside a job: a deferred transaction,
+    which in WAL mode neither waits for a writer nor holds one up (JobStore.reading's kind)."""
+    return Session(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 class DeviceLedger:

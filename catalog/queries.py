@@ -1,4 +1,4 @@
-"""The operator's delete of a snapshot (the listings are catalog/listing.py)."""
+"""The operator's pin of an image and delete of a snapshot (the listings are support/reads.py)."""
 
 from __future__ import annotations
 

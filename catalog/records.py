@@ -146,11 +146,11 @@ def mark_image_active(session: Session, image_id: int) -> None:
 
 
 def image_job_state(session: Session, image: Image) -> str | None:
-    """The state of the job that last processed the image (None: no such job)."""
-    from fsm.models import Job
+    """The state of the job that last processed the image (None: no such job), as the
+    engine tells it."""
+    from fsm.store import job_state
 
-    job = session.get(Job, image.job_id) if image.job_id is not None else None
-    return job.state if job is not None else None
+    return job_state(session, image.job_id)
 def touch_image(session: Session, image_id: int) -> None:
     """The image was used now (a process-image or snapshot of it): eviction's LRU order."""
     image = session.get(Image, image_id)

@@ -59,7 +59,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
         db = open_database(options.state_dir)
         job = completed_job(db, request) if _pool_attached(options.state_dir, backend) else None
         if job is not None:
-            from catalog.listing import record_use
+            from support.reads import record_use
 
             record_use(db, request.source)
             log.info("image already complete; nothing to do", job_id=job["id"], image=request.name)
@@ -230,7 +230,7 @@ def setup_pool(ctx: click.Context, db: str | None, data_size: str, metadata_size
 @common_options
 @click.pass_context
 def images_cmd(ctx: click.Context, as_json: bool, pin: str | None, unpin: str | None) -> None:
-    from catalog.listing import list_images
+    from support.reads import list_images
 
     if pin or unpin:
         from catalog.queries import pin_image
@@ -255,7 +255,7 @@ def images_cmd(ctx: click.Context, as_json: bool, pin: str | None, unpin: str | 
 @common_options
 @click.pass_context
 def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
-    from catalog.listing import list_snapshots
+    from support.reads import list_snapshots
 
     rows = list_snapshots(open_database(options_of(ctx).state_dir))
     if as_json:

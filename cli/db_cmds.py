@@ -119,12 +119,13 @@ def _set_database_aside(state_dir: Path, *, merge: bool, force: bool) -> Path | 
     a healthy one) is renamed images.db.corrupt-<time> with its -wal and -shm; a healthy one
     is refused unless merging into it."""
     from daemon.database import check_integrity
+    from support.reads import catalog_is_empty
 
     db = database_path(state_dir)
     if not db.exists() or db.stat().st_size == 0:
         return None
     healthy = check_integrity(db, full=True).ok
-    if healthy and (merge or _names_nothing(db)):
+    if healthy and (merge or catalog_is_empty(db)):
         return None  # merged into; or a new, empty catalog (made by a command run after the loss)
     if healthy and not force:
         raise ManagerError(f"database {db} is healthy; `rebuild-db --merge` adds what the pool holds and it lacks, "
@@ -135,20 +136,6 @@ def _set_database_aside(state_dir: Path, *, merge: bool, force: bool) -> Path | 
         if part.exists():
             os.replace(part, aside.with_name(aside.name + suffix))
     return aside
-
-
-def _names_nothing(db: Path) -> bool:
-    """Whether the catalog names no image and no device (nothing in it to keep)."""
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return all(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
-                   for table in ("images", "unpacked_images", "snapshots"))
-    except sqlite3.OperationalError:  # no such table: a file no command migrated yet
-        return True
-    finally:
-        conn.close()
 
 
 for _command in (backup_cmd, check_db_cmd, rebuild_db_cmd):

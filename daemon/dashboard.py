@@ -15,13 +15,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from catalog.listing import uncleaned_orphans
 from devices.base import PoolStatus
 from devices.policy import ABOVE_THRESHOLD, UsagePolicy
-from fsm.listing import job_counts, recent_transitions, unfinished_jobs
+from fsm.definition import FINAL_STATES
 from safeguards.health import CheckResult, SystemHealthChecker
 from support.errors import ManagerError
 from support.paths import database_path
+from support.reads import job_counts, recent_transitions, uncleaned_orphans, unfinished_jobs
 
 RECENT_TRANSITIONS = 10
 
@@ -83,7 +83,7 @@ def read_frame(state_dir: Path, pool_status: Callable[[], PoolStatus], checker: 
         by_state = job_counts(db)
         running = [RunningJob(r["id"], r["state"], (now - _parse_time(r["created_at"])).total_seconds(),
                               (now - _parse_time(r["updated_at"])).total_seconds(), r["owner_pid"], r["error"])
-                   for r in unfinished_jobs(db)]
+                   for r in unfinished_jobs(db, FINAL_STATES)]
         transitions = [Transition(r["job_id"], r["from_state"] or "", r["to_state"], r["event"],
                                   max(float(r["seconds"] or 0), 0.0), str(r["finished_at"])[:19])
                        for r in recent_transitions(db, RECENT_TRANSITIONS)]

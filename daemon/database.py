@@ -1,6 +1,6 @@
 """Database maintenance: an online backup (SQLite's backup API, safe while jobs write)
 and integrity checks (the full integrity_check when a command opens the store and on
-demand; a quick_check of a fresh backup copy)."""
+demand; a quick_check of a fresh backup copy; the pragma itself is support/reads.py's)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from support.errors import ManagerError
 from support.paths import database_path
+from support.reads import integrity_problems
 
 BACKUP_SUFFIX = ".backup"
 
@@ -49,13 +50,8 @@ def restore_hint(state_dir: Path) -> str:
 def check_integrity(db_path: Path, *, full: bool = False) -> IntegrityResult:
     """`PRAGMA quick_check` (or the full `integrity_check`); a file that is not a database
     at all is a failed check too, not an exception."""
-    pragma = "integrity_check" if full else "quick_check"
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}")]
-        finally:
-            conn.close()
+        rows = integrity_problems(db_path, full=full)
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             raise

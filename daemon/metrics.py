@@ -27,13 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from catalog.listing import uncleaned_orphans
 from devices.base import PoolStatus
 from devices.policy import UsagePolicy
-from fsm.listing import job_counts, last_transition_id, transitions_after
 from safeguards.health import HealthReport
 from states.names import JOB_STATES
 from support.log import get_logger
+from support.reads import job_counts, last_transition_id, transitions_after, uncleaned_orphans
 
 log = get_logger("daemon.metrics", component="metrics")
 

@@ -31,7 +31,6 @@ from daemon.protocol import decode, encode, socket_path
 from daemon.requests import (DONE, FAILED, QUEUED, RUNNING, UNFINISHED, WAITING, ImageRequestRecord, RequestSpool,
                              request_size)
 from fsm.definition import FINAL_STATES
-from fsm.listing import job_counts
 from fsm.runner import JobAborted, Runner
 from fsm.store import JobBusy, JobNotFound, JobStore
 from safeguards.health import SystemHealthChecker
@@ -39,11 +38,12 @@ from safeguards.manager_lock import LockLost, ManagerLock
 from states.registry import open_environment
 from states.services import ImageServices
 from states.submit import ImageRequest, process_request, resolve_request
-from states.vm_snapshot import SNAPSHOT_WORKFLOW, SnapshotRequest, process_snapshot_request, resolve_snapshot_request
+from states.vm_snapshot import SNAPSHOT_WORKFLOW, SnapshotRequest, process_snapshot_request, resolve_snapshot
 from states.workflow import WORKFLOW_NAME
 from support.errors import ManagerError
 from support.log import get_logger
 from support.paths import database_path, lock_path
+from support.reads import job_counts
 
 log = get_logger("daemon", component="daemon")
 
@@ -308,8 +308,7 @@ class Daemon:
         if not image or not vm_id:
             raise ValueError('a snapshot request needs "image" (name or id) and "vm"')
         size_bytes = self._device_size(size, "size")
-        with self.store.reading() as session:
-            return resolve_snapshot_request(session, str(image), str(vm_id), size_bytes)
+        return resolve_snapshot(self.store.engine, str(image), str(vm_id), size_bytes)
 
     def _device_size(self, value: Any, name: str) -> int | None:
         """A request's size field in bytes (None: absent), within what the pool's backend

@@ -168,7 +168,7 @@ def make_fsm_group(app: FsmApp) -> click.Group:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def list_cmd(ctx: click.Context, state: str | None, as_json: bool) -> None:
-        from fsm.listing import list_job_summaries
+        from support.reads import list_job_summaries
 
         jobs = list_job_summaries(app.open_database(app.state_dir(ctx)), state)
         if as_json:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fsm.database import READ_ONLY
+from fsm.definition import FINAL_STATES
 from fsm.models import Job, JobEvent, JobNote, NoteKind
 from fsm.ownership import Owner, owner_alive
 from support.errors import ManagerError
@@ -252,3 +253,23 @@ class JobStore:
 
 def is_db_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError)
+
+
+# -- what other parts ask of the jobs (the catalog's eviction and gc), inside their session --
+
+def job_state(session: Session, job_id: int | None) -> str | None:
+    """The state of job `job_id` (None: no such job, or no id)."""
+    return session.scalar(select(Job.state).where(Job.id == job_id)) if job_id is not None else None
+
+
+def unfinished_contexts(session: Session) -> list[dict[str, Any]]:
+    """The context data of every job not finished: what such a job may still use."""
+    return [json.loads(context or "{}")
+            for context in session.scalars(select(Job.context).where(Job.state.not_in(FINAL_STATES)))]
+
+
+def running_jobs(session: Session) -> list[Job]:
+    """Unfinished jobs a live process owns, oldest first."""
+    now = utcnow()
+    jobs = session.scalars(select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.id)).all()
+    return [job for job in jobs if owner_alive(job.owner_pid, job.owner_boot_id, job.lease_expires_at, now)]

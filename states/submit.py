@@ -122,36 +122,47 @@ def resolve_registry_request(ref: str, registry: dict[str, Any] | None, state_di
                         config=resolved.config, registry=options.to_dict())
 
 
-def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None:
-    """The image's job when it is complete and its snapshot still ready (nothing to do), read
-    with sqlite3: a repeat `process-image` answers without SQLAlchemy, the pool or the
-    safeguards. None: the job must run (or be reopened) the usual way."""
-    from catalog.listing import image_has_ready_snapshot
-    from fsm.listing import find_job
+@dataclass(frozen=True)
+class Standing:
+    """Where the image stands: its job (id, state, context, error; None: none yet), whether
+    that job is complete, and then whether the image's snapshot is still ready."""
 
-    if not db_path.exists():
-        return None
-    job = find_job(db_path, IMAGE_WORKFLOW, request.idempotency_key)
-    if job is None or job["state"] != ImageState.COMPLETE or not image_has_ready_snapshot(db_path, request.source):
-        return None
-    return job
+    job: dict[str, Any] | None
+    complete: bool
+    snapshot_ready: bool
+
+
+def image_standing(db_path: Path, request: ImageRequest) -> Standing:
+    """Is the image's job complete and its snapshot still ready? Read with sqlite3, the one
+    way both the repeat `process-image` and a job's run ask it (support/reads.py): without
+    SQLAlchemy, the pool or the safeguards."""
+    from support.reads import find_job, image_has_ready_snapshot
+
+    job = find_job(db_path, IMAGE_WORKFLOW, request.idempotency_key) if db_path.exists() else None
+    complete = job is not None and job["state"] == ImageState.COMPLETE
+    return Standing(job, complete, complete and image_has_ready_snapshot(db_path, request.source))
+
+
+def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None:
+    """The image's job when it is complete and its snapshot still ready (nothing to do).
+    None: the job must run (or be reopened) the usual way."""
+    standing = image_standing(db_path, request)
+    return standing.job if standing.snapshot_ready else None
 
 
 def process_request(runner: Runner, request: ImageRequest) -> Job:
     """Run the image's job; a complete one returns at once, unless its snapshot is gone (the
     pool was reset or the database cleaned as the guide's recovery says): then it is
     reopened and done again."""
-    from catalog.listing import image_has_ready_snapshot
-
-    job = runner.store.find(IMAGE_WORKFLOW, request.idempotency_key)
-    if job is not None and job.state == ImageState.COMPLETE:
-        db_path = Path(str(runner.store.engine.url.database))
-        if not image_has_ready_snapshot(db_path, request.source):
-            runner.reopen(job.id, "the image's snapshot is gone (evicted, pool reset or database cleaned)")
+    standing = image_standing(Path(str(runner.store.engine.url.database)), request)
+    if standing.complete and not standing.snapshot_ready:
+        assert standing.job is not None
+        runner.reopen(standing.job["id"], "the image's snapshot is gone (evicted, pool reset or database cleaned)")
     job = runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())
     if job.state == ImageState.COMPLETE:
+        from catalog.ledger import catalog_transaction
         from catalog.records import touch_image_by_source
 
-        with runner.store.transaction() as session:
+        with catalog_transaction(runner.store.engine) as session:
             touch_image_by_source(session, request.source)  # used now: last in eviction's order
     return job

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from catalog.ledger import SnapshotTooSmall
+from catalog.ledger import SnapshotTooSmall, catalog_reading, catalog_transaction
 from catalog.models import DeviceState, Image, UnpackedImage
 from catalog.records import (find_image, get_image, image_job_state, snapshot_of_job, snapshot_of_vm, top_layer_device,
                              touch_image)
@@ -76,6 +77,13 @@ def resolve_snapshot_request(session: Session, image: str, vm_id: str, size_byte
                            origin_size_bytes=int(origin.size_bytes))
 
 
+def resolve_snapshot(engine: Engine, image: str, vm_id: str, size_bytes: int | None) -> SnapshotRequest:
+    """resolve_snapshot_request in a catalog session of its own that only reads, before any
+    job (the daemon's request; the `snapshot` command's)."""
+    with catalog_reading(engine) as session:
+        return resolve_snapshot_request(session, image, vm_id, size_bytes)
+
+
 def _ready_origin(session: Session, image: Image) -> UnpackedImage:
     """The image's top layer device, when the image is complete (its job complete, the
     device ready); else ImageNotReady."""
@@ -93,7 +101,7 @@ def process_snapshot_request(runner: Runner, request: SnapshotRequest) -> Job:
     deleted since: then it is reopened and a new snapshot made."""
     job = runner.store.find(SNAPSHOT_WORKFLOW, request.idempotency_key)
     if job is not None and job.state == COMPLETE:
-        with runner.store.transaction() as session:
+        with catalog_transaction(runner.store.engine) as session:
             existing = snapshot_of_vm(session, request.image_id, request.vm_id)
         if existing is None:
             runner.reopen(job.id, f"VM {request.vm_id}'s snapshot was deleted")
