@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +180,12 @@ def open_runner(state_dir: Path, will_run_jobs: bool = True) -> Runner:
 
     return open_environment(state_dir, open_store(state_dir), backend=default_backend(),
                             show_progress=show_progress(), ensure_pool=will_run_jobs).runner
+
+
+def result_line(result: Mapping[str, Any]) -> str:
+    """A job's result (states/data.py `result`) as the one `key=value` line the commands
+    print: the fields that have a value, in order."""
+    return " ".join(f"{key}={value}" for key, value in result.items() if value is not None)
 
 
 def default_backend() -> str:

@@ -11,8 +11,7 @@ from typing import Any
 import click
 
 from cli.app import (common_options, exclusive, image_source_options, open_database, open_store, options_of,
-                     registry_options, registry_options_of, show_progress)
-from cli.main import register
+                     registry_options, registry_options_of, result_line, show_progress)
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS
 from fsm.definition import COMPLETE, FINAL_STATES
@@ -45,6 +44,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     from devices.filesystem import layer_block_size
     from devices.limits import check_device_size
     from devices.select import open_pool
+    from states.data import ImageJobData
     from states.submit import completed_job, resolve_request
 
     options = options_of(ctx)
@@ -66,11 +66,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
         else:
             job = _run_image_job(options.state_dir, backend, request)
     refuse_if_left_waiting(job["id"], job["state"], job["error"])
-    data = json.loads(job["context"] or "{}")
-    result = {"job_id": job["id"], "state": job["state"], "image": request.name,
-              "device": _top_device(data), "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
-              "snapshot_device": data.get("snapshot_device"), "error": job["error"]}
-    click.echo(" ".join(f"{k}={v}" for k, v in result.items() if v is not None))
+    click.echo(result_line(ImageJobData.of(job["context"]).result(job["id"], job["state"], job["error"], request.name)))
     if job["state"] != COMPLETE:
         ctx.exit(1)
 
@@ -101,14 +97,6 @@ def _run_image_job(state_dir: Path, backend: str, request: Any) -> dict[str, Any
     log.info("safeguards initialized")
     job = process_request(environment.runner, request)
     return {"id": job.id, "state": job.state, "context": job.context, "error": job.error}
-
-
-def _top_device(data: dict) -> str | None:
-    layers = data.get("layers") or []
-    devices = data.get("devices") or {}
-    if not layers or layers[-1]["chain_id"] not in devices:
-        return None
-    return f"thin-{devices[layers[-1]['chain_id']]}"
 
 
 @click.command("snapshot", help="Give a VM its own copy-on-write snapshot of a complete image, as a durable job.")
@@ -162,11 +150,9 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
 
 def snapshot_result_line(job_id: int | None, state: str | None, context: str | None, error: str | None) -> str:
     """`job_id= state= image= vm= snapshot= snapshot_device= size=`, as `snapshot` prints it."""
-    data = json.loads(context or "{}")
-    result = {"job_id": job_id, "state": state, "image": (data.get("image") or {}).get("name"), "vm": data.get("vm_id"),
-              "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
-              "snapshot_device": data.get("snapshot_device"), "size": data.get("snapshot_size_bytes"), "error": error}
-    return " ".join(f"{k}={v}" for k, v in result.items() if v is not None)
+    from states.data import SnapshotJobData
+
+    return result_line(SnapshotJobData.of(context).result(job_id, state, error))
 
 
 @click.command("setup-pool", help="Create the thin pool if missing, or re-attach it after a reboot; "
@@ -255,6 +241,7 @@ def images_cmd(ctx: click.Context, as_json: bool, pin: str | None, unpin: str | 
 @common_options
 @click.pass_context
 def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
+    from devices.base import device_name
     from support.reads import list_snapshots
 
     rows = list_snapshots(open_database(options_of(ctx).state_dir))
@@ -264,7 +251,7 @@ def snapshots_cmd(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'ID':>4}  {'DEVICE':<12} {'STATE':<9} {'IMAGE':<20} {'VM':<20} {'SIZE':>8}  ORIGIN")
     for r in rows:
         click.echo(f"{r['id']:>4}  {r['device_name']:<12} {r['state']:<9} {r['image']:<20} {r['vm_id'] or '-':<20} "
-                   f"{_size(r['size_bytes']):>8}  thin-{r['origin_device_id']}")
+                   f"{_size(r['size_bytes']):>8}  {device_name(r['origin_device_id'])}")
 
 
 def _size(size_bytes: int | None) -> str:
@@ -306,10 +293,4 @@ def delete_snapshot_cmd(ctx: click.Context, snapshot_id: int | None, vm_id: str 
     click.echo(f"deleted {what} ({', '.join(names)})")
 
 
-for _command in (process_image, snapshot_cmd, setup_pool, images_cmd, snapshots_cmd, delete_snapshot_cmd):
-    register(_command)
-
-from cli import db_cmds  # noqa: E402,F401  (backup, check-db)
-from cli import daemon_cmds  # noqa: E402,F401  (daemon, shutdown, submit)
-from cli import monitor_cmd  # noqa: E402,F401  (monitor)
-from cli import gc  # noqa: E402,F401  (gc)
+COMMANDS = (process_image, snapshot_cmd, setup_pool, images_cmd, snapshots_cmd, delete_snapshot_cmd)

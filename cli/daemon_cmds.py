@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
-from cli.app import common_options, image_source_options, open_store, options_of, registry_options, registry_options_of
-from cli.commands import snapshot_result_line
-from cli.main import register
+from cli.app import (common_options, image_source_options, open_store, options_of, registry_options,
+                     registry_options_of, result_line)
 from daemon.protocol import DaemonNotRunning, request
 from devices.select import BACKENDS
 from fsm.definition import COMPLETE
@@ -113,8 +111,7 @@ def submit_cmd(ctx: click.Context, s3_key: str | None, image: str | None, s3_pre
     if not status.get("final"):
         raise ManagerError(f"job {status.get('job_id')} not final ({status.get('state')}: {status.get('error')}); "
                            "`fsm show` says where it stands")
-    click.echo(result_line(status) if message["op"] == "process-image" else snapshot_result_line(
-        status.get("job_id"), status.get("job_state") or status.get("state"), status.get("context"), status.get("error")))
+    click.echo(result_line(job_result(status, image=message["op"] == "process-image")))
     if status.get("job_state") != COMPLETE:
         ctx.exit(1)
 
@@ -130,18 +127,13 @@ def _snapshot_message(image: str | None, vm_id: str | None, size: str | None) ->
     return {"op": "snapshot", "image": image, "vm": vm_id, "size": size}
 
 
-def result_line(status: dict) -> str:
-    """The same `key=value` line process-image prints."""
-    from cli.commands import _top_device
+def job_result(status: dict, *, image: bool) -> dict:
+    """What the daemon answered of a final job, as the command that runs it in place reports
+    it (`process-image`'s fields for an image job, `snapshot`'s for a VM's)."""
+    from states.data import ImageJobData, SnapshotJobData
 
-    data = json.loads(status.get("context") or "{}")
-    image = (data.get("image") or {}).get("name")
-    result = {"job_id": status.get("job_id"), "state": status.get("job_state") or status.get("state"), "image": image,
-              "device": _top_device(data) if data else None,
-              "snapshot": data.get("snapshot_device_id") and f"thin-{data['snapshot_device_id']}",
-              "snapshot_device": data.get("snapshot_device"), "error": status.get("error")}
-    return " ".join(f"{k}={v}" for k, v in result.items() if v is not None)
+    fields = (status.get("job_id"), status.get("job_state") or status.get("state"), status.get("error"))
+    return (ImageJobData if image else SnapshotJobData).of(status.get("context")).result(*fields)
 
 
-for _command in (daemon_cmd, shutdown_cmd, submit_cmd):
-    register(_command)
+COMMANDS = (daemon_cmd, shutdown_cmd, submit_cmd)

@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from cli.app import common_options, exclusive, open_store, options_of
-from cli.main import register
 from devices.select import BACKENDS
 from support.errors import ManagerError
 from support.paths import database_path
@@ -138,5 +137,4 @@ def _set_database_aside(state_dir: Path, *, merge: bool, force: bool) -> Path | 
     return aside
 
 
-for _command in (backup_cmd, check_db_cmd, rebuild_db_cmd):
-    register(_command)
+COMMANDS = (backup_cmd, check_db_cmd, rebuild_db_cmd)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.app import common_options, exclusive, open_store, options_of
-from cli.main import register
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS, open_pool
 from support.errors import ManagerError
@@ -124,4 +123,4 @@ def _attached_pool(state_dir: Path, backend: str) -> ThinPool:
     return pool
 
 
-register(gc_cmd)
+COMMANDS = (gc_cmd,)

@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import click
 
+from cli import commands, daemon_cmds, db_cmds, gc, monitor_cmd
 from cli.app import configure, exclusive, last_options, open_database, open_runner, open_store, state_dir_of
 from fsm.cli import FsmApp, make_fsm_group
 from support.errors import ManagerError
@@ -132,9 +133,6 @@ def fsm_main() -> None:
     exit_now(run_cli(fsm_app))
 
 
-def register(command: click.Command) -> None:
-    """Attach a top-level command (used by the command modules below)."""
-    app.add_command(command)
-
-
-from cli import commands  # noqa: E402,F401  (registers the product's commands)
+# The product's commands: each module lists its own; none imports this one back.
+for _command in (*commands.COMMANDS, *db_cmds.COMMANDS, *daemon_cmds.COMMANDS, *monitor_cmd.COMMANDS, *gc.COMMANDS):
+    app.add_command(_command)

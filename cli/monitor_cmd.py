@@ -10,7 +10,6 @@ import time
 import click
 
 from cli.app import common_options, default_backend, options_of
-from cli.main import register
 from cli.policy_opts import policy_of, policy_options
 from devices.select import BACKENDS, open_pool
 
@@ -57,4 +56,4 @@ def monitor_cmd(ctx: click.Context, once: bool, interval: float, backend: str | 
         pass
 
 
-register(monitor_cmd)
+COMMANDS = (monitor_cmd,)

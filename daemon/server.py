@@ -487,11 +487,9 @@ class Daemon:
 def snapshot_reply(job: Any) -> dict[str, Any]:
     """What a waiting snapshot request is answered: the job's final state and, once it is
     complete, the ready device's path (what the VM is given)."""
-    import json
+    from states.data import JobData
 
-    data = json.loads(job.context or "{}")
-    device_id = data.get("snapshot_device_id")
+    data = JobData.of(job.context)
     return {"ok": True, "id": None, "job_id": job.id, "state": job.state, "job_state": job.state,
-            "final": job.state in FINAL_STATES, "error": job.error, "vm": data.get("vm_id"),
-            "snapshot": f"thin-{device_id}" if device_id is not None else None,
-            "snapshot_device": data.get("snapshot_device"), "context": job.context}
+            "final": job.state in FINAL_STATES, "error": job.error, "vm": data.vm_id, "snapshot": data.snapshot_name,
+            "snapshot_device": data.snapshot_device, "context": job.context}

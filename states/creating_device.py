@@ -12,6 +12,7 @@ from catalog.models import DeviceState
 from catalog.records import find_chain
 from fsm.context import StepContext
 from states.admission import admit
+from states.data import ImageJobData
 from states.layers import current_index, current_layer, device_size, layers, resolve_layer
 from states.names import ImageEvent
 from states.services import ImageServices
@@ -48,11 +49,12 @@ def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
     index = current_index(ctx)
     parent_chain = layers(ctx)[index - 1]["chain_id"] if index > 0 else None
     ledger = services.ledger(ctx)
+    data = ImageJobData(ctx.data)
     with ctx.transaction() as session:
         row = find_chain(session, layer["chain_id"])
         if row is not None and row.state == DeviceState.READY:
-            ctx.data["devices"][layer["chain_id"]] = row.device_id
-            ctx.data["layer_index"] = index + 1
+            data.devices[layer["chain_id"]] = row.device_id
+            data.layer_index = index + 1
             log.info("layer already unpacked; reusing its device", layer=index + 1, chain_id=layer["chain_id"],
                      device_name=row.device_name, size=row.size_bytes)
             _log_if_resized(row.device_name, row.size_bytes, device_size(ctx, services))
@@ -66,7 +68,7 @@ def _create_or_reuse(ctx: StepContext, services: ImageServices) -> str:
     device = ledger.create_layer_device(chain_id=layer["chain_id"], layer_digest=layer["digest"],
                                         parent_chain_id=parent_chain, size_bytes=device_size(ctx, services),
                                         job_id=ctx.job_id)
-    ctx.data["devices"][layer["chain_id"]] = device.device_id
+    data.devices[layer["chain_id"]] = device.device_id
     ctx.save()
     log.info("device created", device_name=device.name, layer=index + 1, base=parent_chain is None,
              size=device.size_bytes)

@@ -25,6 +25,7 @@ from images.formats import ARCHIVE_FORMATS, layers_of_archive
 from images.prefetch import PrefetchCancelled
 from images.source import ObjectRef, fetch_blob
 from images.verify import BlobCheck, StreamFindings
+from states.data import ImageJobData
 from states.names import ImageEvent
 from states.services import ImageServices
 from support.log import get_logger
@@ -36,7 +37,8 @@ log = get_logger("states.downloading")
 def run(ctx: StepContext, services: ImageServices) -> str:
     blobs: list[dict[str, Any]] = []
     fetched_one = False
-    for obj in ctx.data["objects"]:
+    data = ImageJobData(ctx.data)
+    for obj in data.objects:
         ref = ObjectRef(url=obj["url"], size=obj.get("size"), etag=obj.get("etag"))
         known = known_layer(ctx, services, ref)
         if known is not None:
@@ -52,7 +54,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
             services.prefetch.start(ctx.job_id, ref.url, background_fetch(ctx, services, ref))
             blobs.append({"pending": True, "source": ref.url, "size": ref.size, "etag": ref.etag})
         ctx.check_stop()
-    ctx.data["blobs"] = blobs
+    data.blobs = blobs
     return ImageEvent.DOWNLOADED
 
 
@@ -105,11 +107,11 @@ def fetch_object(ctx: StepContext, services: ImageServices, ref: ObjectRef, *, s
 def _client_for(ctx: StepContext, services: ImageServices, ref: ObjectRef) -> Any:
     """S3's client, a registry's (its options from the job's context), or none (file://)."""
     if ref.scheme == "s3":
-        return services.s3_client(ctx.data["image"].get("endpoint_url"))
+        return services.s3_client(ImageJobData(ctx.data).endpoint_url)
     if ref.scheme == "oci":
         from images.registry import parse_blob_url
 
-        return services.registry_client(parse_blob_url(ref.url)[0].registry, ctx.data["image"].get("registry"))
+        return services.registry_client(parse_blob_url(ref.url)[0].registry, ImageJobData(ctx.data).registry)
     return None
 
 

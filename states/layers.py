@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from fsm.context import StepContext
+from states.data import ImageJobData
 from states.services import ImageServices
 
 
 def layers(ctx: StepContext) -> list[dict[str, Any]]:
-    return ctx.data["layers"]
+    return ImageJobData(ctx.data).layers
 
 
 def current_index(ctx: StepContext) -> int:
-    return int(ctx.data.get("layer_index", 0))
+    return ImageJobData(ctx.data).layer_index
 
 
 def current_layer(ctx: StepContext) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def all_layers_done(ctx: StepContext) -> bool:
 
 
 def device_of_chain(ctx: StepContext, chain_id: str) -> int:
-    return int(ctx.data["devices"][chain_id])
+    return int(ImageJobData(ctx.data).devices[chain_id])
 
 
 def top_device_id(ctx: StepContext) -> int:
@@ -46,7 +47,7 @@ def top_device_id(ctx: StepContext) -> int:
 
 def device_size(ctx: StepContext, services: ImageServices) -> int:
     """The size asked for this job's new base devices: the request's, else the default."""
-    return int(ctx.data["image"].get("device_size_bytes") or services.device_size_bytes)
+    return int(ImageJobData(ctx.data).device_size_bytes or services.device_size_bytes)
 
 
 def resolve_layer(ctx: StepContext, services: ImageServices) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def resolve_layer(ctx: StepContext, services: ImageServices) -> dict[str, Any]:
         if fetched is None:
             ref = ObjectRef(url=layer["source"], size=layer.get("size"), etag=layer.get("etag"))
             fetched = fetch_object(ctx, services, ref, show_progress=True)
-        ctx.data["layers"][index:index + 1] = [
+        layers(ctx)[index:index + 1] = [
             {"digest": f["digest"], "format": f["format"], "chain_id": None, "tar_bytes": f.get("tar_bytes")}
             for f in fetched]
         layer = current_layer(ctx)

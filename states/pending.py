@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from catalog.records import ORPHAN_HINT, count_uncleaned_orphans
 from fsm.context import StepContext
+from states.data import ImageJobData
 from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import PermanentError
@@ -13,7 +14,7 @@ log = get_logger("states.pending")
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
-    if not ctx.data.get("objects"):
+    if not ImageJobData(ctx.data).objects:
         raise PermanentError("job has no objects to process")
     with ctx.transaction() as session:
         orphans = count_uncleaned_orphans(session)

@@ -16,6 +16,7 @@ from catalog.records import get_image, mark_image_active, snapshot_of_job, top_l
 from devices.base import OriginMissing
 from devices.filesystem import add_journal, grow_filesystem
 from fsm.context import StepContext
+from states.data import JobData
 from states.names import ImageEvent
 from states.services import ImageServices
 from support.errors import ManagerError, PermanentError
@@ -32,7 +33,8 @@ def run(ctx: StepContext, services: ImageServices) -> str:
 
 def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     ledger = services.ledger(ctx)
-    image_id = int(ctx.data["image_id"])
+    data = JobData(ctx.data)  # either workflow's: the image job's first snapshot, or a VM's
+    image_id = data.image_id
     with ctx.reading() as session:
         origin = origin_device(session, image_id)
         previous = snapshot_of_job(session, ctx.job_id)
@@ -43,12 +45,12 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     if previous_device is not None:
         ledger.orphan(previous_device.device_id, job_id=ctx.job_id,
                       reason=f"snapshot interrupted in state {previous_device.state}; contents untrusted")
-    size = int(ctx.data.get("snapshot_size_bytes") or origin.size_bytes)
+    size = int(data.snapshot_size_bytes or origin.size_bytes)
     try:
-        snapshot = ledger.create_vm_snapshot(image_id=image_id, origin=origin, vm_id=ctx.data.get("vm_id"),
+        snapshot = ledger.create_vm_snapshot(image_id=image_id, origin=origin, vm_id=data.vm_id,
                                              size_bytes=size, job_id=ctx.job_id)
     except OriginMissing:  # a reset pool, or a lost pool file: nothing was made
-        raise PermanentError(f"image {ctx.data['image']['name']!r}: its device {origin.name} is missing from the "
+        raise PermanentError(f"image {data.image['name']!r}: its device {origin.name} is missing from the "
                              "pool; process the image again") from None
     # No save of the context here: the snapshot's row names this job (snapshot_of_job finds
     # it after a crash), and every commit is a WAL fsync on a VM's critical path.
@@ -77,10 +79,11 @@ def origin_device(session: Session, image_id: int) -> Device:
 
 
 def _hand_out(ctx: StepContext, snapshot: Device, path: str, origin: Device) -> str:
+    data = JobData(ctx.data)
     with ctx.transaction() as session:
-        mark_image_active(session, int(ctx.data["image_id"]))
-        ctx.data["snapshot_device_id"] = snapshot.device_id
-        ctx.data["snapshot_device"] = path
+        mark_image_active(session, data.image_id)
+        data.snapshot_device_id = snapshot.device_id
+        data.snapshot_device = path
     log.info("snapshot ready", device_name=snapshot.name, device=path, origin_device_id=origin.device_id,
-             vm_id=ctx.data.get("vm_id"), size=snapshot.size_bytes, origin_size=origin.size_bytes)
+             vm_id=data.vm_id, size=snapshot.size_bytes, origin_size=origin.size_bytes)
     return ImageEvent.SNAPSHOTTED

@@ -15,6 +15,7 @@ from devices.mount import mounted
 from fsm.context import StepContext
 from images.formats import open_layer_stream
 from images.unpack import UnpackFailed, unpack_layer
+from states.data import ImageJobData
 from states.layers import current_index, current_layer, device_of_chain
 from states.names import ImageEvent
 from states.services import ImageServices
@@ -57,7 +58,7 @@ def run(ctx: StepContext, services: ImageServices) -> str:
         ledger.deactivate(device_id)
     target.rmdir()
     ledger.mark_ready(device_id)
-    ctx.data["layer_index"] = index + 1
+    ImageJobData(ctx.data).layer_index = index + 1
     log.info("layer unpacked", layer=index + 1, device_name=device_name(device_id), entries=stats.entries,
              bytes=stats.bytes_written, seconds=round(stats.seconds, 2))
     return ImageEvent.LAYER_UNPACKED

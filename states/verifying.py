@@ -15,6 +15,7 @@ from fsm.context import StepContext
 from images.chain import chain_ids
 from images.formats import ARCHIVE_FORMATS, layers_of_archive
 from images.verify import BlobCheck, verify_blob
+from states.data import ImageJobData
 from states.names import ImageEvent
 from states.services import ImageServices
 from support.log import get_logger
@@ -23,8 +24,9 @@ log = get_logger("states.verifying")
 
 
 def run(ctx: StepContext, services: ImageServices) -> str:
+    data = ImageJobData(ctx.data)
     layers: list[dict[str, Any]] = []
-    for blob in ctx.data["blobs"]:
+    for blob in data.blobs:
         if blob.get("pending"):
             layers.append(blob)  # downloading in the background; resolved when its turn comes
             continue
@@ -37,12 +39,12 @@ def run(ctx: StepContext, services: ImageServices) -> str:
     # creating_device (a chain id depends on every layer below).
     known = [layer["digest"] for layer in itertools.takewhile(lambda layer: not layer.get("pending"), layers)]
     chains = chain_ids(known) + [None] * (len(layers) - len(known))
-    ctx.data["layers"] = [_pending_layer(layer) if layer.get("pending") else
-                          {"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
-                           "tar_bytes": layer.get("tar_bytes")}
-                          for layer, chain in zip(layers, chains)]
-    ctx.data["layer_index"] = 0
-    ctx.data["devices"] = {}
+    data.layers = [_pending_layer(layer) if layer.get("pending") else
+                   {"digest": layer["digest"], "format": layer["format"], "chain_id": chain,
+                    "tar_bytes": layer.get("tar_bytes")}
+                   for layer, chain in zip(layers, chains)]
+    data.layer_index = 0
+    data.devices = {}
     return ImageEvent.VERIFIED
 
 

@@ -28,6 +28,7 @@ from fsm.models import Job
 from fsm.runner import Runner
 from states import snapshotting
 from states.admission import admit_bytes, snapshot_bytes
+from states.data import SnapshotJobData
 from states.names import SNAPSHOT_WORKFLOW, SnapshotEvent, SnapshotState, check_vm_id
 from states.services import ImageServices
 from states.steps import NO_RETRY, abort_hook, bound_step, health_guard
@@ -113,14 +114,15 @@ def process_snapshot_request(runner: Runner, request: SnapshotRequest) -> Job:
 def check_request(ctx: StepContext, services: ImageServices) -> str:
     """pending: the image is still complete and the size still fits (checked again: the
     job may run long after it was asked for)."""
+    data = SnapshotJobData(ctx.data)
     with ctx.reading() as session:
-        image = get_image(session, int(ctx.data["image_id"]))
+        image = get_image(session, data.image_id)
         if image is None:
-            raise ImageNotReady(f"image {ctx.data['image_id']} no longer exists")
-        resolve_snapshot_request(session, str(image.id), ctx.data["vm_id"], ctx.data.get("snapshot_size_bytes"))
-        existing = snapshot_of_vm(session, image.id, ctx.data["vm_id"])
+            raise ImageNotReady(f"image {data.image_id} no longer exists")
+        resolve_snapshot_request(session, str(image.id), data.vm_id, data.snapshot_size_bytes)
+        existing = snapshot_of_vm(session, image.id, data.vm_id)
         if existing is not None and existing.job_id != ctx.job_id:
-            raise PermanentError(f"VM {ctx.data['vm_id']!r} already has snapshot {existing.id} of image "
+            raise PermanentError(f"VM {data.vm_id!r} already has snapshot {existing.id} of image "
                                  f"{image.name!r} (made by job {existing.job_id})")
     return SnapshotEvent.START
 
@@ -130,7 +132,7 @@ def activate_origin(ctx: StepContext, services: ImageServices) -> str:
     Whether its device is in the pool is the kernel's answer to the snapshot itself (a
     missing origin makes nothing: states/snapshotting.py), not a listing of every device."""
     with ctx.transaction() as session:
-        image = get_image(session, int(ctx.data["image_id"]))
+        image = get_image(session, SnapshotJobData(ctx.data).image_id)
         _ready_origin(session, image)
         touch_image(session, image.id)  # used now: last in eviction's order
     return SnapshotEvent.ACTIVATED

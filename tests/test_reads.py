@@ -206,7 +206,8 @@ def test_the_catalog_reads_back_as_the_orm_reads_it(filled: tuple[Path, Engine])
              s.created_at) for s in snapshots]
     assert [r["image"] for r in listed] == ["fa", "fb"]
     assert reads.image_has_ready_snapshot(db, "s3://b/fa/") and not reads.image_has_ready_snapshot(db, "s3://b/fb/")
-    assert [(o["device_name"], o["job_id"], o["reason"], _time(o["detected_at"])) for o in reads.uncleaned_orphans(db)] == \
+    uncleaned = reads.uncleaned_orphans(db)
+    assert [(o["device_name"], o["job_id"], o["reason"], _time(o["detected_at"])) for o in uncleaned] == \
            [(o.device_name, o.job_id, o.reason, o.detected_at) for o in orphans]
     assert not reads.catalog_is_empty(db)
     reads.record_use(db, "s3://b/fb/")
