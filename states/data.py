@@ -14,13 +14,41 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from devices.base import device_name
 
 
+T = TypeVar("T")
+_REQUIRED: Any = object()
+
+
+class Key(Generic[T]):
+    """One key of the context dict as a typed attribute of a view: read as `data[key]` (or
+    `data.get(key, default)` when a default is given: the key may not be there yet) and
+    written into the dict in place."""
+
+    def __init__(self, key: str, default: Any = _REQUIRED) -> None:
+        self.key = key
+        self.default = default
+
+    def __get__(self, view: JobData, owner: type | None = None) -> T:
+        return view.data[self.key] if self.default is _REQUIRED else view.data.get(self.key, self.default)
+
+    def __set__(self, view: JobData, value: T) -> None:
+        assert isinstance(view.data, dict), "a read-only view"
+        view.data[self.key] = value
+
+
 class JobData:
     """What both workflows' contexts hold: the image, and the snapshot the job handed out."""
+
+    image: Key[dict[str, Any]] = Key("image")
+    image_id: Key[int] = Key("image_id")
+    vm_id: Key[str | None] = Key("vm_id", None)  # a VM's snapshot (the image job's first has none)
+    snapshot_size_bytes: Key[int | None] = Key("snapshot_size_bytes", None)  # asked for; None: the origin's
+    snapshot_device_id: Key[int | None] = Key("snapshot_device_id", None)
+    snapshot_device: Key[str | None] = Key("snapshot_device", None)  # the device path a VM is given
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self.data = data
@@ -30,52 +58,9 @@ class JobData:
         """A view of a stored context (a job row's JSON text; None or empty: nothing yet)."""
         return cls(json.loads(context or "{}"))
 
-    def _set(self, key: str, value: Any) -> None:
-        assert isinstance(self.data, dict), "a read-only view"
-        self.data[key] = value
-
-    @property
-    def image(self) -> dict[str, Any]:
-        return self.data["image"]
-
     @property
     def image_name(self) -> str | None:
         return (self.data.get("image") or {}).get("name")
-
-    @property
-    def image_id(self) -> int:
-        return int(self.data["image_id"])
-
-    @image_id.setter
-    def image_id(self, value: int) -> None:
-        self._set("image_id", value)
-
-    @property
-    def vm_id(self) -> str | None:
-        """The VM a snapshot job's snapshot is for (the image job's first snapshot has none)."""
-        return self.data.get("vm_id")
-
-    @property
-    def snapshot_size_bytes(self) -> int | None:
-        """The size a snapshot job asked for (None: the origin's)."""
-        return self.data.get("snapshot_size_bytes")
-
-    @property
-    def snapshot_device_id(self) -> int | None:
-        return self.data.get("snapshot_device_id")
-
-    @snapshot_device_id.setter
-    def snapshot_device_id(self, value: int) -> None:
-        self._set("snapshot_device_id", value)
-
-    @property
-    def snapshot_device(self) -> str | None:
-        """The snapshot's device path, as handed to a VM."""
-        return self.data.get("snapshot_device")
-
-    @snapshot_device.setter
-    def snapshot_device(self, value: str) -> None:
-        self._set("snapshot_device", value)
 
     @property
     def snapshot_name(self) -> str | None:
@@ -85,7 +70,17 @@ class JobData:
 
 class ImageJobData(JobData):
     """The image job's context: its objects, then its blobs, then its layers in order with
-    the device of each chain, and the index of the layer the device loop is on."""
+    the device of each chain (thin id by chain id, updated in place), and the index of the
+    layer the device loop is on."""
+
+    blobs: Key[list[dict[str, Any]]] = Key("blobs")
+    layers: Key[list[dict[str, Any]]] = Key("layers")
+    layer_index: Key[int] = Key("layer_index", 0)
+    devices: Key[dict[str, int]] = Key("devices")
+
+    @property
+    def objects(self) -> list[dict[str, Any]]:
+        return self.data.get("objects") or []
 
     @property
     def endpoint_url(self) -> str | None:
@@ -101,43 +96,6 @@ class ImageJobData(JobData):
     def device_size_bytes(self) -> int | None:
         """The size asked for the image's new base devices (None: the process's default)."""
         return self.image.get("device_size_bytes")
-
-    @property
-    def objects(self) -> list[dict[str, Any]]:
-        return self.data.get("objects") or []
-
-    @property
-    def blobs(self) -> list[dict[str, Any]]:
-        return self.data["blobs"]
-
-    @blobs.setter
-    def blobs(self, value: list[dict[str, Any]]) -> None:
-        self._set("blobs", value)
-
-    @property
-    def layers(self) -> list[dict[str, Any]]:
-        return self.data["layers"]
-
-    @layers.setter
-    def layers(self, value: list[dict[str, Any]]) -> None:
-        self._set("layers", value)
-
-    @property
-    def layer_index(self) -> int:
-        return int(self.data.get("layer_index", 0))
-
-    @layer_index.setter
-    def layer_index(self, value: int) -> None:
-        self._set("layer_index", value)
-
-    @property
-    def devices(self) -> dict[str, int]:
-        """Thin id of each layer chain's device (chain id -> id), updated in place."""
-        return self.data["devices"]
-
-    @devices.setter
-    def devices(self, value: dict[str, int]) -> None:
-        self._set("devices", value)
 
     @property
     def top_device_name(self) -> str | None:
@@ -159,13 +117,10 @@ class ImageJobData(JobData):
 class SnapshotJobData(JobData):
     """The snapshot job's context: the image, the VM and the size it asked for."""
 
-    @property
-    def vm_id(self) -> str:
-        return self.data["vm_id"]
+    vm_id: Key[str] = Key("vm_id")  # type: ignore[assignment]  # always there in this workflow
 
     def result(self, job_id: int | None, state: str | None, error: str | None) -> dict[str, Any]:
         """What `snapshot` (and `submit --snapshot --wait`) report of the job, in order."""
         return {"job_id": job_id, "state": state, "image": self.image_name, "vm": self.data.get("vm_id"),
                 "snapshot": self.snapshot_name, "snapshot_device": self.snapshot_device,
                 "size": self.snapshot_size_bytes, "error": error}
-
