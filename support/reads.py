@@ -15,7 +15,6 @@ exist in the models and in a migrated database, and are used there. alembic's ow
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,16 @@ from typing import Any
 Index = tuple[str, tuple[str, ...]]  # (table, the columns it covers, in order)
 
 
-@dataclass(frozen=True)
 class Query:
     """One statement, and the indexes it is meant to use (its plan on a migrated database
-    uses each of them, or a wider one starting with the same columns)."""
+    uses each of them, or a wider one starting with the same columns). A plain class: a
+    dataclass would cost a listing command's start-up a millisecond."""
 
-    sql: str
-    indexes: tuple[Index, ...] = ()
+    __slots__ = ("sql", "indexes")
+
+    def __init__(self, sql: str, indexes: tuple[Index, ...] = ()) -> None:
+        self.sql = sql
+        self.indexes = indexes
 
 
 # -- the engine's tables ------------------------------------------------------------------
