@@ -129,7 +129,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
     from devices.limits import check_device_size
     from devices.select import open_pool
     from states.registry import open_environment
-    from states.vm_snapshot import process_snapshot_request, resolve_snapshot_request
+    from states.vm_snapshot import process_snapshot_request, resolve_snapshot
 
     size_bytes = None
     if size:  # checked against the backend's limits; the pool is opened for real under the lock
@@ -138,8 +138,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
         store = open_store(options.state_dir)
         # Before the image is looked up: after a lost database "not found" would mislead.
         refuse_if_behind(store.engine, RecordStore(options.state_dir))
-        with store.transaction() as session:
-            request = resolve_snapshot_request(session, image, vm_id, size_bytes)
+        request = resolve_snapshot(store.engine, image, vm_id, size_bytes)
         environment = open_environment(options.state_dir, store, backend=backend, show_progress=show_progress())
         job = process_snapshot_request(environment.runner, request)
     refuse_if_left_waiting(job.id, job.state, job.error)
