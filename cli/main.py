@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -122,14 +123,23 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def ignore_lease_breaks() -> None:
+    """SIGIO is what the kernel sends a file lease's holder when another process opens the
+    file; its default action ends the process. The blockfile backend holds a lease for a
+    moment to ask whether a device file is open elsewhere (devices/blockfile.py)."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
 def main() -> None:
     from safeguards.first_sample import take_first_sample
 
+    ignore_lease_breaks()
     take_first_sample()  # a job's first I/O-wait window runs during start-up (safeguards/first_sample.py)
     exit_now(run_cli(app))
 
 
 def fsm_main() -> None:
+    ignore_lease_breaks()
     exit_now(run_cli(fsm_app))
 
 

@@ -40,6 +40,7 @@ from support.proc import CommandFailed
 
 log = get_logger("devices.blockfile", component="pool-manager")
 
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
 FIEMAP_FLAG_SYNC = 0x1
@@ -516,9 +517,7 @@ class BlockfilePool:
         """Delete the device's file; absent is fine; an active device is refused (the caller deactivates)."""
         path = self._file(device_id)
         self._require_pool()
-        # The one call that destroys data asks the kernel itself (every loop, not the index):
-        # a loop bound by hand, which the index never saw, must not have its file cut to zero.
-        active = loop.find_backing(path)
+        active = self._backing(device_id)
         if active:
             raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
         try:
@@ -526,10 +525,17 @@ class BlockfilePool:
             # statfs nor syncfs reliably waits for it; a truncate frees them in its own
             # transaction. So the pool's usage is right the moment delete returns (eviction
             # and admission read it to know what an eviction freed).
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return
         try:
+            # The one call that destroys data asks the kernel: a loop bound by hand, which the
+            # index never saw, holds the file open, and must not have it cut to zero. Only
+            # then (or where the filesystem grants no leases) is every loop listed, to name it.
+            if _opened_elsewhere(fd) is not False:
+                bound = loop.find_backing(path)
+                if bound:
+                    raise ManagerError(f"device {device_name(device_id)} is active ({bound[0]}); deactivate it first")
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
@@ -638,6 +644,22 @@ def _reflink_works(directory: Path) -> bool:
     finally:
         a.unlink(missing_ok=True)
         b.unlink(missing_ok=True)
+
+
+def _opened_elsewhere(fd: int) -> bool | None:
+    """Whether the file `fd` has open is open anywhere else too (a loop bound to it holds
+    it open): the kernel grants a write lease only to a file's sole opener (fcntl(2),
+    F_SETLEASE), one call whatever the host's number of loops. None: this filesystem grants
+    no leases. The lease is let go at once (a second opener while it is held would have the
+    kernel signal this process: SIGIO, which the CLI ignores)."""
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return True
+        return None
+    fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 def _syncfs(directory: Path) -> None:

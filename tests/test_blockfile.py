@@ -132,6 +132,35 @@ def test_thin_device_lifecycle(pool: BlockfilePool, tmp_path: Path) -> None:
     assert pool.list_devices() == [] and not image.exists()
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_loop_bound_by_hand_keeps_its_file_from_delete(pool: BlockfilePool, read_only: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index never saw a loop an operator bound with losetup; delete asks the kernel
+    (a file lease: one call) and refuses, naming the loop, instead of cutting the file to
+    zero under it. A delete with no such loop lists no loops at all."""
+    import devices.blockfile as blockfile
+
+    pool.ensure_pool_exists()
+    pool.create_thin(1, SIZE)
+    pool.create_thin(2, SIZE)
+    image = pool.mount_point / "thin-1.img"
+    with image.open("r+b") as f:
+        f.write(b"the operator's data")
+    by_hand = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    try:
+        with pytest.raises(ManagerError, match=f"thin-1 is active \({by_hand}\); deactivate it first"):
+            pool.delete(1)
+        assert image.read_bytes()[:19] == b"the operator's data" and image.stat().st_size == SIZE
+    finally:
+        subprocess.run(["losetup", "--detach", by_hand], timeout=30, check=True)
+    listings = []
+    monkeypatch.setattr(blockfile.loop, "find_backing", lambda path: listings.append(path) or [])
+    pool.delete(2)
+    pool.delete(1)  # its loop gone: deleted now
+    assert listings == [] and not image.exists()
+
+
 def test_snapshot_is_a_reflink_and_independent_of_its_origin(pool: BlockfilePool, tmp_path: Path) -> None:
     pool.ensure_pool_exists()
     pool.create_thin(1, SIZE)
