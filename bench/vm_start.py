@@ -219,6 +219,8 @@ def main() -> None:
                     one.append(time.perf_counter() - started)
                 client.close()
                 figures("one client", one)
+                print("  medians per 100 VMs, in order: " + " ".join(
+                    f"{ms_of(one[start:start + 100]):.1f}" for start in range(0, len(one), 100)) + " ms")
 
                 counts = [args.vms // args.clients + (1 if i < args.vms % args.clients else 0)
                           for i in range(args.clients)]
