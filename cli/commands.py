@@ -140,7 +140,7 @@ def snapshot_cmd(ctx: click.Context, image: str, vm_id: str, size: str | None, b
         refuse_if_behind(store.engine, RecordStore(options.state_dir))
         request = resolve_snapshot(store.engine, image, vm_id, size_bytes)
         environment = open_environment(options.state_dir, store, backend=backend, show_progress=show_progress())
-        job = process_snapshot_request(environment.runner, request)
+        job = process_snapshot_request(environment.runner, request, environment.services)
     refuse_if_left_waiting(job.id, job.state, job.error)
     click.echo(snapshot_result_line(job.id, job.state, job.context, job.error))
     if job.state != COMPLETE:

@@ -382,7 +382,7 @@ class Daemon:
             if resolved is not None:
                 try:
                     if isinstance(resolved, SnapshotRequest):
-                        return process_snapshot_request(runner, resolved)
+                        return process_snapshot_request(runner, resolved, self.services)
                     return process_request(runner, resolved)
                 except JobAborted:
                     return self.store.get(job_id)  # final; its error says how to retry

@@ -209,6 +209,21 @@ class JobStore:
             job.context = text
             job.updated_at = utcnow()
 
+    def amend_result(self, job_id: int, state: str, context: dict[str, Any]) -> Job:
+        """Rewrite what a final job left in its context (a device's path, bound anew after a
+        reboot), guarded: the job must still be in `state` and owned by no process. Not a
+        change of state: no history row."""
+        with self.transaction() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.state != state or job.owner_pid is not None:
+                raise LostOwnership(f"job {job_id} moved to {job.state} (owner pid {job.owner_pid}) while its "
+                                    f"result was being amended")
+            job.context = json.dumps(context, sort_keys=True)
+            job.updated_at = utcnow()
+            return job
+
     def set_progress(self, job_id: int, owner: Owner, *, attempt: int | None = None, error: str | None = None,
                      waiting_since: datetime | None = None) -> None:
         """Record the attempt number and the reason a job waits or retries; `waiting_since`

@@ -141,11 +141,11 @@ def test_fifty_vm_snapshots_are_fifty_distinct_devices(state_dir: Path, images_b
         assert fields(done.stdout)["snapshot"] == by_cli[vm]  # the second vm-0 is the same snapshot
 
     store = open_store(state_dir)
-    runner = open_environment(state_dir, store, backend="blockfile").runner
+    environment = open_environment(state_dir, store, backend="blockfile")
     for n in range(3, 50):
         with store.transaction() as session:
             request = resolve_snapshot_request(session, "fa", f"vm-{n}", None)
-        assert process_snapshot_request(runner, request).state == "complete"
+        assert process_snapshot_request(environment.runner, request, environment.services).state == "complete"
 
     rows = db_rows(state_dir, "SELECT vm_id, device_id FROM snapshots WHERE vm_id IS NOT NULL")
     assert len(rows) == 50 and len({vm for vm, _ in rows}) == 50 and len({dev for _, dev in rows}) == 50

@@ -61,7 +61,7 @@ class Snapshots:
 
         with self.store.transaction() as session:
             request = resolve_snapshot_request(session, IMAGE, vm, None)
-        job = process_snapshot_request(self.environment.runner, request)
+        job = process_snapshot_request(self.environment.runner, request, self.environment.services)
         assert job.state == "complete", job.error
         self.made += 1
         return job
@@ -147,6 +147,45 @@ def test_a_thousand_vms_then_a_reboot_and_the_pool_and_catalog_agree(image_state
     assert {d.name for d in devices} == catalog | layers
     dry = cli(image_state, "gc", "--dry-run")
     assert "orphaned=0" in dry.stdout and f"total_devices={len(catalog | layers)}" in dry.stdout
+
+
+def test_after_a_reboot_a_vm_asking_again_gets_its_own_disk_at_its_new_path(image_state: Path,
+                                                                            tmp_path: Path) -> None:
+    """A reboot binds every VM's disk anew, to whatever loop numbers are free then: the path
+    a VM's job first gave may now be another disk's. Asked again, the job hands out the
+    path its own disk has now (and binds it, if nothing did)."""
+    from devices import loop
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+
+    first = {vm: dict(item.split("=", 1) for item in cli(image_state, "snapshot", IMAGE, "--vm", vm).stdout.split())
+             for vm in ("vm-a", "vm-b", "vm-c")}
+    pool = BlockfilePool(PoolConfig(directory=str(image_state)))
+    for device in pool.list_devices():  # a simulated reboot
+        if device.active:
+            pool.deactivate(device.device_id)
+    pool.teardown_pool()
+    others = []  # meanwhile something else takes the lowest free loops
+    for n in range(2):
+        other = tmp_path / f"other-{n}.img"
+        other.write_bytes(bytes(1024 * 1024))
+        others.append(loop.attach(other))
+    try:
+        cli(image_state, "setup-pool")
+        pool.deactivate(int(first["vm-c"]["snapshot"].removeprefix("thin-")))  # one disk left unbound
+        for vm, before in first.items():
+            again = dict(item.split("=", 1) for item in cli(image_state, "snapshot", IMAGE, "--vm", vm).stdout.split())
+            assert again["job_id"] == before["job_id"] and again["snapshot"] == before["snapshot"]
+            bound = loop.find_backing(pool.mount_point / f"{before['snapshot']}.img")
+            assert bound == [again["snapshot_device"]], (vm, before, again, bound)
+        contexts = {vm: json.loads(context)["snapshot_device"] for vm, context in
+                    _rows(image_state, "SELECT json_extract(context, '$.vm_id'), context FROM jobs "
+                                       "WHERE workflow = 'snapshot'")}
+        assert {vm: contexts[vm] for vm in first} == {  # what `fsm show` and a polling client read too
+            vm: loop.find_backing(pool.mount_point / f"{before['snapshot']}.img")[0] for vm, before in first.items()}
+    finally:
+        for other in others:
+            loop.detach(other)
 
 
 def test_a_waiting_snapshot_request_is_answered_with_the_ready_device(image_state: Path, tmp_path: Path) -> None:

@@ -112,11 +112,11 @@ def vm_snapshots_on_dm_thin(state_dir: Path, tmp_path: Path, image: str) -> None
         assert done.returncode == 0, done.stderr[-3000:]
         devices[vm] = dict(p.split("=", 1) for p in done.stdout.strip().splitlines()[-1].split())["snapshot_device"]
     store = open_store(state_dir)
-    runner = open_environment(state_dir, store, backend="devicemapper").runner
+    environment = open_environment(state_dir, store, backend="devicemapper")
     for n in range(2, 10):
         with store.transaction() as session:
             request = resolve_snapshot_request(session, image, f"vm-{n}", None)
-        job = process_snapshot_request(runner, request)
+        job = process_snapshot_request(environment.runner, request, environment.services)
         assert job.state == "complete", job.error
         devices[f"vm-{n}"] = json.loads(job.context)["snapshot_device"]
     assert len(set(devices.values())) == 10 and all(d.startswith("/dev/mapper/thin-") for d in devices.values())

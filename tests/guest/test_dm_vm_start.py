@@ -61,13 +61,13 @@ def test_a_snapshot_makes_the_same_dmsetup_calls_at_10_and_at_200_devices(state_
     monkeypatch.setattr("safeguards.setup.GUARD_REUSE_SECONDS", 0.0)
     monkeypatch.setattr("safeguards.setup.RECENT_PASS_SECONDS", 0.0)
     store = open_store(state_dir)
-    runner = open_environment(state_dir, store, backend="devicemapper").runner
+    environment = open_environment(state_dir, store, backend="devicemapper")
     pool = DevicemapperPool(PoolConfig(directory=str(state_dir)))
 
     def snapshot(vm: str) -> None:
         with store.transaction() as session:
             request = resolve_snapshot_request(session, "vm.tar", vm, None)
-        job = process_snapshot_request(runner, request)
+        job = process_snapshot_request(environment.runner, request, environment.services)
         assert job.state == "complete", job.error
 
     callers: dict[str, list[str]] = defaultdict(list)
