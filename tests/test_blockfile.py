@@ -149,7 +149,7 @@ def test_a_loop_bound_by_hand_keeps_its_file_from_delete(pool: BlockfilePool, re
     by_hand = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)],
                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     try:
-        with pytest.raises(ManagerError, match=f"thin-1 is active \({by_hand}\); deactivate it first"):
+        with pytest.raises(ManagerError, match=rf"thin-1 is active \({by_hand}\); deactivate it first"):
             pool.delete(1)
         assert image.read_bytes()[:19] == b"the operator's data" and image.stat().st_size == SIZE
     finally:
