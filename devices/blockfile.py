@@ -492,14 +492,9 @@ class BlockfilePool:
         self._loops.check_boot()  # a rebuild of the index happens once, before the threads
         from concurrent.futures import ThreadPoolExecutor
 
-        def one(device: tuple[int, int]) -> str | ManagerError:
-            try:
-                return self.activate(*device)
-            except ManagerError as exc:
-                return exc
-
         with ThreadPoolExecutor(REACTIVATE_THREADS, thread_name_prefix="activate") as workers:
-            return dict(zip((device_id for device_id, _ in devices), workers.map(one, devices)))
+            each = workers.map(lambda device: activate_each(self, [device]), devices)
+            return {device_id: path for paths in each for device_id, path in paths.items()}
 
     def deactivate(self, device_id: int) -> None:
         """Detach the device's loop; inactive is fine; a mounted device is refused."""
@@ -517,9 +512,6 @@ class BlockfilePool:
         """Delete the device's file; absent is fine; an active device is refused (the caller deactivates)."""
         path = self._file(device_id)
         self._require_pool()
-        active = self._backing(device_id)
-        if active:
-            raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
         try:
             # XFS frees an unlinked file's blocks in the background (inodegc), and neither
             # statfs nor syncfs reliably waits for it; a truncate frees them in its own
@@ -529,13 +521,15 @@ class BlockfilePool:
         except FileNotFoundError:
             return
         try:
-            # The one call that destroys data asks the kernel: a loop bound by hand, which the
-            # index never saw, holds the file open, and must not have it cut to zero. Only
-            # then (or where the filesystem grants no leases) is every loop listed, to name it.
-            if _opened_elsewhere(fd) is not False:
-                bound = loop.find_backing(path)
-                if bound:
-                    raise ManagerError(f"device {device_name(device_id)} is active ({bound[0]}); deactivate it first")
+            # The one call that destroys data asks the index, then the kernel: a loop bound by
+            # hand, which the index never saw, holds the file open and must not have it cut to
+            # zero. Only then (or where the filesystem grants no leases) is every loop listed,
+            # to name it.
+            active = self._backing(device_id)
+            if not active and _opened_elsewhere(fd) is not False:
+                active = loop.find_backing(path)
+            if active:
+                raise ManagerError(f"device {device_name(device_id)} is active ({active[0]}); deactivate it first")
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)

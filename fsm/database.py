@@ -66,6 +66,13 @@ class _TurnTakingConnection(sqlite3.Connection):
         finally:
             self._release_writer_lock()
 
+    def close(self) -> None:
+        """A connection closed mid-transaction (an invalidated one) gives up its turn too."""
+        try:
+            super().close()
+        finally:
+            self._release_writer_lock()
+
     def _release_writer_lock(self) -> None:
         if self._holds_writer_lock:
             self._holds_writer_lock = False
