@@ -39,6 +39,11 @@ log = get_logger("demo.s3server", component="s3server")
 GRPC_OFFSET = 10000
 SERVICES_WITH_GRPC = ("master", "volume", "filer", "s3", "admin")
 UNIX_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
+# Every bucket is a SeaweedFS collection with at least one volume of its own. Left at 0, the
+# volume limit is free disk / volume size (about 40 on a host with 40 GiB free), and the 41st
+# bucket's first PutObject fails with InternalError ("no free volumes left"). Volumes are
+# sparse files that grow as written, so a high limit costs nothing until used.
+MAX_VOLUMES = 2000
 
 
 class S3ServerError(ManagerError):
@@ -145,6 +150,7 @@ def _weed_argv(weed: Path, data_dir: Path, ports: dict[str, int]) -> list[str]:
         "-admin.ui=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        f"-volume.max={MAX_VOLUMES}",
     ]
     for service in SERVICES_WITH_GRPC:
         argv.append(f"-{service}.port={ports[service]}")
