@@ -8,7 +8,7 @@ Modelled on containerd's devmapper snapshotter: the pool device, the metadata st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -104,12 +104,14 @@ class PoolConfig:
     data_block_bytes: int | None = None
 
 
-def activate_each(pool: "ThinPool", devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
-    """`activate_all` one device after another (a backend whose activations do not overlap)."""
+def activate_each(activate: Callable[[int, int], str],
+                  devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
+    """`activate_all` one device after another: each device's path, or the ManagerError that
+    refused it (one refusal does not stop the others)."""
     paths: dict[int, str | ManagerError] = {}
     for device_id, size_bytes in devices:
         try:
-            paths[device_id] = pool.activate(device_id, size_bytes)
+            paths[device_id] = activate(device_id, size_bytes)
         except ManagerError as exc:
             paths[device_id] = exc
     return paths

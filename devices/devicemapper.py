@@ -346,7 +346,7 @@ class DevicemapperPool:
 
     def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
         """One `dmsetup create` after another: table loads of one pool are not overlapped."""
-        return activate_each(self, devices)
+        return activate_each(self.activate, devices)
 
     def activate(self, device_id: int, size_bytes: int) -> str:
         """`dmsetup create thin-<id>`; an already active device just gets its path back."""

@@ -315,6 +315,62 @@ def test_activate_all_binds_each_device_once_and_reports_each_refusal(pool: Bloc
     assert pool.activate_all([(device_id, SIZE) for device_id in bound]) == bound  # again: the same loops
 
 
+def test_the_loop_index_is_believed_only_where_the_kernel_agrees(pool: BlockfilePool, state: Path) -> None:
+    """The index (one record per device id in loops/slots) answers which loop backs a file
+    without listing every loop; every way it can be wrong is settled by the kernel."""
+    from devices import loop
+
+    pool.ensure_pool_exists()
+    for device_id in (1, 2, 3):
+        pool.create_thin(device_id, SIZE)
+    index = loop.LoopIndex(state / "loops", lambda: {})
+    path = {device_id: pool.mount_point / f"thin-{device_id}.img" for device_id in (1, 2, 3)}
+
+    bound = pool.activate(1, SIZE)
+    assert index.lookup(1, path[1]) == [bound]
+    assert (state / "loops" / "slots").stat().st_size == 2 * loop.LoopIndex.RECORD  # no file per device
+
+    detach(bound)  # a loop detached behind the index's back: the stale record is dropped
+    assert index.lookup(1, path[1]) == [] and index._read(1) is None
+
+    index.attaching(2)  # a crash between the intent and the attach's record ...
+    by_hand = attach(path[2])
+    assert index.lookup(2, path[2]) == [by_hand]  # ... is settled by one listing, and recorded
+    assert index._read(2) == by_hand
+
+    with open(state / "loops" / "slots", "r+b") as slots:  # a record read mid-write: not trusted
+        slots.seek(3 * loop.LoopIndex.RECORD)
+        slots.write(b"/devloo9\x00\x00junk\n\x00\x00")
+    other = attach(path[3])
+    assert index.lookup(3, path[3]) == [other]
+    assert index.lookup(3, path[1]) == []  # a record naming a loop of another file is not believed
+    detach(other)
+    detach(by_hand)
+
+
+def test_the_loop_index_is_rebuilt_after_a_reboot_and_from_an_older_layout(pool: BlockfilePool,
+                                                                          state: Path) -> None:
+    """A boot id other than this boot's, or an index with no slots file (per-device files,
+    as before), is rebuilt from one listing: a loop bound before is always found."""
+    from devices import loop
+
+    pool.ensure_pool_exists()
+    for device_id in (1, 2):
+        pool.create_thin(device_id, SIZE)
+    bound = pool.activate(1, SIZE)
+    by_hand = attach(pool.mount_point / "thin-2.img")  # the index never saw it
+    (state / "loops" / "boot_id").write_text("another boot\n")
+    fresh = BlockfilePool(PoolConfig(directory=str(state), data_size_bytes=POOL_SIZE))
+    assert fresh._backing(1) == [bound] and fresh._backing(2) == [by_hand]
+
+    (state / "loops" / "slots").unlink()  # the older layout: a file per device
+    (state / "loops" / "thin-2").write_text("/dev/loop999999\n")
+    older = BlockfilePool(PoolConfig(directory=str(state), data_size_bytes=POOL_SIZE))
+    assert older._backing(2) == [by_hand] and older._backing(1) == [bound]
+    assert sorted(p.name for p in (state / "loops").iterdir()) == ["boot_id", "slots"]
+    detach(by_hand)
+
+
 def test_a_file_with_data_is_never_formatted(state: Path) -> None:
     state.mkdir()
     precious = b"precious data" * 100
