@@ -217,8 +217,8 @@ class DeviceLedger:
         return self.pool.activate(known.device_id, known.size_bytes)
 
     def activate_all(self, devices: list[Device]) -> dict[int, str | ManagerError]:
-        """`activate` of each device (as this ledger or its caller read it), as the pool
-        runs them side by side: each one's path, or the error that refused it."""
+        """`activate` of each device (as this ledger or its caller read it), in one call to
+        the pool: each one's path, or the error that refused it."""
         return self.pool.activate_all([(device.device_id, device.size_bytes) for device in devices])
 
     def deactivate(self, device_id: int) -> None:

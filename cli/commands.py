@@ -45,7 +45,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
     from devices.limits import check_device_size
     from devices.select import open_pool
     from states.data import ImageJobData
-    from states.submit import completed_job, resolve_request
+    from states.submit import resolve_request
 
     options = options_of(ctx)
     size = parse_size(device_size)
@@ -57,7 +57,7 @@ def process_image(ctx: click.Context, s3_key: str | None, image: str | None, s3_
                               registry=registry_options_of(ctx), state_dir=options.state_dir)
     with exclusive(options.state_dir, "process-image"):
         db = open_database(options.state_dir)
-        job = completed_job(db, request) if _pool_attached(options.state_dir, backend) else None
+        job = _answer_as_it_stands(options.state_dir, backend, db, request)
         if job is not None:
             from support.reads import record_use
 
@@ -81,12 +81,25 @@ def refuse_if_left_waiting(job_id: int, state: str, error: str | None) -> None:
         raise JobLeftWaiting(f"job {job_id} left waiting: {reason}{then}")
 
 
-def _pool_attached(state_dir: Path, backend: str) -> bool:
-    """Whether the pool is there (after a reboot it is not: the full path re-attaches it and
-    re-activates the snapshots before anything is answered)."""
+def _answer_as_it_stands(state_dir: Path, backend: str, db: Path, request: Any) -> dict[str, Any] | None:
+    """The image's complete job, when nothing needs doing to answer with it: the pool is
+    there and the job's snapshot is still at the path its context names. None: the full
+    path runs (after a reboot it re-attaches the pool and re-activates the snapshots, and
+    hands the snapshot out at the path it has now)."""
     from devices.select import open_pool
+    from states.data import ImageJobData
+    from states.submit import completed_job
 
-    return open_pool(state_dir, backend).get_pool_status().exists
+    pool = open_pool(state_dir, backend)
+    if not pool.get_pool_status().exists:
+        return None
+    job = completed_job(db, request)
+    if job is None:
+        return None
+    data = ImageJobData.of(job["context"])
+    if data.snapshot_device_id is not None and pool.active_path(data.snapshot_device_id) != data.snapshot_device:
+        return None
+    return job
 
 
 def _run_image_job(state_dir: Path, backend: str, request: Any) -> dict[str, Any]:
@@ -95,7 +108,7 @@ def _run_image_job(state_dir: Path, backend: str, request: Any) -> dict[str, Any
 
     environment = open_environment(state_dir, open_store(state_dir), backend=backend, show_progress=show_progress())
     log.info("safeguards initialized")
-    job = process_request(environment.runner, request)
+    job = process_request(environment.runner, request, environment.services)
     return {"id": job.id, "state": job.state, "context": job.context, "error": job.error}
 
 

@@ -383,7 +383,7 @@ class Daemon:
                 try:
                     if isinstance(resolved, SnapshotRequest):
                         return process_snapshot_request(runner, resolved, self.services)
-                    return process_request(runner, resolved)
+                    return process_request(runner, resolved, self.services)
                 except JobAborted:
                     return self.store.get(job_id)  # final; its error says how to retry
             job = self.store.get(job_id)

@@ -147,6 +147,11 @@ class ThinPool(Protocol):
         """Make the device usable; return its block device path. Idempotent."""
         ...
 
+    def active_path(self, device_id: int) -> str | None:
+        """The device's block device path if it is active now, else None (one lookup of
+        that device, no listing; nothing is changed)."""
+        ...
+
     def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
         """Activate each (device_id, size_bytes): its path, or the error that refused it
         (a reboot's re-activation of every VM's disk: one refusal does not stop the rest)."""

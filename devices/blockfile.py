@@ -466,6 +466,11 @@ class BlockfilePool:
         self._require_pool()
         return self._bind(device_id, size_bytes)
 
+    def active_path(self, device_id: int) -> str | None:
+        """The loop bound to the device's file now (the index, checked by the kernel), or None."""
+        bound = self._backing(device_id)
+        return bound[0] if bound else None
+
     def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
         """`activate` of each, the pool checked once: after a reboot every VM's disk is bound
         again before anything is answered. One after another: binding a loop takes the

@@ -344,6 +344,11 @@ class DevicemapperPool:
             if suspended:
                 dmsetup.resume(origin)
 
+    def active_path(self, device_id: int) -> str | None:
+        """/dev/mapper/thin-<id> when that mapping exists (`dmsetup info` of it), or None."""
+        name = device_name(device_id)
+        return f"/dev/mapper/{name}" if dmsetup.is_active(name) else None
+
     def activate_all(self, devices: Sequence[tuple[int, int]]) -> dict[int, str | ManagerError]:
         """One `dmsetup create` after another: table loads of one pool are not overlapped."""
         return activate_each(self.activate, devices)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from catalog.ledger import Device, device_of_row
+from catalog.ledger import Device, DeviceLedger, device_of_row, engine_transactions
 from catalog.models import DeviceState
 from catalog.records import get_image, mark_image_active, snapshot_of_job, top_layer_device
 from devices.base import OriginMissing
 from devices.filesystem import add_journal, grow_filesystem
 from fsm.context import StepContext
+from fsm.definition import COMPLETE
+from fsm.models import Job
+from fsm.runner import Runner
 from states.data import JobData
 from states.names import ImageEvent
 from states.services import ImageServices
@@ -60,6 +63,23 @@ def _snapshot(ctx: StepContext, services: ImageServices) -> str:
     journal_for_vm(path)
     with ctx.transaction():  # ready and handed out in one commit (the record first, as always)
         return _hand_out(ctx, ledger.mark_ready(snapshot.device_id), path, origin)
+
+
+def hand_out_again(runner: Runner, job: Job, snapshot: Device, services: ImageServices) -> Job:
+    """A complete job (either workflow's), its snapshot active and its context naming the
+    path the kernel gives it now: after a reboot the disks are bound anew, to other loop
+    numbers, and the path the job first gave may be another disk's. One index lookup when
+    nothing changed; the context is amended when it did, so `fsm show` and a polling client
+    agree with the answer."""
+    path = DeviceLedger(services.pool, engine_transactions(runner.store.engine)).activate(snapshot)
+    data = JobData.of(job.context)
+    if data.snapshot_device == path and data.snapshot_device_id == snapshot.device_id:
+        return job
+    log.info("snapshot handed out at its current path", job_id=job.id, device_name=snapshot.name, device=path,
+             was=data.snapshot_device)
+    data.snapshot_device_id = snapshot.device_id
+    data.snapshot_device = path
+    return runner.store.amend_result(job.id, COMPLETE, dict(data.data))
 
 
 def journal_for_vm(path: str) -> None:

@@ -17,6 +17,7 @@ from support.errors import PermanentError
 if TYPE_CHECKING:
     from fsm.models import Job
     from fsm.runner import Runner
+    from states.services import ImageServices
 
 __all__ = ["DEFAULT_BUCKET", "ImageRequest", "completed_job", "process_request", "resolve_request"]
 
@@ -150,19 +151,26 @@ def completed_job(db_path: Path, request: ImageRequest) -> dict[str, Any] | None
     return standing.job if standing.snapshot_ready else None
 
 
-def process_request(runner: Runner, request: ImageRequest) -> Job:
-    """Run the image's job; a complete one returns at once, unless its snapshot is gone (the
-    pool was reset or the database cleaned as the guide's recovery says): then it is
-    reopened and done again."""
+def process_request(runner: Runner, request: ImageRequest, services: ImageServices) -> Job:
+    """Run the image's job; a complete one returns at once, its snapshot handed out at the
+    path it has now (states/snapshotting.hand_out_again: after a reboot, another loop),
+    unless its snapshot is gone (the pool was reset or the database cleaned as the guide's
+    recovery says): then it is reopened and done again."""
     standing = image_standing(Path(str(runner.store.engine.url.database)), request)
     if standing.complete and not standing.snapshot_ready:
         assert standing.job is not None
         runner.reopen(standing.job["id"], "the image's snapshot is gone (evicted, pool reset or database cleaned)")
     job = runner.start(IMAGE_WORKFLOW, request.idempotency_key, request.job_context())
     if job.state == ImageState.COMPLETE:
-        from catalog.ledger import catalog_transaction
-        from catalog.records import touch_image_by_source
+        from catalog.ledger import catalog_transaction, device_of_row
+        from catalog.models import DeviceState
+        from catalog.records import snapshot_of_job, touch_image_by_source
+        from states.snapshotting import hand_out_again
 
         with catalog_transaction(runner.store.engine) as session:
             touch_image_by_source(session, request.source)  # used now: last in eviction's order
+            made = snapshot_of_job(session, job.id)
+            snapshot = device_of_row(made) if made is not None and made.state == DeviceState.READY else None
+        if snapshot is not None:
+            job = hand_out_again(runner, job, snapshot, services)
     return job

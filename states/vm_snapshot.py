@@ -18,8 +18,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from catalog.ledger import (Device, DeviceLedger, SnapshotTooSmall, catalog_reading, catalog_transaction, device_of_row,
-                            engine_transactions)
+from catalog.ledger import SnapshotTooSmall, catalog_reading, catalog_transaction, device_of_row
 from catalog.models import DeviceState, Image, UnpackedImage
 from catalog.records import (find_image, get_image, image_job_state, snapshot_of_job, snapshot_of_vm, top_layer_device,
                              touch_image)
@@ -111,22 +110,8 @@ def process_snapshot_request(runner: Runner, request: SnapshotRequest, services:
         if existing is None:
             runner.reopen(job.id, f"VM {request.vm_id}'s snapshot was deleted")
         elif ready is not None:
-            return hand_out_again(runner, job, ready, services)
+            return snapshotting.hand_out_again(runner, job, ready, services)
     return runner.start(SNAPSHOT_WORKFLOW, request.idempotency_key, request.job_context())
-
-
-def hand_out_again(runner: Runner, job: Job, snapshot: Device, services: ImageServices) -> Job:
-    """The complete job, its snapshot active and its context naming the path the kernel
-    gives it now (one index lookup when nothing changed; the context is amended when it did)."""
-    path = DeviceLedger(services.pool, engine_transactions(runner.store.engine)).activate(snapshot)
-    data = SnapshotJobData.of(job.context)
-    if data.snapshot_device == path and data.snapshot_device_id == snapshot.device_id:
-        return job
-    log.info("snapshot handed out at its current path", job_id=job.id, device_name=snapshot.name, device=path,
-             was=data.snapshot_device)
-    data.snapshot_device_id = snapshot.device_id
-    data.snapshot_device = path
-    return runner.store.amend_result(job.id, COMPLETE, dict(data.data))
 
 
 # -- the steps -----------------------------------------------------------------------------

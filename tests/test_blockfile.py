@@ -328,6 +328,7 @@ def test_the_loop_index_is_believed_only_where_the_kernel_agrees(pool: Blockfile
 
     bound = pool.activate(1, SIZE)
     assert index.lookup(1, path[1]) == [bound]
+    assert (pool.active_path(1), pool.active_path(2), pool.active_path(9)) == (bound, None, None)
     assert (state / "loops" / "slots").stat().st_size == 2 * loop.LoopIndex.RECORD  # no file per device
 
     detach(bound)  # a loop detached behind the index's back: the stale record is dropped

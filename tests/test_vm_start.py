@@ -188,6 +188,52 @@ def test_after_a_reboot_a_vm_asking_again_gets_its_own_disk_at_its_new_path(imag
             loop.detach(other)
 
 
+def test_after_a_reboot_process_image_again_names_its_snapshot_at_its_new_path(image_state: Path,
+                                                                              tmp_path: Path) -> None:
+    """The image job's own snapshot comes back on another loop after a reboot too. Run again,
+    `process-image` names the path it has now, whether the command re-attaches the pool
+    itself or `setup-pool` did it first, and whether its disk is bound or not."""
+    from devices import loop
+    from devices.base import PoolConfig
+    from devices.blockfile import BlockfilePool
+
+    url = f"file://{tmp_path / IMAGE}"
+    pool = BlockfilePool(PoolConfig(directory=str(image_state)))
+
+    def process_again() -> dict[str, str]:
+        done = cli(image_state, "process-image", "--url", url, "--device-size", "64M", "--quiet")
+        return dict(item.split("=", 1) for item in done.stdout.split())
+
+    def reboot() -> None:
+        for device in pool.list_devices():
+            if device.active:
+                pool.deactivate(device.device_id)
+        pool.teardown_pool()
+
+    first = process_again()
+    image_disk = pool.mount_point / f"{first['snapshot']}.img"
+    others = []
+    try:
+        for how in ("the command re-attaches", "setup-pool first", "its disk left unbound"):
+            reboot()
+            other = tmp_path / f"other-{len(others)}.img"  # meanwhile something takes the lowest free loop
+            other.write_bytes(bytes(1024 * 1024))
+            others.append(loop.attach(other))
+            if how != "the command re-attaches":
+                cli(image_state, "setup-pool")
+            if how == "its disk left unbound":
+                pool.deactivate(int(first["snapshot"].removeprefix("thin-")))
+            again = process_again()
+            assert (again["job_id"], again["snapshot"]) == (first["job_id"], first["snapshot"]), how
+            assert [again["snapshot_device"]] == loop.find_backing(image_disk), how
+            context = _rows(image_state, f"SELECT context FROM jobs WHERE id = {first['job_id']}")[0][0]
+            assert json.loads(context)["snapshot_device"] == again["snapshot_device"], how  # `fsm show` agrees
+            assert process_again() == again, how  # and the next run answers at once with the same
+    finally:
+        for other in others:
+            loop.detach(other)
+
+
 def test_a_waiting_snapshot_request_is_answered_with_the_ready_device(image_state: Path, tmp_path: Path) -> None:
     log = (tmp_path / "daemon.log").open("wb")
     daemon = subprocess.Popen([sys.executable, "-m", "cli", "--state-dir", str(image_state), "daemon", "--backend",

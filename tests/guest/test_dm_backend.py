@@ -106,8 +106,10 @@ def test_thin_lifecycle_snapshot_delete_and_reboot(pool: DevicemapperPool, tmp_p
 
     ids = {d.device_id: d for d in pool.list_devices()}
     assert set(ids) == {1, 2} and ids[1].active and ids[1].path == device
+    assert (pool.active_path(1), pool.active_path(2)) == (device, snap)
     pool.deactivate(2)
     pool.deactivate(2)  # idempotent
+    assert (pool.active_path(1), pool.active_path(2), pool.active_path(3)) == (device, None, None)
     ids = {d.device_id: d for d in pool.list_devices()}
     assert set(ids) == {1, 2} and not ids[2].active, "an inactive device must still be listed (thin_ls)"
 
