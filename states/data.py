@@ -98,10 +98,20 @@ class ImageJobData(JobData):
         return self.image.get("device_size_bytes")
 
     @property
+    def known_layers(self) -> list[dict[str, Any]]:
+        """The layers so far ([] before the job listed them)."""
+        return self.data.get("layers") or []
+
+    @property
+    def known_devices(self) -> dict[str, int]:
+        """The thin id of each chain the job has a device for so far ({} before any)."""
+        return self.data.get("devices") or {}
+
+    @property
     def top_device_name(self) -> str | None:
         """The device of the image's top layer chain (`thin-N`), once the job has made it."""
-        layers = self.data.get("layers") or []
-        devices = self.data.get("devices") or {}
+        layers = self.known_layers
+        devices = self.known_devices
         if not layers or layers[-1]["chain_id"] not in devices:
             return None
         return device_name(devices[layers[-1]["chain_id"]])

@@ -20,6 +20,7 @@ from fsm.context import StepContext
 from fsm.definition import OperatorEvent, RetryPolicy, StateSpec, TransitionSpec, Workflow
 from states import (activating, creating_device, downloading, making_fs, pending, snapshotting,
                     unpacking, verifying)
+from states.data import ImageJobData
 from states.layers import all_layers_done, is_base_layer, is_upper_layer, layers_remaining
 from states.names import IMAGE_WORKFLOW, ImageEvent as E, ImageState as S
 from states.services import ImageServices
@@ -89,11 +90,12 @@ def describe(state: str, data: Mapping[str, Any], event: str | None,
     or, without an event, what the job works on now, with the devices it made. The layer is
     the one the step found (`data`); its digest, when it was still downloading then, is the
     one the step learnt (`after`)."""
-    index = int(data.get("layer_index", 0))
-    layers = data.get("layers") or []
+    view = ImageJobData(data)
+    index = int(view.layer_index)
+    layers = view.known_layers
     if after is not None and index < len(layers) and layers[index].get("pending"):
-        layers = after.get("layers") or layers
-    now = {"devices": data.get("devices"), "snapshot_device_id": data.get("snapshot_device_id")} if event is None else {}
+        layers = ImageJobData(after).known_layers or layers
+    now = {"devices": view.known_devices, "snapshot_device_id": view.snapshot_device_id} if event is None else {}
     if state not in LAYER_STATES or index >= len(layers):
         return {k: v for k, v in now.items() if v} or None
     digest = layers[index].get("digest") or "pending"
