@@ -18,7 +18,7 @@ is never deleted (its image is skipped, nothing of it deleted).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +41,22 @@ from support.log import get_logger
 log = get_logger("catalog.eviction")
 
 Guard = Callable[[str], AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class JobUses:
+    """What an unfinished job may still use: its image (by id once it has one, by source
+    before) and the layer chains it found or made (a job between steps may be about to
+    reuse a chain it found ready)."""
+
+    image_id: int | None = None
+    source: str | None = None
+    chain_ids: tuple[str, ...] = ()
+
+
+# Reads JobUses from an unfinished job's context: the workflows own the context's shape
+# (states/data.py job_uses), the catalog only the rule that such images and chains stay.
+UsesOf = Callable[[Mapping[str, Any]], JobUses]
 
 
 @dataclass(frozen=True)
@@ -83,18 +99,18 @@ class EvictionReport:
 
 # -- planning ------------------------------------------------------------------------------
 
-def _unfinished_job_uses(session: Session) -> tuple[set[int], set[str], set[str]]:
-    """(image ids, image sources, chain ids) that unfinished jobs name in their context: a
-    job between steps may be about to reuse a chain it found ready."""
+def _unfinished_job_uses(session: Session, uses_of: UsesOf) -> tuple[set[int], set[str], set[str]]:
+    """(image ids, image sources, chain ids) that unfinished jobs may still use."""
     image_ids: set[int] = set()
     sources: set[str] = set()
     chains: set[str] = set()
     for data in unfinished_contexts(session):
-        if data.get("image_id") is not None:
-            image_ids.add(int(data["image_id"]))
-        if (data.get("image") or {}).get("source"):
-            sources.add(data["image"]["source"])
-        chains.update(layer["chain_id"] for layer in data.get("layers") or [] if layer.get("chain_id"))
+        uses = uses_of(data)
+        if uses.image_id is not None:
+            image_ids.add(uses.image_id)
+        if uses.source:
+            sources.add(uses.source)
+        chains.update(uses.chain_ids)
     return image_ids, sources, chains
 
 
@@ -117,10 +133,10 @@ def _why_not_candidate(session: Session, image: Image, job_images: set[int], job
     return None
 
 
-def plan_eviction(session: Session) -> tuple[list[Candidate], dict[str, str]]:
+def plan_eviction(session: Session, uses_of: UsesOf) -> tuple[list[Candidate], dict[str, str]]:
     """Every candidate, least recently used first, each with the devices it alone holds
     (given that every image before it in the list goes too), and why the rest stay."""
-    job_images, job_sources, job_chains = _unfinished_job_uses(session)
+    job_images, job_sources, job_chains = _unfinished_job_uses(session, uses_of)
     images = list(session.scalars(select(Image).order_by(Image.last_used_at.is_not(None), Image.last_used_at,
                                                          Image.id)))
     chains_of = {image.id: [(row.position, row.chain_id, row.digest) for row in session.scalars(
@@ -156,20 +172,21 @@ def plan_eviction(session: Session) -> tuple[list[Candidate], dict[str, str]]:
 
 # -- doing it ------------------------------------------------------------------------------
 
-def evict_images(engine: Engine, pool: ThinPool, policy: UsagePolicy, *, dry_run: bool = True,
+def evict_images(engine: Engine, pool: ThinPool, policy: UsagePolicy, *, uses_of: UsesOf, dry_run: bool = True,
                  all_images: bool = False, operation: Guard | None = None) -> EvictionReport:
     """Evict candidates until data usage is below `policy.low` (all of them with
-    `all_images`). A dry run plans with estimates and changes nothing."""
+    `all_images`). A dry run plans with estimates and changes nothing. `uses_of` reads
+    what an unfinished job may still use from its context (states.data.job_uses)."""
     started = time.monotonic()
     guard = operation or (lambda _name: nullcontext())
     with guard("evict-images"):
         report = EvictionReport(dry_run=dry_run, policy=policy, before=pool.get_pool_status())
         with Session(engine) as session:
-            candidates, report.kept = plan_eviction(session)
+            candidates, report.kept = plan_eviction(session, uses_of)
         if dry_run:
             _simulate(report, candidates, all_images)
         else:
-            _evict(engine, pool, report, candidates, all_images)
+            _evict(engine, pool, report, candidates, all_images, uses_of)
             report.after = pool.get_pool_status()
     report.seconds = time.monotonic() - started
     log.info("image eviction finished" if not dry_run else "image eviction planned (dry run)",
@@ -195,7 +212,7 @@ def _simulate(report: EvictionReport, candidates: list[Candidate], all_images: b
 
 
 def _evict(engine: Engine, pool: ThinPool, report: EvictionReport, candidates: list[Candidate],
-           all_images: bool) -> None:
+           all_images: bool, uses_of: UsesOf) -> None:
     ledger = DeviceLedger(pool, engine_transactions(engine))
     refuse_if_behind(engine, ledger.records)  # the catalog must know every ready device before one is deleted
     for candidate in candidates:
@@ -204,7 +221,7 @@ def _evict(engine: Engine, pool: ThinPool, report: EvictionReport, candidates: l
             break
         # Re-planned for this image now: an earlier image's failure may have kept chains.
         with Session(engine) as session:
-            fresh = {c.image_id: c for c in plan_eviction(session)[0]}
+            fresh = {c.image_id: c for c in plan_eviction(session, uses_of)[0]}
         current = fresh.get(candidate.image_id)
         if current is None:
             report.skipped[candidate.name] = "no longer a candidate"

@@ -89,15 +89,16 @@ def _evict(state_dir: Path, backend: str, policy: UsagePolicy, *, force: bool, a
     from catalog.eviction import evict_images
     from catalog.gc import open_read_only
     from safeguards.setup import build_cleanup_guard
+    from states.data import job_uses
 
     if not force:
         report = evict_images(open_read_only(database_path(state_dir)), _attached_pool(state_dir, backend), policy,
-                              dry_run=True, all_images=all_images)
+                              uses_of=job_uses, dry_run=True, all_images=all_images)
     else:
         with exclusive(state_dir, "gc"):
             store = open_store(state_dir)
-            report = evict_images(store.engine, _attached_pool(state_dir, backend), policy, dry_run=False,
-                                  all_images=all_images, operation=build_cleanup_guard(state_dir))
+            report = evict_images(store.engine, _attached_pool(state_dir, backend), policy, uses_of=job_uses,
+                                  dry_run=False, all_images=all_images, operation=build_cleanup_guard(state_dir))
     verb = "would evict" if report.dry_run else "evicted"
     for candidate in report.evicted:
         click.echo(f"{verb} image={candidate.name} id={candidate.image_id} last_used={candidate.last_used_at} "

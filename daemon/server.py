@@ -428,11 +428,12 @@ class Daemon:
         second caller waits for the first and finds the pool freed."""
         from catalog.eviction import evict_images
         from safeguards.setup import build_cleanup_guard
+        from states.data import job_uses
 
         assert self.services is not None
         with self._evict_lock:
             policy = self.config.policy.making_room(self.services.pool.get_pool_status(), room_for)
-            report = evict_images(self.store.engine, self.services.pool, policy, dry_run=False,
+            report = evict_images(self.store.engine, self.services.pool, policy, uses_of=job_uses, dry_run=False,
                                   operation=build_cleanup_guard(self.config.state_dir))
         if self.metrics is not None:
             self.metrics.eviction_runs.inc()

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from devices.base import device_name
+
+if TYPE_CHECKING:
+    from catalog.eviction import JobUses
 
 
 T = TypeVar("T")
@@ -66,6 +69,17 @@ class JobData:
     def snapshot_name(self) -> str | None:
         """The snapshot's device name (`thin-N`), once the job has made it."""
         return device_name(self.snapshot_device_id) if self.snapshot_device_id is not None else None
+
+
+def job_uses(data: Mapping[str, Any]) -> JobUses:
+    """What an unfinished job of either workflow may still use, for eviction: its image and
+    the layer chains it has listed so far (catalog/eviction.py keeps them)."""
+    from catalog.eviction import JobUses  # the catalog's type; importing it here keeps this module light
+
+    view = ImageJobData(data)  # a snapshot job's context has the image keys and no layers
+    image = view.data.get("image") or {}
+    return JobUses(image_id=view.data.get("image_id"), source=image.get("source"),
+                   chain_ids=tuple(layer["chain_id"] for layer in view.known_layers if layer.get("chain_id")))
 
 
 class ImageJobData(JobData):

@@ -91,6 +91,8 @@ def evict_for_admission(state_dir: Path, store: JobStore, services: ImageService
     during another job's device step."""
     from catalog.eviction import evict_images
     from safeguards.setup import build_cleanup_guard
+    from states.data import job_uses
 
     policy = services.policy.making_room(services.pool.get_pool_status(), room_for)
-    return evict_images(store.engine, services.pool, policy, dry_run=False, operation=build_cleanup_guard(state_dir))
+    return evict_images(store.engine, services.pool, policy, uses_of=job_uses, dry_run=False,
+                        operation=build_cleanup_guard(state_dir))

@@ -97,3 +97,30 @@ def test_the_cli_spells_no_device_name() -> None:
             if isinstance(node, ast.JoinedStr):
                 text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
                 assert "thin-" not in text, f"{name}:{node.lineno}: devices.base.device_name names devices"
+
+
+def test_what_an_unfinished_job_uses_is_read_through_the_views() -> None:
+    """Eviction keeps what unfinished jobs may still use; the catalog is handed that reading
+    (states.data.job_uses) and spells none of the context's keys."""
+    from states.data import job_uses
+
+    image_job = {"image": {"name": "fa", "source": "s3://b/fa/"}, "image_id": 4,
+                 "layers": [{"digest": "sha256:a", "chain_id": "sha256:a"},
+                            {"digest": "sha256:b", "chain_id": "sha256:ab"},
+                            {"source": "s3://b/fa/3.tar", "pending": True, "chain_id": None}]}
+    uses = job_uses(image_job)
+    assert (uses.image_id, uses.source, uses.chain_ids) == (4, "s3://b/fa/", ("sha256:a", "sha256:ab"))
+    before_listing = job_uses({"image": {"name": "fb", "source": "s3://b/fb/"}})  # no image id, no layers yet
+    assert (before_listing.image_id, before_listing.source, before_listing.chain_ids) == (None, "s3://b/fb/", ())
+    vm = job_uses({"image_id": 4, "image": {"name": "fa"}, "vm_id": "vm-1"})
+    assert (vm.image_id, vm.source, vm.chain_ids) == (4, None, ())
+
+
+def test_the_catalog_never_imports_the_workflows() -> None:
+    """states/ builds on catalog/, never the other way: what a workflow keeps in its
+    context is handed to the catalog, not read by it."""
+    for path in sorted((REPO / "catalog").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name for name in imported if name == "states" or name.startswith("states.")}, path.name
