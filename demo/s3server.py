@@ -14,7 +14,10 @@ Every port the server opens (master, volume, filer, S3, admin, each with its gRP
 port) is chosen free on 127.0.0.1, and everything binds to 127.0.0.1 only; WebDAV,
 Iceberg, Lance and telemetry are off. SeaweedFS derives some gRPC addresses as
 "http port + 10000" regardless of the explicit flag (its admin worker does), so each
-service gets a pair (p, p + 10000) that are both free. Logs go to `<data_dir>/weed.log`.
+service gets a pair (p, p + 10000) that are both free, both below the kernel's ephemeral
+range (where an outgoing connection could take a port between our check and weed's bind);
+a start that still loses a port to a race is tried again on others. Logs go to
+`<data_dir>/weed.log`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ UNIX_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; keep a margin
 # bucket's first PutObject fails with InternalError ("no free volumes left"). Volumes are
 # sparse files that grow as written, so a high limit costs nothing until used.
 MAX_VOLUMES = 2000
+PORT_RANGE_START = 12000
+START_ATTEMPTS = 3  # a port taken between our check and weed's bind: start again on others
 
 
 class S3ServerError(ManagerError):
@@ -79,10 +84,23 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out to outgoing connections (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port_pair(taken: set[int], rng: random.Random) -> int:
-    """A port p with p and p + GRPC_OFFSET both free and not already handed out."""
+    """A port p with p and p + GRPC_OFFSET both free and not already handed out, both below
+    the ephemeral range where the host allows it: a port found free there can be taken by
+    any outgoing connection before weed binds it (seen in CI: "Port allocation failed")."""
+    low, high = PORT_RANGE_START, _ephemeral_start() - GRPC_OFFSET
+    if high - low < 1000:
+        low, high = 20000, 65535 - GRPC_OFFSET
     for _ in range(500):
-        port = rng.randrange(20000, 65535 - GRPC_OFFSET)
+        port = rng.randrange(low, high)
         pair = {port, port + GRPC_OFFSET}
         if pair & taken:
             continue
@@ -196,12 +214,9 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:])
 
 
-def start_s3_server(data_dir: Path, port: int | None = None, timeout: float = 60) -> S3Server:
-    """Start `weed mini` storing its data in `data_dir`, answering S3 on 127.0.0.1:`port`
-    (a free port when None); return once boto3 can list buckets, or raise S3ServerError."""
-    weed = find_weed()
-    data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _start(weed: Path, data_dir: Path, port: int | None, timeout: float) -> tuple[S3Server, float]:
+    """One start of weed on free ports (`port` for S3 when given): the ready server and
+    when it was spawned."""
     # weed mini reloads mini.options from its data dir; our flags must be the only truth.
     (data_dir / "mini.options").unlink(missing_ok=True)
     rng = random.Random()
@@ -234,6 +249,23 @@ def start_s3_server(data_dir: Path, port: int | None = None, timeout: float = 60
         ports=ports,
     )
     _wait_until_ready(server, started + timeout)
+    return server, started
+
+
+def start_s3_server(data_dir: Path, port: int | None = None, timeout: float = 60) -> S3Server:
+    """Start `weed mini` storing its data in `data_dir`, answering S3 on 127.0.0.1:`port`
+    (a free port when None); return once boto3 can list buckets, or raise S3ServerError."""
+    weed = find_weed()
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            server, started = _start(weed, data_dir, port, timeout)
+            break
+        except S3ServerError as exc:
+            if port is not None or attempt == START_ATTEMPTS or "Port allocation failed" not in str(exc):
+                raise
+            log.warning("s3 server port taken before it started; trying other ports", attempt=attempt)
     server.started_in = time.monotonic() - started
-    log.info("s3 server ready", endpoint=server.endpoint_url, seconds=round(server.started_in, 2), pid=process.pid)
+    log.info("s3 server ready", endpoint=server.endpoint_url, seconds=round(server.started_in, 2), pid=server.process.pid)
     return server

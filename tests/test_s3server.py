@@ -26,3 +26,17 @@ def test_a_fresh_bucket_takes_writes_after_many_others(s3_client: Any, make_buck
         bucket = make_bucket("many")
         s3_client.put_object(Bucket=bucket, Key="k", Body=f"object {index}".encode())
         assert s3_client.get_object(Bucket=bucket, Key="k")["Body"].read() == f"object {index}".encode()
+
+
+def test_ports_are_chosen_below_the_range_outgoing_connections_draw_from() -> None:
+    """A port found free inside the ephemeral range can be taken by any outgoing connection
+    before weed binds it (a CI run failed so: "Port allocation failed")."""
+    import random
+
+    from demo.s3server import GRPC_OFFSET, _ephemeral_start, _free_port_pair
+
+    taken: set[int] = set()
+    rng = random.Random(7)
+    ports = [_free_port_pair(taken, rng) for _ in range(10)]
+    assert len(set(ports)) == 10 and len(taken) == 20
+    assert all(port + GRPC_OFFSET < _ephemeral_start() for port in ports), ports
